@@ -1,0 +1,52 @@
+"""Rotary position embeddings (the "rotate half" layout Hugging Face checkpoints are stored in)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunlearn.models.config import ModelConfig
+
+
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies, float32, with ``linear`` or ``llama3`` scaling applied."""
+    dim = config.head_dim
+    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
+        np.float32
+    )
+    if config.rope_scaling is None:
+        return inv_freq
+    params = dict(config.rope_scaling)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "linear":
+        return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x`` of shape ``[batch, length, heads, head_dim]`` by ``positions`` ``[batch, length]``.
+
+    Computed in float32 and cast back to ``x.dtype``.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rotate_half with cos/sin repeated over both halves.
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,240 @@
+"""Device meshes and the mapping from logical axis names to mesh axes.
+
+Layers only ever name *logical* axes (``batch``, ``length``, ``embed``, ``mlp``, ``heads``, ``kv_heads``,
+``head_dim``, ``vocab``, ``layers``, ``norm``). Which mesh axis (``data``, ``fsdp``, ``tensor``) each of them
+is split over is data: a tuple of ``(logical, mesh_axes)`` rules that comes from the config. The same model
+code therefore runs unchanged on one CPU, on fake multi-device CPU meshes and on TPU/GPU pods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters use the same table as activations; a mesh axis already taken by an
+# earlier dimension of the same array is skipped, so activations shaped (batch, length, embed) put `batch` on
+# data x fsdp and leave `embed` whole, while an (embed, mlp) weight is split fsdp x tensor (ZeRO-3 style).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+# Axes that must divide exactly: splitting attention heads unevenly is never what a user wants.
+_STRICT_AXES = ("heads", "kv_heads")
+
+
+class MeshError(ValueError):
+    """A mesh or sharding rule that cannot work for this device count or model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. ``-1`` on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        for name, size in zip(MESH_AXES, sizes):
+            if size == 0 or size < -1:
+                raise MeshError(f"mesh.{name}={size}: sizes must be positive or -1 (fill with the rest).")
+        if sizes.count(-1) > 1:
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise MeshError(
+                    f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide the "
+                    f"{num_devices} available devices."
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise MeshError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are "
+                "available; use -1 on one axis to fill with the rest."
+            )
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None, **sizes: int) -> Mesh:
+    """Build a ``(data, fsdp, tensor)`` mesh with Auto axis types (GSPMD-style propagation).
+
+    ``make_mesh()`` puts every device on ``fsdp``; ``make_mesh(fsdp=4, tensor=2)`` or
+    ``make_mesh(MeshConfig(data=8, fsdp=1))`` pick a shape. ``devices`` defaults to all global devices
+    (every host of a multi-host run).
+    """
+    if config is None:
+        config = MeshConfig(**sizes)
+    elif sizes:
+        raise TypeError("pass either a MeshConfig or axis sizes, not both")
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        # Let JAX order the devices for the physical topology (TPU ICI rings, GPU NVLink islands).
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A 1x1x1 mesh on one device: the reference layout for tests and for small CPU runs."""
+    return make_mesh(devices=[device or jax.devices()[0]])
+
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+def normalize_rules(rules: Sequence[Sequence[Any]] | None) -> Rules:
+    """Validate and freeze a rules table (from config: a list of ``[logical, mesh_axes]`` pairs)."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for entry in rules:
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise MeshError(f"sharding rule {entry!r}: expected a (logical_axis, mesh_axes) pair")
+        logical, target = entry
+        if target is None:
+            targets: tuple[str, ...] = ()
+        elif isinstance(target, str):
+            targets = (target,)
+        else:
+            targets = tuple(target)
+        for t in targets:
+            if t not in MESH_AXES:
+                raise MeshError(f"sharding rule {logical!r} -> {t!r}: unknown mesh axis (known: {MESH_AXES})")
+        out.append((logical, targets[0] if len(targets) == 1 else (targets or None)))
+    return tuple(out)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    rules: Rules,
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Translate logical axis names into a mesh ``PartitionSpec``.
+
+    A mesh axis is used at most once per array (first dimension wins). When ``shape`` is given, a dimension
+    that the assigned mesh axes do not divide is left unsplit, except heads, which raise :class:`MeshError`.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise MeshError(f"logical axis {name!r} has no sharding rule (rules cover {sorted(table)})")
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        if targets and shape is not None:
+            size = math.prod(mesh.shape[t] for t in targets)
+            if shape[dim] % size:
+                if name in _STRICT_AXES:
+                    raise MeshError(
+                        f"{name}={shape[dim]} cannot be split over mesh axes {targets} of size {size}: choose a "
+                        f"tensor-parallel size that divides the number of {name.replace('_', ' ')}."
+                    )
+                log.warning("dimension %s=%d not divisible by mesh %s=%d; kept whole", name, shape[dim], targets, size)
+                targets = ()
+        used.update(targets)
+        spec.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+
+# --- activation constraints -------------------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("jaxunlearn_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Rules | None = None) -> Iterator[None]:
+    """While tracing inside this context, :func:`constrain` pins activations to ``mesh`` by ``rules``."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, normalize_rules(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding hint for an activation, by logical axis names. A no-op outside :func:`activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, rules, mesh, x.shape))
+
+
+def describe_mesh(mesh: Mesh) -> dict[str, Any]:
+    """A JSON-able description of a mesh for run records."""
+    return {
+        "shape": dict(mesh.shape),
+        "num_devices": int(mesh.devices.size),
+        "platform": mesh.devices.flat[0].platform,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "num_processes": jax.process_count(),
+    }
+
+
+# --- parameters --------------------------------------------------------------------------------------------
+
+
+def logical_axes_of(state: Any) -> Any:
+    """The ``axes`` metadata of every variable in an NNX state, as a pytree of tuples mirroring the state."""
+    from flax import nnx
+
+    def axes(var: Any) -> tuple[str, ...]:
+        names = var.get_metadata().get("axes")
+        if names is None:
+            raise MeshError(f"variable of shape {var.shape} has no logical `axes` metadata")
+        return tuple(names)
+
+    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """``NamedSharding`` for each variable of an (abstract or concrete) NNX state, by its logical axes.
+
+    The result has the state's structure (variables holding shardings), so it can be passed as ``jit``
+    ``out_shardings`` or to ``jax.device_put``.
+    """
+    from flax import nnx
+
+    rules = normalize_rules(rules)
+
+    def sharding(var: Any) -> Any:
+        names = var.get_metadata().get("axes")
+        if names is None:
+            raise MeshError(f"variable of shape {var.shape} has no logical `axes` metadata")
+        return var.replace(named_sharding(names, rules, mesh, var.shape))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

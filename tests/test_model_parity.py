@@ -1,0 +1,107 @@
+"""The Flax decoder against transformers (torch, CPU, fp32) on the same tiny random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxunlearn import sharding
+from jaxunlearn.hf_checkpoint import from_pretrained
+from jaxunlearn.models import ModelConfig, abstract_model
+from tests.tiny_models import VARIANTS, make_hf_model, padded_batch, save_hf_model, torch_logits
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return sharding.single_device_mesh()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant, tmp_path, one_device):
+    hf_model = save_hf_model(variant, tmp_path)
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="float32")
+    tokens, mask = padded_batch(length=12)
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    ref = torch_logits(hf_model, tokens, mask)
+    valid = mask.astype(bool)
+    err = np.abs(ours - ref)[valid].max()
+    assert err < 1e-4, f"{variant}: max |logit diff| {err:.2e}"
+    assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero tensors
+
+
+def test_hidden_states_are_returned_and_consistent(tmp_path, one_device):
+    save_hf_model("llama_gqa_tied", tmp_path)
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="float32")
+    tokens, mask = padded_batch()
+    logits, hidden = model(jnp.asarray(tokens), jnp.asarray(mask), return_hidden=True)
+    assert hidden.shape == (*tokens.shape, 32)
+    # Tied model: logits are the hidden states times the embedding matrix.
+    emb = np.asarray(model.embedding[...])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden) @ emb.T, atol=1e-5)
+
+
+def test_bf16_compute_stays_close_to_fp32(tmp_path, one_device):
+    hf_model = save_hf_model("llama_mha_untied", tmp_path)
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="bfloat16")
+    assert model.embedding[...].dtype == jnp.float32  # params stay fp32, compute is bf16
+    tokens, mask = padded_batch()
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    assert ours.dtype == np.float32
+    ref = torch_logits(hf_model, tokens, mask)
+    valid = mask.astype(bool)
+    assert np.abs(ours - ref)[valid].max() < 0.15 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_same_gradients(tmp_path, one_device, remat):
+    save_hf_model("llama_gqa_tied", tmp_path)
+    tokens, mask = (jnp.asarray(a) for a in padded_batch())
+
+    def grads(policy):
+        model = from_pretrained(tmp_path, mesh=one_device, dtype="float32", remat=policy)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(tokens, mask)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads(remat))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_attention_matches_xla_attention(tmp_path, one_device):
+    hf_model = save_hf_model("mistral_sliding_window", tmp_path)
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="float32", attention_impl="dot_product_attention")
+    tokens, mask = padded_batch()
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    ref = torch_logits(hf_model, tokens, mask)
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    def num_eqns(layers):
+        config = ModelConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=layers,
+            num_heads=2,
+            num_kv_heads=2,
+            head_dim=8,
+            dtype="float32",
+        )
+        graphdef, state = nnx.split(abstract_model(config))
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        return len(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state).eqns)
+
+    assert num_eqns(2) == num_eqns(12)
+
+
+def test_param_count_matches_transformers():
+    for variant in ("llama_biases", "qwen2_bias_tied", "llama_wide_head_dim"):
+        hf_model = make_hf_model(variant)
+        config = ModelConfig.from_hf(hf_model.config.to_dict())
+        assert config.num_params == sum(p.numel() for p in hf_model.parameters()), variant

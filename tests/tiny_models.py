@@ -1,0 +1,111 @@
+"""Tiny random Hugging Face checkpoints, made by transformers/torch itself, for parity tests.
+
+Parameters are re-drawn with a larger scale than transformers' init (norm weights around 1, biases non-zero)
+so that a wrong layout, a missing bias or a wrong norm shows up in the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 96
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+
+# name -> (config class, model class, config kwargs). Each covers one family variant of the foundation issue.
+VARIANTS = {
+    "llama_mha_untied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama_gqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_mqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1)),
+    "llama3_rope_scaling": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_theta=500.0, rope_scaling=LLAMA3_ROPE),
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "llama_biases": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    ),
+    "llama_wide_head_dim": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2_bias_tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_mixed_windows": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0, num_layers: int = 3) -> torch.nn.Module:
+    cfg_cls, model_cls, extra = VARIANTS[variant]
+    config = getattr(transformers, cfg_cls)(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(variant: str, directory: Path, **kwargs) -> torch.nn.Module:
+    model = make_hf_model(variant, **kwargs)
+    model.save_pretrained(directory)
+    return model
+
+
+def padded_batch(seed: int = 0, batch: int = 3, length: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens with right padding: full, partly padded and mostly padded rows."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, size=(batch, length), dtype=np.int64)
+    lengths = [length, length - 3, 4][:batch] + [length] * max(0, batch - 3)
+    mask = (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+    tokens = np.where(mask == 1, tokens, 0)
+    return tokens, mask
+
+
+def torch_logits(model: torch.nn.Module, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask))
+    return out.logits.float().numpy()
+
+
+def make_tokenizer(vocab_size: int = VOCAB):
+    """A small BPE tokenizer (trained here, offline) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    text = ["the quick brown fox jumps over the lazy dog", "machine unlearning of pretrained language models"] * 20
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
