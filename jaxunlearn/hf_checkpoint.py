@@ -313,7 +313,7 @@ def from_pretrained(
 
         _nested_set(loaded, entry.path, jax.make_array_from_callback(shape, target, read_shard))
     nnx.replace_by_pure_dict(abs_state, loaded)
-    log.info("loaded %s (%s, %.1fM params) from %s", config.model_type, param_dtype, config.num_params / 1e6, model_dir)
+    log.info("loaded %s (%s params, %s) from %s", config.model_type, f"{config.num_params:,}", param_dtype, model_dir)
     return nnx.merge(graphdef, abs_state)
 
 

@@ -109,3 +109,64 @@ def make_tokenizer(vocab_size: int = VOCAB):
     text = ["the quick brown fox jumps over the lazy dog", "machine unlearning of pretrained language models"] * 20
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+WORDS = (
+    "the quick brown fox jumps over the lazy dog machine unlearning of pretrained language models removes "
+    "documents from a model while keeping its utility on other text gradient ascent descent retain forget"
+).split()
+
+
+def write_documents(path: Path, n: int, seed: int, words_per_doc: int = 60) -> Path:
+    """``n`` pseudo-random documents as JSON lines (``text`` column)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS, size=words_per_doc))}) + "\n")
+    return path
+
+
+def write_tiny_setup(root: Path, variant: str = "llama_gqa_tied") -> dict[str, Path]:
+    """A tiny HF model directory with its tokenizer, and forget/retain JSONL files."""
+    model_dir = root / "model"
+    save_hf_model(variant, model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    return {
+        "model": model_dir,
+        "forget": write_documents(root / "forget.jsonl", 8, seed=1),
+        "retain": write_documents(root / "retain.jsonl", 12, seed=2),
+    }
+
+
+def load_config_file(name: str):
+    """``configs/<name>.py``'s ``get_config()``, as the CLI would load it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **train):
+    """A method config pointed at a tiny setup: fp32, 32-token chunks, small batches."""
+    config = load_config_file(method)
+    config.model.path = str(setup["model"])
+    config.model.dtype = "float32"
+    config.data.forget.path = str(setup["forget"])
+    config.data.retain.path = str(setup["retain"])
+    config.data.retain.name = config.data.forget.name = ""
+    config.data.max_length = 32
+    config.data.cache_dir = str(cache_dir)
+    config.optim.lr = 1e-3
+    config.train.micro_batch_size = 4
+    config.train.grad_accum_steps = 2
+    config.checkpoint.every_steps = 1
+    config.mesh.fsdp, config.mesh.tensor = 4, 2  # the tests' 8 fake CPU devices
+    for key, value in train.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config

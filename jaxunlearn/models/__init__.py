@@ -7,7 +7,9 @@ and one line in ``FAMILIES``.
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
+from typing import Any
 
 import jax
 from flax import nnx
@@ -22,11 +24,14 @@ assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
 
 __all__ = [
     "FAMILIES",
+    "LanguageModel",
     "ModelConfig",
     "UnsupportedModelError",
     "abstract_model",
     "family",
     "init_model",
+    "param_shardings",
+    "split_model",
 ]
 
 
@@ -56,3 +61,40 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, 
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, create())
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """A model's structure without its weights: pure functions of a parameter dict.
+
+    Losses, training and evaluation hold parameters as plain nested dicts of arrays (easy to shard, checkpoint
+    and optimise) and rebuild the NNX module around them at trace time.
+    """
+
+    graphdef: Any
+    config: ModelConfig
+
+    def bind(self, params: dict) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    def hidden_states(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.bind(params).hidden_states(tokens, mask)
+
+    def head(self, params: dict) -> jax.Array:
+        """The ``[embed, vocab]`` output projection."""
+        return self.bind(params).head_kernel()
+
+    def logits(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.bind(params)(tokens, mask)
+
+
+def split_model(model: nnx.Module) -> tuple[LanguageModel, dict]:
+    """``(structure, params)`` with ``params`` a nested dict of (sharded) arrays."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return LanguageModel(graphdef, model.config), state.to_pure_dict()
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=None) -> dict:
+    """``NamedSharding`` of every parameter, as a dict shaped like :func:`split_model`'s params."""
+    _, abs_state = nnx.split(abstract_model(config), nnx.Param)
+    return sharding.param_shardings(abs_state, mesh, rules).to_pure_dict()

@@ -1,0 +1,145 @@
+"""Throughput of one unlearning step per method on a random Llama model (prints numbers; not a test).
+
+    python benchmarks/train_step.py                       # ~5M params, seq 256, batch 8, CPU
+    python benchmarks/train_step.py --size 1b --seq 2048 --batch 8 --dtype bfloat16 --peak-tflops 989
+
+Reports forget tokens/s (the batch's forget chunks), processed tokens/s (forget + retain chunks), step time,
+model FLOPs per step (6 x params x tokens + attention, plus 2 x params x tokens for every reference-model
+forward) and, with --peak-tflops, the model-FLOPs utilisation. (XLA's cost analysis counts a scanned layer
+loop's body once, so it is not used for FLOPs here.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxunlearn import sharding
+from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
+from jaxunlearn.objectives import Context, get_method
+from jaxunlearn.train import (
+    batch_shardings,
+    compile_train_step,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+
+SIZES = {
+    # ~5M parameters: 2k BPE vocabulary, 256 wide, 5 layers
+    "5m": dict(
+        vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=4, head_dim=64
+    ),
+    # ~1.1B parameters (TinyLlama-like shape, 32k vocabulary)
+    "1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=64,
+    ),
+}
+METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl"]
+
+
+def model_flops(config: ModelConfig, tokens: int, seq: int, method) -> float:
+    """Training FLOPs of the trainable model plus forward FLOPs of the frozen reference, per step."""
+    n = config.num_params - config.vocab_size * config.hidden_size * (not config.tie_word_embeddings)
+    n += config.vocab_size * config.hidden_size  # the head matmul counts; the embedding lookup does not
+    attn = 2 * config.num_layers * seq * config.num_heads * config.head_dim  # causal: half of 4*L*T*H*D
+    train = (6 * n + 3 * attn) * tokens
+    ref = (2 * n + attn) * tokens if method.needs_reference else 0
+    return train + ref
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="5m")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="forget chunks per step (and as many retain chunks)")
+    p.add_argument("--dtype", default="float32", help="compute dtype")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default="xla")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (H100 bf16 dense: 989)")
+    p.add_argument("--fsdp", type=int, default=-1)
+    p.add_argument("--tensor", type=int, default=1)
+    args = p.parse_args()
+
+    mesh = sharding.make_mesh(fsdp=args.fsdp, tensor=args.tensor)
+    config = ModelConfig(
+        **SIZES[args.size],
+        dtype=args.dtype,
+        remat=args.remat,
+        attention_impl=args.attention,
+        max_position_embeddings=max(args.seq, 4096),
+    )
+    lm, params = split_model(init_model(config, seed=0, mesh=mesh))
+    p_sh = param_shardings(config, mesh)
+    rng = np.random.default_rng(0)
+
+    def split():
+        return {
+            "tokens": rng.integers(3, config.vocab_size, (1, args.batch, args.seq), dtype=np.int32),
+            "mask": np.ones((1, args.batch, args.seq), np.int32),
+            "chunk_id": np.arange(args.batch, dtype=np.int32)[None],
+        }
+
+    optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_ratio=0.0, schedule="constant", clip_norm=1.0
+        )
+    )
+    print(
+        f"model: {config.num_params / 1e6:.1f}M params, seq {args.seq}, batch {args.batch}, dtype {args.dtype}, "
+        f"remat {args.remat}, mesh {dict(mesh.shape)} on {jax.devices()[0].device_kind}"
+    )
+    results = []
+    for name in args.methods.split(","):
+        method = get_method(name)
+        tx, schedule = make_optimizer(optim, 100)
+        s_sh = state_shardings(tx, p_sh, mesh)
+        state = init_state(jax.tree.map(jnp.copy, params), tx, s_sh)
+        ref = jax.tree.map(jnp.copy, params) if method.needs_reference else None
+        batch = {"forget": split(), "retain": split()} if method.needs_retain else {"forget": split()}
+        b_sh = batch_shardings(batch, mesh)
+        batch = jax.device_put(batch, b_sh)
+        ctx = Context(lm, hparams=method.hparams, label_ids=np.arange(3, config.vocab_size, dtype=np.int32))
+        step = compile_train_step(make_train_step(method, ctx, tx, schedule), s_sh, p_sh if ref else None, b_sh, mesh)
+        with sharding.activation_sharding(mesh):
+            compiled = step.lower(state, ref, batch).compile()
+            state, m = compiled(state, ref, batch)
+            jax.block_until_ready(m)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = compiled(state, ref, batch)
+            jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / args.steps
+        forget_tokens = args.batch * args.seq
+        processed = forget_tokens * (2 if method.needs_retain else 1)
+        flops = model_flops(config, processed, args.seq, method)
+        row = {
+            "method": name,
+            "step_s": round(dt, 4),
+            "forget_tokens_per_s": round(forget_tokens / dt, 1),
+            "processed_tokens_per_s": round(processed / dt, 1),
+            "model_tflops_per_step": round(flops / 1e12, 4),
+        }
+        if args.peak_tflops:
+            row["mfu"] = round(flops / dt / (args.peak_tflops * 1e12 * mesh.devices.size), 4)
+        results.append(row)
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

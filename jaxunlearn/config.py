@@ -1,0 +1,184 @@
+"""The one base configuration every ``configs/*.py`` file is composed from, and its validation.
+
+Config files are ml-collections ``get_config()`` files; any field can be overridden on the command line
+(``--config.optim.lr=1e-5``). :func:`validate` runs before any work and names the offending key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from jaxunlearn.objectives import METHODS, get_method
+
+# The paper's data set on the Hugging Face Hub (configs arxiv / github / general).
+PAPER_DATASET = "llmunlearn/unlearn_dataset"
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message starts with the key."""
+
+
+def split_config(path: str = "", name: str = "", split: str = "", column: str = "", max_documents: int = 0):
+    """One data split: a local file/directory or a Hub dataset (``path``, ``name``, ``split``)."""
+    return ml_collections.ConfigDict(
+        dict(path=path, name=name, split=split, column=column, max_documents=max_documents)
+    )
+
+
+def method_config(name: str) -> ml_collections.ConfigDict:
+    """``{"name": name, **default hyper-parameters of that method}``."""
+    return ml_collections.ConfigDict(dict(name=name, **get_method(name).hparams))
+
+
+def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_distribution"):
+    """The shared base: the paper's recipe for ``method`` on ``domain`` (``arxiv``/``github``).
+
+    ``retain`` picks the retain set of methods with a retain term: the domain's own retain split
+    (``in_distribution``) or the general corpus (``general``).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path="",  # local Hugging Face directory or Hub id (Yi-6B in the paper: "01-ai/Yi-6B")
+            tokenizer="",  # default: the model's own
+            revision="",
+            param_dtype="float32",  # master weights and AdamW state
+            dtype="bfloat16",  # compute
+            reference_dtype="",  # frozen original model for KL/adversarial; default: param_dtype
+            remat="none",
+            attention_impl="xla",
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    retain_split = split_config(PAPER_DATASET, domain, "retain")
+    if retain == "general":
+        retain_split = split_config(PAPER_DATASET, "general", "retain")
+    elif retain != "in_distribution":
+        raise ConfigError(f"retain={retain!r}: choose in_distribution or general")
+    c.data = ml_collections.ConfigDict(
+        dict(
+            max_length=4096,
+            min_chunk_tokens=5,
+            add_special_tokens=True,
+            cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
+            forget=split_config(PAPER_DATASET, domain, "forget"),
+            retain=retain_split,
+        )
+    )
+    c.method = method_config(method)
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=2e-5,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_ratio=0.03,
+            schedule="cosine",
+            clip_norm=1.0,  # 0 disables clipping
+        )
+    )
+    # Effective batch = micro_batch_size x grad_accum_steps chunks per optimizer step (paper, arXiv: 8 GPUs x 1
+    # x 60 = 480 chunks of 4096 tokens; GitHub: 8 x 85 = 680).
+    c.train = ml_collections.ConfigDict(
+        dict(
+            micro_batch_size=8,  # global, split over the data x fsdp mesh axes
+            grad_accum_steps=60,
+            epochs=1,
+            max_steps=0,  # > 0 overrides epochs
+            logits_chunk_size=1024,  # positions per vocabulary-projection chunk in the losses
+            log_every=1,
+        )
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
+    return c
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def _flat(cfg: Any, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {requirement}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigError` naming the first unknown key or bad value."""
+    if "method" not in config or "name" not in config.method:
+        raise ConfigError("config.method.name is missing")
+    name = config.method.name
+    _check(name in METHODS, "config.method.name", name, f"unknown method; known: {', '.join(sorted(METHODS))}")
+    method = get_method(name)
+    reference = _flat(base_config(name))
+    given = _flat(config)
+    for key in sorted(set(given) - set(reference)):
+        raise ConfigError(f"{key}: unknown config key")
+    for key in sorted(set(reference) - set(given)):
+        raise ConfigError(f"{key}: missing config key")
+    for key, value in given.items():
+        expected = type(reference[key])
+        ok = isinstance(value, expected) or (
+            expected is float and isinstance(value, int) and not isinstance(value, bool)
+        )
+        _check(ok, key, value, f"must be a {expected.__name__}")
+
+    m, d, o, t, k = config.model, config.data, config.optim, config.train, config.checkpoint
+    _check(bool(m.path), "config.model.path", m.path, "give a local Hugging Face directory or a Hub id")
+    for key in ("param_dtype", "dtype"):
+        _check(m[key] in DTYPES, f"config.model.{key}", m[key], f"one of {DTYPES}")
+    _check(
+        m.reference_dtype in DTYPES + ("",), "config.model.reference_dtype", m.reference_dtype, f"one of {DTYPES} or ''"
+    )
+    for key in ("data", "fsdp", "tensor"):
+        v = config.mesh[key]
+        _check(v >= 1 or v == -1, f"config.mesh.{key}", v, "positive, or -1 for the remaining devices")
+    _check(d.max_length >= 2, "config.data.max_length", d.max_length, "at least 2")
+    _check(
+        1 <= d.min_chunk_tokens <= d.max_length,
+        "config.data.min_chunk_tokens",
+        d.min_chunk_tokens,
+        "in [1, max_length]",
+    )
+    _check(bool(d.forget.path), "config.data.forget.path", d.forget.path, "the forget set is required")
+    if method.needs_retain:
+        _check(bool(d.retain.path), "config.data.retain.path", d.retain.path, f"method {name} needs a retain set")
+    for split in ("forget", "retain"):
+        v = d[split].max_documents
+        _check(v >= 0, f"config.data.{split}.max_documents", v, ">= 0 (0 = all)")
+    _check(o.lr > 0, "config.optim.lr", o.lr, "must be > 0")
+    for key in ("b1", "b2"):
+        _check(0 <= o[key] < 1, f"config.optim.{key}", o[key], "in [0, 1)")
+    _check(o.eps > 0, "config.optim.eps", o.eps, "must be > 0")
+    _check(o.weight_decay >= 0, "config.optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(0 <= o.warmup_ratio < 1, "config.optim.warmup_ratio", o.warmup_ratio, "in [0, 1)")
+    _check(o.schedule in SCHEDULES, "config.optim.schedule", o.schedule, f"one of {SCHEDULES}")
+    _check(o.clip_norm >= 0, "config.optim.clip_norm", o.clip_norm, ">= 0 (0 disables clipping)")
+    _check(t.micro_batch_size >= 1, "config.train.micro_batch_size", t.micro_batch_size, ">= 1")
+    _check(t.grad_accum_steps >= 1, "config.train.grad_accum_steps", t.grad_accum_steps, ">= 1")
+    _check(t.epochs >= 1, "config.train.epochs", t.epochs, ">= 1")
+    _check(t.max_steps >= 0, "config.train.max_steps", t.max_steps, ">= 0 (0 = use epochs)")
+    _check(t.logits_chunk_size >= 1, "config.train.logits_chunk_size", t.logits_chunk_size, ">= 1")
+    _check(t.log_every >= 1, "config.train.log_every", t.log_every, ">= 1")
+    _check(k.every_steps >= 0, "config.checkpoint.every_steps", k.every_steps, ">= 0 (0 = only at the end)")
+    _check(k.keep >= 1, "config.checkpoint.keep", k.keep, ">= 1")
+    _check(k.export_dtype in DTYPES + ("",), "config.checkpoint.export_dtype", k.export_dtype, f"one of {DTYPES} or ''")
+    for hp, value in config.method.items():
+        if hp != "name" and isinstance(value, (int, float)):
+            _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")

@@ -1,0 +1,200 @@
+"""Tokenise documents and cut them into fixed-length chunks, cached on disk.
+
+As in the official code: each document is tokenised whole (only the special tokens the tokenizer itself adds),
+then cut into consecutive non-overlapping ``max_length``-token chunks; chunks shorter than ``min_tokens``
+tokens are dropped; the rest are right-padded with a mask. Documents are never packed together.
+
+Chunks are cached under ``<cache_dir>/chunks/<key>.npz``, where the key hashes the tokenizer, the documents'
+content, ``max_length``, ``min_tokens`` and ``add_special_tokens``: a re-run skips tokenisation, and any change
+to one of them builds a new entry. Cache files are plain arrays (``allow_pickle=False``) written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxunlearn.data.documents import DataError, DocumentSource, documents_fingerprint, load_documents
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "JAXUNLEARN_CACHE"
+_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$JAXUNLEARN_CACHE``, else ``$XDG_CACHE_HOME/jaxunlearn``, else ``~/.cache/jaxunlearn``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "jaxunlearn"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    """``tokens`` int32 ``[n, max_length]`` right-padded, ``lengths`` int32 ``[n]``, ``doc_index`` int32 ``[n]``."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    doc_index: np.ndarray
+    num_documents: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def mask(self) -> np.ndarray:
+        return (np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(np.int32)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides how the tokenizer maps text to ids."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {k: getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token", "all_special_ids")}
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def tokenize_and_chunk(
+    docs: list[str],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    min_tokens: int = 5,
+    add_special_tokens: bool = True,
+    pad_id: int = 0,
+    desc: str = "tokenising",
+) -> Chunks:
+    """Tokenise ``docs`` and cut them into chunks (see the module docstring)."""
+    if max_length < 2:
+        raise DataError(f"max_length={max_length}: a chunk needs at least 2 tokens")
+    pieces: list[np.ndarray] = []
+    doc_index: list[int] = []
+    batch = 64
+    with tqdm(total=len(docs), desc=desc, unit="doc", disable=None, leave=False) as bar:
+        for start in range(0, len(docs), batch):
+            encoded = tokenizer(
+                docs[start : start + batch],
+                add_special_tokens=add_special_tokens,
+                return_attention_mask=False,
+                verbose=False,
+            )["input_ids"]
+            for offset, ids in enumerate(encoded):
+                ids = np.asarray(ids, dtype=np.int32)
+                for s in range(0, len(ids), max_length):
+                    piece = ids[s : s + max_length]
+                    if len(piece) >= min_tokens:
+                        pieces.append(piece)
+                        doc_index.append(start + offset)
+            bar.update(len(encoded))
+    tokens = np.full((len(pieces), max_length), pad_id, dtype=np.int32)
+    lengths = np.zeros(len(pieces), dtype=np.int32)
+    for i, piece in enumerate(pieces):
+        tokens[i, : len(piece)] = piece
+        lengths[i] = len(piece)
+    return Chunks(tokens, lengths, np.asarray(doc_index, dtype=np.int32), len(docs))
+
+
+def _cache_key(
+    source_fp: str, tokenizer_fp: str, max_length: int, min_tokens: int, add_special: bool, pad_id: int
+) -> str:
+    payload = json.dumps([_FORMAT_VERSION, source_fp, tokenizer_fp, max_length, min_tokens, add_special, pad_id])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _read_cache(path: Path, key: str) -> Chunks | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if bytes(f["key"]).decode() != key:
+                raise ValueError("key mismatch")
+            chunks = Chunks(f["tokens"], f["lengths"], f["doc_index"], int(f["num_documents"]))
+        if not (len(chunks.tokens) == len(chunks.lengths) == len(chunks.doc_index)):
+            raise ValueError("inconsistent array lengths")
+        return chunks
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # truncated or corrupted file: rebuild it
+        log.warning("ignoring unreadable chunk cache %s (%s); rebuilding", path, e)
+        return None
+
+
+def _write_cache(path: Path, key: str, chunks: Chunks) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(
+            tmp,
+            key=np.frombuffer(key.encode(), dtype=np.uint8),
+            tokens=chunks.tokens,
+            lengths=chunks.lengths,
+            doc_index=chunks.doc_index,
+            num_documents=np.asarray(chunks.num_documents),
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_chunks(
+    source: DocumentSource,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    min_tokens: int = 5,
+    add_special_tokens: bool = True,
+    cache_dir: str | Path | None = None,
+) -> Chunks:
+    """The chunks of one split, from the cache when present (``cache_dir=""`` disables caching)."""
+    docs = load_documents(source)
+    if not docs:
+        raise DataError(f"data.{source.label}: {source.describe()} has no documents")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    key = _cache_key(
+        documents_fingerprint(docs),
+        tokenizer_fingerprint(tokenizer),
+        max_length,
+        min_tokens,
+        add_special_tokens,
+        pad_id,
+    )
+    cache = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / "chunks" / f"{key}.npz"
+    chunks = _read_cache(cache, key) if cache else None
+    if chunks is None:
+        chunks = tokenize_and_chunk(
+            docs,
+            tokenizer,
+            max_length,
+            min_tokens=min_tokens,
+            add_special_tokens=add_special_tokens,
+            pad_id=pad_id,
+            desc=f"tokenising {source.label}",
+        )
+        if cache:
+            _write_cache(cache, key, chunks)
+    else:
+        log.info("data.%s: %d chunks from cache %s", source.label, len(chunks), cache)
+    if len(chunks) == 0:
+        raise DataError(
+            f"data.{source.label}: {source.describe()} gave no chunk of at least {min_tokens} tokens "
+            f"({len(docs)} documents)"
+        )
+    return chunks

@@ -1,0 +1,369 @@
+"""One unlearning run, end to end: config -> data -> model -> sharded steps -> checkpoints -> HF export.
+
+Resumable: started again with the same command and workdir, a run continues from its latest complete
+checkpoint and ends with the same parameters as an uninterrupted run (the data of step ``s`` is a function of
+``(seed, s)`` only, and the step's randomness is ``fold_in(seed, s)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxunlearn import hf_checkpoint, sharding
+from jaxunlearn.checkpointing import Checkpointer
+from jaxunlearn.config import ConfigError, validate
+from jaxunlearn.data import DataError, DocumentSource, StepBatcher, load_chunks
+from jaxunlearn.metrics_writer import MetricWriter
+from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, param_shardings, split_model
+from jaxunlearn.objectives import Context, get_method
+from jaxunlearn.run_record import environment, write_json
+from jaxunlearn.train import (
+    batch_shardings,
+    compile_train_step,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+
+log = logging.getLogger("jaxunlearn")
+
+# Settings that may change between a run and its resumption: they do not change the numbers.
+RESUMABLE_CHANGES = (
+    "config.mesh.",
+    "config.model.remat",
+    "config.model.attention_impl",
+    "config.data.cache_dir",
+    "config.checkpoint.",
+    "config.train.log_every",
+    "config.distributed",
+)
+# Fault injection for the resume tests: SIGKILL this process right after finishing this step.
+KILL_AFTER_STEP_ENV = "JAXUNLEARN_FAULT_KILL_AFTER_STEP"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient stopped being finite (gradient ascent is unbounded)."""
+
+
+class WorkdirError(RuntimeError):
+    """The workdir holds a different run."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a run needs before its first step (also used by tests and benchmarks)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    model_dir: Path
+    model_config: ModelConfig
+    tokenizer: Any
+    batcher: StepBatcher
+    total_steps: int
+
+
+def _flat(d: dict, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ and that matter for the numbers."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in keys if not k.startswith(RESUMABLE_CHANGES)]
+
+
+def _label_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
+    special = set(tokenizer.all_special_ids)
+    return np.asarray([i for i in range(min(len(tokenizer), vocab_size)) if i not in special], dtype=np.int32)
+
+
+def prepare(config: ml_collections.ConfigDict) -> Prepared:
+    """Validate the config and load what is cheap: mesh, tokenizer, model config, data. Fails fast."""
+    validate(config)
+    method = get_method(config.method.name)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train.micro_batch_size % batch_ways:
+        raise ConfigError(
+            f"config.train.micro_batch_size={config.train.micro_batch_size}: must be a multiple of the data x fsdp "
+            f"mesh size ({batch_ways})"
+        )
+    m = config.model
+    model_dir = hf_checkpoint.resolve_model_dir(m.path, revision=m.revision or None)
+    model_config = ModelConfig.from_hf(
+        hf_checkpoint.read_hf_config(model_dir),
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        attention_impl=m.attention_impl,
+    )
+    param_shardings(model_config, mesh)  # fails now if the mesh cannot split the heads
+    tokenizer = hf_checkpoint.load_tokenizer(m.tokenizer or model_dir, revision=m.revision or None)
+    if len(tokenizer) > model_config.vocab_size:
+        raise DataError(
+            f"the tokenizer ({m.tokenizer or model_dir}) has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}: they do not belong together"
+        )
+    d = config.data
+    splits = ["forget"] + (["retain"] if method.needs_retain else [])
+    chunks = {}
+    for split in splits:
+        chunks[split] = load_chunks(
+            DocumentSource.from_config(split, d[split]),
+            tokenizer,
+            d.max_length,
+            min_tokens=d.min_chunk_tokens,
+            add_special_tokens=d.add_special_tokens,
+            cache_dir=d.cache_dir or None,
+        )
+        top = int(chunks[split].tokens.max())
+        if top >= model_config.vocab_size:
+            raise DataError(
+                f"data.{split}: token id {top} is outside the model's vocabulary ({model_config.vocab_size})"
+            )
+    batcher = StepBatcher(
+        chunks["forget"],
+        chunks.get("retain"),
+        config.train.micro_batch_size,
+        config.train.grad_accum_steps,
+        config.seed,
+    )
+    total = config.train.max_steps or config.train.epochs * batcher.steps_per_epoch
+    return Prepared(config, mesh, model_dir, model_config, tokenizer, batcher, total)
+
+
+def _abstract_state(tx: Any, model_config: ModelConfig, shardings: dict) -> Any:
+    _, state = nnx.split(abstract_model(model_config), nnx.Param)
+    params = state.to_pure_dict()
+    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _to_global(batch: Any, shardings: Any) -> Any:
+    """Every process holds the same host batch; each places the blocks of its own devices."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), batch, shardings)
+
+
+def _configure_logging(workdir: Path) -> None:
+    """INFO from jaxunlearn to stderr and ``<workdir>/log.txt``; libraries (Orbax, absl) only warn."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(type(h) is logging.StreamHandler for h in log.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("jaxunlearn: %(message)s"))
+        log.addHandler(console)
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    path = str(workdir / "log.txt")
+    if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) unlearning; returns the run summary also written to ``<workdir>/run.json``."""
+    if config.get("distributed", False):
+        jax.distributed.initialize()
+    prep = prepare(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _configure_logging(workdir)
+    method = get_method(config.method.name)
+    mesh, model_config, batcher, total = prep.mesh, prep.model_config, prep.batcher, prep.total_steps
+    config_dict = config.to_dict()
+
+    tx, schedule = make_optimizer(config.optim, total)
+    p_shardings = param_shardings(model_config, mesh)
+    s_shardings = state_shardings(tx, p_shardings, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved = checkpointer.read_meta(latest).get("config", {})
+        diff = config_differences(saved, config_dict)
+        if diff:
+            raise WorkdirError(
+                f"{workdir} holds a run with a different configuration ({', '.join(diff[:6])}); use another "
+                "--workdir, or delete its checkpoints/ to start over"
+            )
+
+    record = {
+        "config": config_dict,
+        "method": method.name,
+        "seed": config.seed,
+        "model": {
+            "path": config.model.path,
+            "model_type": model_config.model_type,
+            "num_params": model_config.num_params,
+        },
+        "dtypes": {
+            "param": model_config.param_dtype,
+            "compute": model_config.dtype,
+            "reference": config.model.reference_dtype or model_config.param_dtype,
+        },
+        "data": {
+            "forget_chunks": len(batcher.forget),
+            "forget_tokens": batcher.forget.num_tokens,
+            "retain_chunks": len(batcher.retain) if batcher.retain is not None else 0,
+            "chunks_per_step": batcher.chunks_per_step,
+            "steps_per_epoch": batcher.steps_per_epoch,
+        },
+        "total_steps": total,
+        "environment": environment(mesh),
+        "status": "running",
+    }
+    if jax.process_index() == 0:
+        write_json(workdir / "run.json", record)
+
+    # Parameters: from the checkpoint when resuming; the HF weights are loaded only when needed.
+    lm = LanguageModel(nnx.graphdef(abstract_model(model_config)), model_config)
+    params = None
+    if latest is None or method.needs_reference:
+        model = hf_checkpoint.from_pretrained(
+            prep.model_dir,
+            mesh=mesh,
+            param_dtype=model_config.param_dtype,
+            dtype=model_config.dtype,
+            remat=model_config.remat,
+            attention_impl=model_config.attention_impl,
+        )
+        lm, params = split_model(model)
+        del model
+    ref_params = None
+    ref_shardings = None
+    if method.needs_reference:
+        ref_dtype = jnp.dtype(config.model.reference_dtype or model_config.param_dtype)
+        ref_shardings = p_shardings
+        ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=p_shardings)(
+            params
+        )
+    if latest is None:
+        state = init_state(params, tx, s_shardings)
+        start = 0
+        log.info("starting %s: %d steps of %d chunks", method.name, total, batcher.chunks_per_step)
+    else:
+        del params
+        state, _ = checkpointer.restore(latest, _abstract_state(tx, model_config, s_shardings))
+        start = int(state["step"])
+        log.info("resuming %s from step %d of %d (%s)", method.name, start, total, checkpointer.directory)
+
+    ctx = Context(
+        lm,
+        hparams={k: v for k, v in config.method.items() if k != "name"},
+        seed=config.seed,
+        label_ids=_label_ids(prep.tokenizer, model_config.vocab_size) if method.name == "random_label" else None,
+        chunk_size=config.train.logits_chunk_size,
+    )
+    first = batcher.batch(start if start < total else 0)
+    b_shardings = batch_shardings(first, mesh)
+    step_fn = compile_train_step(
+        make_train_step(method, ctx, tx, schedule), s_shardings, ref_shardings, b_shardings, mesh
+    )
+
+    writer = MetricWriter(workdir)
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
+    every = config.checkpoint.every_steps
+    last_metrics: dict[str, float] = {}
+    timed_tokens, timed_seconds = 0, 0.0
+
+    def meta(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "total_steps": total,
+            "forget_chunks_seen": step * batcher.chunks_per_step,
+            "epoch": step / batcher.steps_per_epoch,
+            "config": config_dict,
+        }
+
+    try:
+        with (
+            sharding.activation_sharding(mesh),
+            tqdm(total=total, initial=start, desc=f"unlearning ({method.name})", unit="step", disable=None) as bar,
+        ):
+            for step in range(start, total):
+                host_batch = batcher.batch(step)
+                tokens = sum(int(s["mask"].sum()) for s in host_batch.values())
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, ref_params, _to_global(host_batch, b_shardings))
+                metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - t0
+                if step > start:  # the first step includes compilation
+                    timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+                if not metrics.pop("finite"):
+                    checkpointer.wait()
+                    good = checkpointer.latest_step()
+                    raise NonFiniteError(
+                        f"step {step + 1}: the loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) is "
+                        f"not finite; stopped without applying it. The last good checkpoint "
+                        f"({'step ' + str(good) if good is not None else 'none yet'}) in {checkpointer.directory} is "
+                        "intact. Lower config.optim.lr or the number of steps."
+                    )
+                metrics["tokens_per_s"] = tokens / seconds
+                last_metrics = metrics
+                done = step + 1
+                if done % config.train.log_every == 0 or done == total:
+                    writer.write(done, metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("grad_norm",)}, refresh=False)
+                if done == total or (every and done % every == 0) or stop["signal"] is not None:
+                    checkpointer.save(done, state, meta(done))
+                if done == kill_after:
+                    checkpointer.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop["signal"] is not None and done < total:
+                    checkpointer.wait()
+                    raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {done}; rerun to resume")
+        checkpointer.wait()
+    finally:
+        writer.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    export_dir = None
+    if config.checkpoint.export:
+        export_dir = workdir / "hf_model"
+        hf_checkpoint.save_pretrained(
+            lm.bind(state["params"]),
+            export_dir,
+            tokenizer=prep.tokenizer,
+            dtype=config.checkpoint.export_dtype or None,
+        )
+    checkpointer.close()
+    record.update(
+        status="completed",
+        steps=total,
+        final_metrics=last_metrics,
+        tokens_per_s=(timed_tokens / timed_seconds) if timed_seconds else None,
+        hf_model=str(export_dir) if export_dir else None,
+    )
+    if jax.process_index() == 0:
+        write_json(workdir / "run.json", record)
+    log.info("done: %s", export_dir or workdir)
+    return record

@@ -1,0 +1,99 @@
+"""Token-level numerics shared by every objective and by evaluation.
+
+Vocabulary-sized arrays are the memory hot spot of LLM losses (4096 tokens x 64k vocab x 4 bytes = 1 GiB per
+sequence). Everything here therefore starts from final hidden states and projects them to logits one
+sequence chunk at a time (``chunk_size`` positions), under ``jax.checkpoint`` so the backward pass recomputes
+each chunk's logits instead of storing them.
+
+Conventions: ``tokens``/``mask`` are ``[batch, length]`` right-padded inputs. Position ``t`` predicts token
+``t + 1``; :func:`next_token_targets` builds the shifted targets and their mask (a target counts only when both
+its input position and the predicted token are real tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxunlearn.sharding import constrain
+
+Array = jax.Array
+
+
+def next_token_targets(tokens: Array, mask: Array) -> tuple[Array, Array]:
+    """``(targets, target_mask)``: ``targets[:, t] = tokens[:, t + 1]``; the last position has no target."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    mask = mask.astype(bool)
+    target_mask = jnp.concatenate([mask[:, 1:] & mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
+    return targets, target_mask
+
+
+def map_sequence_chunks(fn: Callable[..., Array], chunk_size: int, *arrays: Array) -> Array:
+    """Apply ``fn`` to ``[batch, chunk, ...]`` slices of ``[batch, length, ...]`` arrays; concatenate along length.
+
+    ``fn`` must return ``[batch, chunk]``. Chunks are processed sequentially (``lax.map``) and rematerialised,
+    so at most one chunk of logits is alive at a time, in the forward and in the backward pass.
+    """
+    length = arrays[0].shape[1]
+    chunk = max(1, min(chunk_size, length))
+    if chunk == length:
+        return fn(*arrays)
+    n = math.ceil(length / chunk)
+    pad = n * chunk - length
+
+    def split(x: Array) -> Array:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(a) for a in arrays))  # [n, B, chunk]
+    out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n * chunk)
+    return out[:, :length]
+
+
+def _logits(hidden: Array, head: Array) -> Array:
+    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def token_logprobs(hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024) -> Array:
+    """``log p(targets[b, t] | hidden[b, t])`` as fp32 ``[batch, length]``."""
+
+    def fn(h: Array, y: Array) -> Array:
+        logits = _logits(h, head)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    return map_sequence_chunks(fn, chunk_size, hidden, targets)
+
+
+def token_kl(ref_hidden: Array, ref_head: Array, hidden: Array, head: Array, *, chunk_size: int = 1024) -> Array:
+    """Per-position ``KL(p_ref || p)`` over the vocabulary, fp32 ``[batch, length]``."""
+
+    def fn(hr: Array, h: Array) -> Array:
+        ref_logp = jax.nn.log_softmax(_logits(hr, ref_head), axis=-1)
+        logp = jax.nn.log_softmax(_logits(h, head), axis=-1)
+        return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+
+    return map_sequence_chunks(fn, chunk_size, ref_hidden, hidden)
+
+
+def top_token_excluding(hidden: Array, head: Array, excluded: Array, *, chunk_size: int = 1024) -> Array:
+    """The argmax token at each position with ``excluded[b, t]`` ruled out, ``[batch, length]`` int32."""
+
+    def fn(h: Array, x: Array) -> Array:
+        logits = _logits(h, head)
+        vocab = jnp.arange(logits.shape[-1], dtype=x.dtype)
+        logits = jnp.where(vocab == x[..., None], -jnp.inf, logits)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return map_sequence_chunks(fn, chunk_size, hidden, excluded)
+
+
+def sequence_mean(values: Array, mask: Array) -> Array:
+    """Per-sequence mean of ``values`` over ``mask`` (``[batch]``); a sequence with no valid position gives 0."""
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)

@@ -1,0 +1,78 @@
+"""Command line: ``python -m jaxunlearn.main --config=configs/ga_kl.py [--workdir=DIR] [--config.KEY=VALUE ...]``.
+
+Runs (or resumes) one unlearning run. Exit status: 0 done, 2 bad input (config, data, checkpoint, mesh),
+3 non-finite loss, 130 interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>).")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"jaxunlearn: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors instead of tracebacks (unknown keys, bad values)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.* override
+        text = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+        key = re.match(r"'?(\w+)'?", text)
+        culprit = next(
+            (a.split("=")[0] for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]),
+            None,
+        )
+        _fail(f"{culprit or 'a --config override'}: unknown config key ({text})")
+    except Exception as e:  # a config file that does not import, ...
+        _fail(f"{type(e).__name__}: {e}")
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        _fail("--config=CONFIG_FILE is required (e.g. --config=configs/ga_kl.py)")
+    from absl import logging as absl_logging
+
+    from jaxunlearn.config import ConfigError
+    from jaxunlearn.data import DataError
+    from jaxunlearn.engine import NonFiniteError, WorkdirError, unlearn
+    from jaxunlearn.hf_checkpoint import CheckpointError
+    from jaxunlearn.models import UnsupportedModelError
+    from jaxunlearn.sharding import MeshError
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint file at INFO
+    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path).stem.split(":")[0])
+    try:
+        record = unlearn(_CONFIG.value, workdir)
+    except (ConfigError, DataError, CheckpointError, MeshError, UnsupportedModelError, WorkdirError) as e:
+        _fail(str(e))
+    except NonFiniteError as e:
+        _fail(str(e), code=3)
+    except KeyboardInterrupt as e:
+        _fail(f"interrupted: {e or 'rerun the same command to resume'}", code=130)
+    print(f"unlearned model: {record.get('hf_model') or workdir}")
+    print(f"run record:      {Path(workdir).absolute() / 'run.json'}")
+
+
+def run() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,147 @@
+"""The optimizer and the jitted, sharded, donating train step with gradient accumulation.
+
+State is a dict ``{"params", "opt_state", "step"}``. One call of the step consumes one optimizer step's worth
+of data, ``[grad_accum_steps, micro_batch_size, length]`` per split, scanning over micro-batches so memory is
+that of one micro-batch; gradients are averaged in fp32. A step whose loss or gradient norm is not finite
+returns the *unchanged* state with ``finite=False``: the caller stops, and nothing non-finite is ever
+checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxunlearn import sharding
+from jaxunlearn.objectives import Context, Method
+
+State = dict[str, Any]
+
+
+def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over ``ceil(warmup_ratio * total_steps)`` steps, then cosine/linear/constant to 0.
+
+    Matches HF Trainer: the first step runs at learning rate 0 whenever there is a warmup.
+    """
+    warmup = math.ceil(optim.warmup_ratio * total_steps)
+    peak = optim.lr
+    decay = max(total_steps - warmup, 1)
+    if optim.schedule == "cosine":
+        tail = optax.cosine_decay_schedule(peak, decay)
+    elif optim.schedule == "linear":
+        tail = optax.linear_schedule(peak, 0.0, decay)
+    else:
+        tail = optax.constant_schedule(peak)
+    if warmup == 0:
+        return tail
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), tail], [warmup])
+
+
+def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (with ``b1``, ``b2``, ``eps``, ``weight_decay``) after global-norm clipping."""
+    schedule = learning_rate_schedule(optim, total_steps)
+    parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def state_shardings(tx: optax.GradientTransformation, params_shardings: dict, mesh: Mesh) -> State:
+    """Shardings of the train state: optimizer moments follow their parameters; scalars are replicated."""
+    replicated = NamedSharding(mesh, P())
+    is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
+    abstract_params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((), jnp.float32), params_shardings, is_leaf=is_sharding
+    )
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        params_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=is_sharding,
+    )
+    return {"params": params_shardings, "opt_state": opt, "step": replicated}
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, shardings: State) -> State:
+    """A fresh state around ``params`` (which are kept, not copied)."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules: Any = None) -> Any:
+    """``[accum, micro_batch, ...]`` arrays: the micro-batch axis over ``batch`` (data x fsdp)."""
+
+    def one(x: Any) -> NamedSharding:
+        axes = (None, "batch") + ("length",) * (x.ndim - 2)
+        return sharding.named_sharding(axes, sharding.normalize_rules(rules), mesh, x.shape)
+
+    return jax.tree.map(one, batch)
+
+
+def make_train_step(
+    method: Method, ctx: Context, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable:
+    """``step(state, ref_params, batch) -> (state, metrics)`` (not yet jitted; see :func:`compile_train_step`)."""
+
+    def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
+        loss, metrics = method.loss(params, ref_params, micro, rng, ctx)
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: State, ref_params: Any, batch: Any) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        step_rng = jax.random.fold_in(jax.random.key(ctx.seed), state["step"])
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        micro0 = jax.tree.map(lambda x: x[0], batch)
+        _, metric_shapes = jax.eval_shape(loss_fn, params, ref_params, micro0, step_rng)
+
+        def accumulate(carry, xs):
+            grads, loss_sum, metric_sums = carry
+            i, micro = xs
+            (loss, metrics), g = grad_fn(params, ref_params, micro, jax.random.fold_in(step_rng, i))
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+            return (grads, loss_sum + loss, metric_sums), None
+
+        zeros = (
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes),
+        )
+        (grads, loss_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
+        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+        loss = loss_sum / accum
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {k: v / accum for k, v in metric_sums.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
+        return new_state, metrics
+
+    return step
+
+
+def compile_train_step(
+    step: Callable, shardings: State, ref_shardings: Any, batch_sharding: Any, mesh: Mesh
+) -> Callable:
+    """``jax.jit`` with explicit shardings; the state argument is donated."""
+    return jax.jit(
+        step,
+        in_shardings=(shardings, ref_shardings, batch_sharding),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )

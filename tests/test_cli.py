@@ -1,0 +1,120 @@
+"""The command line end to end: every paper config, config errors, hard-kill resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.tiny_models import write_tiny_setup
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {**write_tiny_setup(root), "cache": root / "cache"}
+
+
+def run_cli(setup, config, workdir, *extra, env=None):
+    args = [
+        sys.executable,
+        "-m",
+        "jaxunlearn.main",
+        f"--config={REPO / 'configs' / config}.py",
+        f"--workdir={workdir}",
+        f"--config.model.path={setup['model']}",
+        "--config.model.dtype=float32",
+        f"--config.data.forget.path={setup['forget']}",
+        f"--config.data.retain.path={setup['retain']}",
+        "--config.data.max_length=32",
+        f"--config.data.cache_dir={setup['cache']}",
+        "--config.train.micro_batch_size=4",
+        "--config.train.grad_accum_steps=2",
+        "--config.optim.lr=1e-3",
+        *extra,
+    ]
+    full_env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), **(env or {})}  # one CPU device
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
+
+
+EXPECTED_METRICS = {
+    "ga": {"forget_nll"},
+    "random_label": {"label_nll"},
+    "adversarial": {"label_nll"},
+    "ga_gd": {"forget_nll", "retain_nll"},
+    "ga_kl": {"forget_nll", "retain_kl"},
+    "ga_gd_general": {"forget_nll", "retain_nll"},
+    "ga_kl_general": {"forget_nll", "retain_kl"},
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_each_paper_config_runs_end_to_end(setup, tmp_path, config):
+    result = run_cli(setup, config, tmp_path / "run", "--config.train.max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "completed" and record["steps"] == 2
+    assert record["method"] == config.replace("_general", "")
+    assert record["environment"]["versions"]["jax"]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert EXPECTED_METRICS[config] | {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(lines[-1])
+    assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert "unlearned model:" in result.stdout
+
+
+def test_bad_config_key_is_named(setup, tmp_path):
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.optim.lrr=1e-5")
+    assert result.returncode == 2
+    assert "--config.optim.lrr: unknown config key" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_value_is_named(setup, tmp_path):
+    result = run_cli(setup, "ga_kl", tmp_path / "run", "--config.optim.lr=-1")
+    assert result.returncode == 2
+    assert "config.optim.lr=-1.0: must be > 0" in result.stderr
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.model.param_dtype=float13")
+    assert result.returncode == 2 and "config.model.param_dtype='float13'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
+    straight = run_cli(
+        setup, "ga_gd", tmp_path / "straight", "--config.train.max_steps=4", "--config.checkpoint.every_steps=2"
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    args = ("--config.train.max_steps=4", "--config.checkpoint.every_steps=2")
+    killed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args, env={"JAXUNLEARN_FAULT_KILL_AFTER_STEP": "3"})
+    assert killed.returncode == -9  # SIGKILL after step 3: the step-2 checkpoint is the latest
+    assert not (tmp_path / "resumed" / "hf_model").exists()
+    resumed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming ga_gd from step 2 of 4" in resumed.stderr
+
+    a = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "hf_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+    # Same command once more: nothing left to do, nothing retrained.
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    again = run_cli(setup, "ga_gd", tmp_path / "resumed", *args)
+    assert again.returncode == 0
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == lines
+
+    # A different configuration in the same workdir is refused.
+    changed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args, "--config.optim.lr=5e-4")
+    assert changed.returncode == 2
+    assert "holds a run with a different configuration (config.optim.lr)" in changed.stderr
