@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from sizes import SIZES
 
 from jaxunlearn import sharding
+from jaxunlearn.flops import unlearning_step_flops
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
 from jaxunlearn.objectives import Context, get_method
 from jaxunlearn.train import (
@@ -32,33 +34,7 @@ from jaxunlearn.train import (
     state_shardings,
 )
 
-SIZES = {
-    # ~5M parameters: 2k BPE vocabulary, 256 wide, 5 layers
-    "5m": dict(
-        vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=5, num_heads=4, num_kv_heads=4, head_dim=64
-    ),
-    # ~1.1B parameters (TinyLlama-like shape, 32k vocabulary)
-    "1b": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_layers=22,
-        num_heads=32,
-        num_kv_heads=4,
-        head_dim=64,
-    ),
-}
 METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl"]
-
-
-def model_flops(config: ModelConfig, tokens: int, seq: int, method) -> float:
-    """Training FLOPs of the trainable model plus forward FLOPs of the frozen reference, per step."""
-    n = config.num_params - config.vocab_size * config.hidden_size * (not config.tie_word_embeddings)
-    n += config.vocab_size * config.hidden_size  # the head matmul counts; the embedding lookup does not
-    attn = 2 * config.num_layers * seq * config.num_heads * config.head_dim  # causal: half of 4*L*T*H*D
-    train = (6 * n + 3 * attn) * tokens
-    ref = (2 * n + attn) * tokens if method.needs_reference else 0
-    return train + ref
 
 
 def main() -> None:
@@ -127,7 +103,9 @@ def main() -> None:
         dt = (time.perf_counter() - t0) / args.steps
         forget_tokens = args.batch * args.seq
         processed = forget_tokens * (2 if method.needs_retain else 1)
-        flops = model_flops(config, processed, args.seq, method)
+        flops = unlearning_step_flops(
+            config, args.seq, args.batch, retain=method.needs_retain, reference_forwards=int(method.needs_reference)
+        )
         row = {
             "method": name,
             "step_s": round(dt, 4),

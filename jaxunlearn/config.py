@@ -68,6 +68,10 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
             cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
             forget=split_config(PAPER_DATASET, domain, "forget"),
             retain=retain_split,
+            # Evaluation only: unseen same-domain documents (the MIA non-members and the "approximate
+            # retraining" reference) and general held-out text. An empty path skips a split.
+            approximate=split_config(PAPER_DATASET, domain, "approximate"),
+            general=split_config(PAPER_DATASET, "general", "evaluation"),
         )
     )
     c.method = method_config(method)
@@ -96,6 +100,27 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
+    c.evaluation = ml_collections.ConfigDict(
+        dict(
+            enabled=True,  # evaluate before and after unlearning and write report.json / report.md
+            every_steps=0,  # also measure perplexities every N steps (0 = never during the run)
+            batch_size=8,
+            max_chunks=0,  # chunks per split (0 = all)
+            in_run_max_chunks=64,  # chunks per split for the evaluations during the run
+            mia_ks=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0),
+            reference_model="",  # a model for the reference-ratio attack (HF dir or Hub id)
+            retrained_auc=0.0,  # Min-K% (k=0.4) AUC of a retrained model, for MUSE's PrivLeak (0 = unknown)
+            verbatim_prompt_tokens=32,
+            verbatim_new_tokens=64,
+            verbatim_max_chunks=100,
+            tasks=("",),  # multiple-choice task specs FORMAT:PATH[:CONFIG[:SPLIT]]; see evaluation/tasks.py
+            task_max_items=0,
+            # Stop unlearning once forget perplexity reaches a target, checked every `every_steps` steps:
+            stop_forget_ppl=0.0,  # an absolute target
+            stop_approx_multiple=0.0,  # or this multiple of the approximate split's perplexity at the start
+            pretraining_tokens=3.0e12,  # for the compute ratio (Yi-6B: 3T tokens)
+        )
+    )
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
     return c
 
@@ -159,7 +184,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(bool(d.forget.path), "config.data.forget.path", d.forget.path, "the forget set is required")
     if method.needs_retain:
         _check(bool(d.retain.path), "config.data.retain.path", d.retain.path, f"method {name} needs a retain set")
-    for split in ("forget", "retain"):
+    for split in ("forget", "retain", "approximate", "general"):
         v = d[split].max_documents
         _check(v >= 0, f"config.data.{split}.max_documents", v, ">= 0 (0 = all)")
     _check(o.lr > 0, "config.optim.lr", o.lr, "must be > 0")
@@ -179,6 +204,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(k.every_steps >= 0, "config.checkpoint.every_steps", k.every_steps, ">= 0 (0 = only at the end)")
     _check(k.keep >= 1, "config.checkpoint.keep", k.keep, ">= 1")
     _check(k.export_dtype in DTYPES + ("",), "config.checkpoint.export_dtype", k.export_dtype, f"one of {DTYPES} or ''")
+    e = config.evaluation
+    for key in ("batch_size", "in_run_max_chunks", "verbatim_prompt_tokens"):
+        _check(e[key] >= 1, f"config.evaluation.{key}", e[key], ">= 1")
+    for key in ("every_steps", "max_chunks", "verbatim_new_tokens", "verbatim_max_chunks", "task_max_items"):
+        _check(e[key] >= 0, f"config.evaluation.{key}", e[key], ">= 0")
+    _check(all(0 < k <= 1 for k in e.mia_ks), "config.evaluation.mia_ks", e.mia_ks, "fractions in (0, 1]")
+    _check(0 <= e.retrained_auc <= 1, "config.evaluation.retrained_auc", e.retrained_auc, "in [0, 1] (0 = unknown)")
+    _check(e.stop_forget_ppl >= 0, "config.evaluation.stop_forget_ppl", e.stop_forget_ppl, ">= 0 (0 = off)")
+    _check(e.stop_approx_multiple >= 0, "config.evaluation.stop_approx_multiple", e.stop_approx_multiple, ">= 0")
+    if e.stop_forget_ppl or e.stop_approx_multiple:
+        _check(e.every_steps > 0, "config.evaluation.every_steps", e.every_steps, "the stopping rule needs > 0")
+        _check(e.enabled, "config.evaluation.enabled", e.enabled, "the stopping rule needs evaluation")
+    if e.stop_approx_multiple:
+        _check(
+            bool(d.approximate.path),
+            "config.data.approximate.path",
+            d.approximate.path,
+            "stop_approx_multiple needs the approximate split",
+        )
+    _check(e.pretraining_tokens >= 0, "config.evaluation.pretraining_tokens", e.pretraining_tokens, ">= 0")
     for hp, value in config.method.items():
         if hp != "name" and isinstance(value, (int, float)):
             _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")

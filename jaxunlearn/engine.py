@@ -8,6 +8,7 @@ checkpoint and ends with the same parameters as an uninterrupted run (the data o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -22,10 +23,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxunlearn import hf_checkpoint, sharding
+from jaxunlearn import flops, hf_checkpoint, sharding
 from jaxunlearn.checkpointing import Checkpointer
 from jaxunlearn.config import ConfigError, validate
-from jaxunlearn.data import DataError, DocumentSource, StepBatcher, load_chunks
+from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
+from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.report import write_report
+from jaxunlearn.evaluation.suite import EvalOptions, evaluate_model, perplexities, split_stats
 from jaxunlearn.metrics_writer import MetricWriter
 from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, param_shardings, split_model
 from jaxunlearn.objectives import Context, get_method
@@ -50,6 +54,17 @@ RESUMABLE_CHANGES = (
     "config.checkpoint.",
     "config.train.log_every",
     "config.distributed",
+    "config.evaluation.enabled",
+    "config.evaluation.batch_size",
+    "config.evaluation.max_chunks",
+    "config.evaluation.mia_ks",
+    "config.evaluation.reference_model",
+    "config.evaluation.retrained_auc",
+    "config.evaluation.verbatim_",
+    "config.evaluation.task",
+    "config.evaluation.pretraining_tokens",
+    "config.data.approximate.",
+    "config.data.general.",
 )
 # Fault injection for the resume tests: SIGKILL this process right after finishing this step.
 KILL_AFTER_STEP_ENV = "JAXUNLEARN_FAULT_KILL_AFTER_STEP"
@@ -72,8 +87,9 @@ class Prepared:
     model_dir: Path
     model_config: ModelConfig
     tokenizer: Any
-    batcher: StepBatcher
+    batcher: StepBatcher | None  # None when preparing an evaluation only
     total_steps: int
+    eval_splits: dict[str, Chunks]
 
 
 def _flat(d: dict, prefix: str = "config") -> dict[str, Any]:
@@ -98,13 +114,16 @@ def _label_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
     return np.asarray([i for i in range(min(len(tokenizer), vocab_size)) if i not in special], dtype=np.int32)
 
 
-def prepare(config: ml_collections.ConfigDict) -> Prepared:
-    """Validate the config and load what is cheap: mesh, tokenizer, model config, data. Fails fast."""
+def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prepared:
+    """Validate the config and load what is cheap: mesh, tokenizer, model config, data. Fails fast.
+
+    ``training=False`` (evaluation only) skips the checks and data that only training needs.
+    """
     validate(config)
     method = get_method(config.method.name)
     mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh))
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.micro_batch_size % batch_ways:
+    if training and config.train.micro_batch_size % batch_ways:
         raise ConfigError(
             f"config.train.micro_batch_size={config.train.micro_batch_size}: must be a multiple of the data x fsdp "
             f"mesh size ({batch_ways})"
@@ -126,7 +145,9 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
             f"{model_config.vocab_size}: they do not belong together"
         )
     d = config.data
-    splits = ["forget"] + (["retain"] if method.needs_retain else [])
+    splits = ["forget"] + (["retain"] if method.needs_retain and training else [])
+    if config.evaluation.enabled:
+        splits += [s for s in ("retain", "approximate", "general") if s not in splits and d[s].path]
     chunks = {}
     for split in splits:
         chunks[split] = load_chunks(
@@ -142,15 +163,18 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
             raise DataError(
                 f"data.{split}: token id {top} is outside the model's vocabulary ({model_config.vocab_size})"
             )
-    batcher = StepBatcher(
-        chunks["forget"],
-        chunks.get("retain"),
-        config.train.micro_batch_size,
-        config.train.grad_accum_steps,
-        config.seed,
-    )
-    total = config.train.max_steps or config.train.epochs * batcher.steps_per_epoch
-    return Prepared(config, mesh, model_dir, model_config, tokenizer, batcher, total)
+    batcher, total = None, 0
+    if training:
+        batcher = StepBatcher(
+            chunks["forget"],
+            chunks["retain"] if method.needs_retain else None,
+            config.train.micro_batch_size,
+            config.train.grad_accum_steps,
+            config.seed,
+        )
+        total = config.train.max_steps or config.train.epochs * batcher.steps_per_epoch
+    eval_splits = {k: chunks[k] for k in ("forget", "approximate", "retain", "general") if k in chunks}
+    return Prepared(config, mesh, model_dir, model_config, tokenizer, batcher, total, eval_splits)
 
 
 def _abstract_state(tx: Any, model_config: ModelConfig, shardings: dict) -> Any:
@@ -182,34 +206,110 @@ def _configure_logging(workdir: Path) -> None:
         log.addHandler(handler)
 
 
+def _place_batch(batch: Any, shardings: Any) -> Any:
+    return _to_global(batch, shardings)
+
+
+class Run:
+    """The mutable parts of one run: state, checkpoints, logs, evaluation history."""
+
+    def __init__(self, prep: Prepared, workdir: Path):
+        self.prep = prep
+        self.config = prep.config
+        self.workdir = workdir
+        self.method = get_method(self.config.method.name)
+        self.config_dict = self.config.to_dict()
+        self.eval_dir = workdir / "eval"
+        self.history_path = self.eval_dir / "history.jsonl"
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions.from_config(self.config.evaluation, self.config.data.max_length)
+
+    def in_run_perplexities(self, evaluator: Evaluator, params: dict, step: int) -> dict[str, Any]:
+        """Perplexity of every split on its first ``in_run_max_chunks`` chunks (history and stopping rule)."""
+        limit = self.config.evaluation.in_run_max_chunks
+        entry = {"step": step, "perplexity": perplexities(split_stats(evaluator, params, self.prep.eval_splits, limit))}
+        self.eval_dir.mkdir(exist_ok=True)
+        if jax.process_index() == 0:
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return entry
+
+    def history(self, up_to: int) -> list[dict[str, Any]]:
+        """Evaluation history, one entry per step (the latest wins after a resume), up to step ``up_to``."""
+        if not self.history_path.exists():
+            return []
+        by_step = {}
+        for line in self.history_path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                by_step[entry["step"]] = entry
+        return [by_step[s] for s in sorted(by_step) if s <= up_to]
+
+    def full_evaluation(self, name: str, evaluator: Evaluator, params: dict, reference) -> tuple[dict, dict]:
+        """All metrics of one model, cached in ``eval/<name>.json`` (keyed by the evaluation options)."""
+        path = self.eval_dir / f"{name}.json"
+        key = json.dumps(
+            [dataclasses.asdict(self.eval_options()), self.config_dict["data"]], sort_keys=True, default=str
+        )
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["metrics"], {
+                    s: {a: np.asarray(v) for a, v in d.items()} for s, d in cached["scores"].items()
+                }
+        log.info("evaluating the %s model", name)
+        metrics, scores = evaluate_model(
+            evaluator, params, self.prep.tokenizer, self.prep.eval_splits, self.eval_options(), reference=reference
+        )
+        self.eval_dir.mkdir(exist_ok=True)
+        if jax.process_index() == 0:
+            serial = {s: {a: np.asarray(v).tolist() for a, v in d.items()} for s, d in scores.items()}
+            write_json(path, {"key": key, "metrics": metrics, "scores": serial})
+        return metrics, scores
+
+
+def _reference_for_mia(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Evaluator, dict] | None:
+    path = config.evaluation.reference_model
+    if not path:
+        return None
+    ref_lm, ref_params = split_model(hf_checkpoint.from_pretrained(path, mesh=mesh, dtype=config.model.dtype))
+    ev = config.evaluation
+    return Evaluator(ref_lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size), ref_params
+
+
 def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) unlearning; returns the run summary also written to ``<workdir>/run.json``."""
+    """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``."""
     if config.get("distributed", False):
         jax.distributed.initialize()
     prep = prepare(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _configure_logging(workdir)
-    method = get_method(config.method.name)
+    run = Run(prep, workdir)
+    method = run.method
     mesh, model_config, batcher, total = prep.mesh, prep.model_config, prep.batcher, prep.total_steps
-    config_dict = config.to_dict()
+    ev = config.evaluation
 
     tx, schedule = make_optimizer(config.optim, total)
     p_shardings = param_shardings(model_config, mesh)
     s_shardings = state_shardings(tx, p_shardings, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     latest = checkpointer.latest_step()
+    latest_meta = checkpointer.read_meta(latest) if latest is not None else {}
     if latest is not None:
-        saved = checkpointer.read_meta(latest).get("config", {})
-        diff = config_differences(saved, config_dict)
+        diff = config_differences(latest_meta.get("config", {}), run.config_dict)
         if diff:
             raise WorkdirError(
                 f"{workdir} holds a run with a different configuration ({', '.join(diff[:6])}); use another "
                 "--workdir, or delete its checkpoints/ to start over"
             )
+    finished = bool(latest_meta.get("finished")) or latest == total
 
     record = {
-        "config": config_dict,
+        "config": run.config_dict,
         "method": method.name,
         "seed": config.seed,
         "model": {
@@ -228,6 +328,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             "retain_chunks": len(batcher.retain) if batcher.retain is not None else 0,
             "chunks_per_step": batcher.chunks_per_step,
             "steps_per_epoch": batcher.steps_per_epoch,
+            "eval_chunks": {k: len(v) for k, v in prep.eval_splits.items()},
         },
         "total_steps": total,
         "environment": environment(mesh),
@@ -236,10 +337,13 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     if jax.process_index() == 0:
         write_json(workdir / "run.json", record)
 
-    # Parameters: from the checkpoint when resuming; the HF weights are loaded only when needed.
+    # The original model is needed to start, for reference-model methods, and for the "before" evaluation.
     lm = LanguageModel(nnx.graphdef(abstract_model(model_config)), model_config)
+    need_original = latest is None or method.needs_reference
+    if ev.enabled and not (run.eval_dir / "original.json").exists():
+        need_original = True
     params = None
-    if latest is None or method.needs_reference:
+    if need_original:
         model = hf_checkpoint.from_pretrained(
             prep.model_dir,
             mesh=mesh,
@@ -250,9 +354,23 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         )
         lm, params = split_model(model)
         del model
+    evaluator = Evaluator(lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size)
+    mia_reference = _reference_for_mia(config, mesh) if ev.enabled else None
+    scores: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    if ev.enabled:
+        models["original"], scores["original"] = run.full_evaluation("original", evaluator, params, mia_reference)
+        if not run.history(0):
+            run.in_run_perplexities(evaluator, params, 0)
+    stop_target = None
+    if ev.stop_forget_ppl:
+        stop_target = ev.stop_forget_ppl
+    elif ev.stop_approx_multiple:
+        stop_target = ev.stop_approx_multiple * run.history(0)[0]["perplexity"]["approximate"]["ppl"]
+
     ref_params = None
     ref_shardings = None
-    if method.needs_reference:
+    if method.needs_reference and not finished:
         ref_dtype = jnp.dtype(config.model.reference_dtype or model_config.param_dtype)
         ref_shardings = p_shardings
         ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=p_shardings)(
@@ -263,10 +381,11 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         start = 0
         log.info("starting %s: %d steps of %d chunks", method.name, total, batcher.chunks_per_step)
     else:
-        del params
+        params = None
         state, _ = checkpointer.restore(latest, _abstract_state(tx, model_config, s_shardings))
         start = int(state["step"])
-        log.info("resuming %s from step %d of %d (%s)", method.name, start, total, checkpointer.directory)
+        if not finished:
+            log.info("resuming %s from step %d of %d (%s)", method.name, start, total, checkpointer.directory)
 
     ctx = Context(
         lm,
@@ -275,95 +394,183 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         label_ids=_label_ids(prep.tokenizer, model_config.vocab_size) if method.name == "random_label" else None,
         chunk_size=config.train.logits_chunk_size,
     )
-    first = batcher.batch(start if start < total else 0)
-    b_shardings = batch_shardings(first, mesh)
-    step_fn = compile_train_step(
-        make_train_step(method, ctx, tx, schedule), s_shardings, ref_shardings, b_shardings, mesh
-    )
-
     writer = MetricWriter(workdir)
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
-    every = config.checkpoint.every_steps
-    last_metrics: dict[str, float] = {}
+    stopped = latest_meta.get("stopped")
+    end = start
     timed_tokens, timed_seconds = 0, 0.0
+    last_metrics: dict[str, float] = {}
+    if not finished:
+        first = batcher.batch(start)
+        b_shardings = batch_shardings(first, mesh)
+        step_fn = compile_train_step(
+            make_train_step(method, ctx, tx, schedule), s_shardings, ref_shardings, b_shardings, mesh
+        )
+        stop = {"signal": None}
 
-    def meta(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "total_steps": total,
-            "forget_chunks_seen": step * batcher.chunks_per_step,
-            "epoch": step / batcher.steps_per_epoch,
-            "config": config_dict,
-        }
+        def request_stop(signum, _frame):
+            stop["signal"] = signum
 
-    try:
-        with (
-            sharding.activation_sharding(mesh),
-            tqdm(total=total, initial=start, desc=f"unlearning ({method.name})", unit="step", disable=None) as bar,
-        ):
-            for step in range(start, total):
-                host_batch = batcher.batch(step)
-                tokens = sum(int(s["mask"].sum()) for s in host_batch.values())
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, ref_params, _to_global(host_batch, b_shardings))
-                metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - t0
-                if step > start:  # the first step includes compilation
-                    timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
-                if not metrics.pop("finite"):
-                    checkpointer.wait()
-                    good = checkpointer.latest_step()
-                    raise NonFiniteError(
-                        f"step {step + 1}: the loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) is "
-                        f"not finite; stopped without applying it. The last good checkpoint "
-                        f"({'step ' + str(good) if good is not None else 'none yet'}) in {checkpointer.directory} is "
-                        "intact. Lower config.optim.lr or the number of steps."
-                    )
-                metrics["tokens_per_s"] = tokens / seconds
-                last_metrics = metrics
-                done = step + 1
-                if done % config.train.log_every == 0 or done == total:
-                    writer.write(done, metrics)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("grad_norm",)}, refresh=False)
-                if done == total or (every and done % every == 0) or stop["signal"] is not None:
-                    checkpointer.save(done, state, meta(done))
-                if done == kill_after:
-                    checkpointer.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stop["signal"] is not None and done < total:
-                    checkpointer.wait()
-                    raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {done}; rerun to resume")
-        checkpointer.wait()
-    finally:
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
+        every = config.checkpoint.every_steps
+
+        def meta(step: int, done_now: bool) -> dict[str, Any]:
+            return {
+                "step": step,
+                "total_steps": total,
+                "forget_chunks_seen": step * batcher.chunks_per_step,
+                "epoch": step / batcher.steps_per_epoch,
+                "finished": done_now,
+                "stopped": stopped,
+                "config": run.config_dict,
+            }
+
+        try:
+            with (
+                sharding.activation_sharding(mesh),
+                tqdm(total=total, initial=start, desc=f"unlearning ({method.name})", unit="step", disable=None) as bar,
+            ):
+                for step in range(start, total):
+                    host_batch = batcher.batch(step)
+                    tokens = sum(int(s["mask"].sum()) for s in host_batch.values())
+                    t0 = time.perf_counter()
+                    state, metrics = step_fn(state, ref_params, _place_batch(host_batch, b_shardings))
+                    metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                    seconds = time.perf_counter() - t0
+                    if step > start:  # the first step includes compilation
+                        timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+                    if not metrics.pop("finite"):
+                        checkpointer.wait()
+                        good = checkpointer.latest_step()
+                        raise NonFiniteError(
+                            f"step {step + 1}: the loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) "
+                            f"is not finite; stopped without applying it. The last good checkpoint "
+                            f"({'step ' + str(good) if good is not None else 'none yet'}) in {checkpointer.directory} "
+                            "is intact. Lower config.optim.lr or the number of steps."
+                        )
+                    metrics["tokens_per_s"] = tokens / seconds
+                    last_metrics = metrics
+                    done = end = step + 1
+                    if done % config.train.log_every == 0 or done == total:
+                        writer.write(done, metrics)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
+                    if ev.enabled and ev.every_steps and done % ev.every_steps == 0 and done < total:
+                        entry = run.in_run_perplexities(evaluator, state["params"], done)
+                        writer.write(
+                            done, {f"{k}_ppl": v["ppl"] for k, v in entry["perplexity"].items()}, prefix="eval"
+                        )
+                        forget_ppl = entry["perplexity"]["forget"]["ppl"]
+                        if stop_target is not None and forget_ppl >= stop_target:
+                            stopped = {"step": done, "forget_ppl": forget_ppl, "target": stop_target}
+                            log.info(
+                                "stopping rule met at step %d: forget perplexity %.4g >= %.4g",
+                                done,
+                                forget_ppl,
+                                stop_target,
+                            )
+                    finishing = done == total or stopped is not None
+                    if finishing or (every and done % every == 0) or stop["signal"] is not None:
+                        checkpointer.save(done, state, meta(done, finishing))
+                    if done == kill_after:
+                        checkpointer.wait()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if finishing:
+                        break
+                    if stop["signal"] is not None:
+                        checkpointer.wait()
+                        raise KeyboardInterrupt(
+                            f"stopped by signal {stop['signal']} after step {done}; rerun to resume"
+                        )
+            checkpointer.wait()
+        finally:
+            writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    else:
         writer.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        log.info("%s already finished at step %d", workdir, start)
+    end = max(end, start)
+    final_params = state["params"]
 
     export_dir = None
     if config.checkpoint.export:
         export_dir = workdir / "hf_model"
-        hf_checkpoint.save_pretrained(
-            lm.bind(state["params"]),
-            export_dir,
-            tokenizer=prep.tokenizer,
-            dtype=config.checkpoint.export_dtype or None,
-        )
+        if not (export_dir / "config.json").exists() or not finished:
+            hf_checkpoint.save_pretrained(
+                lm.bind(final_params),
+                export_dir,
+                tokenizer=prep.tokenizer,
+                dtype=config.checkpoint.export_dtype or None,
+            )
     checkpointer.close()
+
+    report = None
+    if ev.enabled:
+        if not run.history(end) or run.history(end)[-1]["step"] != end:
+            run.in_run_perplexities(evaluator, final_params, end)
+        models["unlearned"], scores["unlearned"] = run.full_evaluation(
+            "unlearned", evaluator, final_params, mia_reference
+        )
+        report = write_report(
+            workdir,
+            stamp=_stamp(record, end, stopped),
+            models=models,
+            scores=scores,
+            history=run.history(end),
+            compute=compute_summary(config, prep, method, end),
+            stop_target=stop_target,
+        )
     record.update(
         status="completed",
-        steps=total,
+        steps=end,
+        stopped=stopped,
         final_metrics=last_metrics,
         tokens_per_s=(timed_tokens / timed_seconds) if timed_seconds else None,
         hf_model=str(export_dir) if export_dir else None,
+        report=str(workdir / "report.md") if report else None,
     )
     if jax.process_index() == 0:
         write_json(workdir / "run.json", record)
     log.info("done: %s", export_dir or workdir)
     return record
+
+
+def _stamp(record: dict[str, Any], steps: int, stopped: Any) -> dict[str, Any]:
+    env = record["environment"]
+    return {
+        "title": f"{record['method']} on {record['model']['path']}",
+        "model": record["model"],
+        "method": record["method"],
+        "seed": record["seed"],
+        "mesh": env.get("mesh", {}).get("shape"),
+        "dtypes": record["dtypes"],
+        "steps": steps,
+        "stopped": stopped,
+        "versions": env["versions"],
+        "device": f"{env['device_count']} x {env['device_kind']}",
+    }
+
+
+def compute_summary(config: ml_collections.ConfigDict, prep: Prepared, method: Any, steps: int) -> dict[str, Any]:
+    """Unlearning FLOPs against pre-training the model from scratch (the paper's efficiency claim)."""
+    reference_forwards = int(method.needs_reference)
+    step = flops.unlearning_step_flops(
+        prep.model_config,
+        config.data.max_length,
+        prep.batcher.chunks_per_step,
+        retain=method.needs_retain,
+        reference_forwards=reference_forwards,
+    )
+    unlearning = step * steps
+    pretrain_tokens = float(config.evaluation.pretraining_tokens)
+    pretraining = flops.pretraining_flops(prep.model_config, pretrain_tokens, config.data.max_length)
+    return {
+        "model_params": prep.model_config.num_params,
+        "unlearning_steps": steps,
+        "unlearning_flops": unlearning,
+        "pretraining_tokens": pretrain_tokens,
+        "pretraining_flops": pretraining,
+        "retraining_over_unlearning": pretraining / unlearning if unlearning else None,
+        "note": "model FLOPs (6N per trained token + attention, 2N per reference-model token); evaluation excluded",
+    }

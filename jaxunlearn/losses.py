@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +32,12 @@ def next_token_targets(tokens: Array, mask: Array) -> tuple[Array, Array]:
     return targets, target_mask
 
 
-def map_sequence_chunks(fn: Callable[..., Array], chunk_size: int, *arrays: Array) -> Array:
+def map_sequence_chunks(fn: Callable[..., Any], chunk_size: int, *arrays: Array) -> Any:
     """Apply ``fn`` to ``[batch, chunk, ...]`` slices of ``[batch, length, ...]`` arrays; concatenate along length.
 
-    ``fn`` must return ``[batch, chunk]``. Chunks are processed sequentially (``lax.map``) and rematerialised,
-    so at most one chunk of logits is alive at a time, in the forward and in the backward pass.
+    ``fn`` returns a ``[batch, chunk]`` array or a pytree of them. Chunks are processed sequentially
+    (``lax.map``) and rematerialised, so at most one chunk of logits is alive at a time, in the forward and in
+    the backward pass.
     """
     length = arrays[0].shape[1]
     chunk = max(1, min(chunk_size, length))
@@ -49,9 +51,12 @@ def map_sequence_chunks(fn: Callable[..., Array], chunk_size: int, *arrays: Arra
         x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
         return jnp.moveaxis(x, 1, 0)
 
-    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(a) for a in arrays))  # [n, B, chunk]
-    out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n * chunk)
-    return out[:, :length]
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(a) for a in arrays))  # leaves [n, B, chunk]
+
+    def join(x: Array) -> Array:
+        return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * chunk)[:, :length]
+
+    return jax.tree.map(join, out)
 
 
 def _logits(hidden: Array, head: Array) -> Array:
@@ -97,3 +102,27 @@ def sequence_mean(values: Array, mask: Array) -> Array:
     """Per-sequence mean of ``values`` over ``mask`` (``[batch]``); a sequence with no valid position gives 0."""
     mask = mask.astype(values.dtype)
     return jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def vocabulary_stats(hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024) -> dict[str, Array]:
+    """Per position, from one pass over the vocabulary (fp32 ``[batch, length]`` each):
+
+    ``logprob`` of the target, ``is_argmax`` (the target is the most likely token), and ``mean``/``std`` of the
+    log-probabilities under the model's own distribution, ``E_{z~p}[log p(z)]`` and its standard deviation
+    (the normalisers of Min-K%++).
+    """
+
+    def fn(h: Array, y: Array) -> dict[str, Array]:
+        logits = _logits(h, head)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        p = jnp.exp(logp)
+        mean = jnp.sum(p * logp, axis=-1)
+        var = jnp.maximum(jnp.sum(p * logp * logp, axis=-1) - mean * mean, 0.0)
+        return {
+            "logprob": jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0],
+            "is_argmax": jnp.argmax(logits, axis=-1) == y,
+            "mean": mean,
+            "std": jnp.sqrt(var),
+        }
+
+    return map_sequence_chunks(fn, chunk_size, hidden, targets)

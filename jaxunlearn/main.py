@@ -6,39 +6,16 @@ Runs (or resumes) one unlearning run. Exit status: 0 done, 2 bad input (config, 
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxunlearn.cli import fail as _fail
+from jaxunlearn.cli import parse_flags as _parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>).")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"jaxunlearn: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors instead of tracebacks (unknown keys, bad values)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.* override
-        text = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
-        key = re.match(r"'?(\w+)'?", text)
-        culprit = next(
-            (a.split("=")[0] for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]),
-            None,
-        )
-        _fail(f"{culprit or 'a --config override'}: unknown config key ({text})")
-    except Exception as e:  # a config file that does not import, ...
-        _fail(f"{type(e).__name__}: {e}")
-    raise AssertionError("unreachable")
 
 
 def main(argv: list[str]) -> None:

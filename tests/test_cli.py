@@ -35,6 +35,7 @@ def run_cli(setup, config, workdir, *extra, env=None):
         f"--config.data.retain.path={setup['retain']}",
         "--config.data.max_length=32",
         f"--config.data.cache_dir={setup['cache']}",
+        "--config.evaluation.enabled=False",
         "--config.train.micro_batch_size=4",
         "--config.train.grad_accum_steps=2",
         "--config.optim.lr=1e-3",

@@ -137,6 +137,8 @@ def write_tiny_setup(root: Path, variant: str = "llama_gqa_tied") -> dict[str, P
         "model": model_dir,
         "forget": write_documents(root / "forget.jsonl", 8, seed=1),
         "retain": write_documents(root / "retain.jsonl", 12, seed=2),
+        "approximate": write_documents(root / "approximate.jsonl", 8, seed=3),
+        "general": write_documents(root / "general.jsonl", 6, seed=4),
     }
 
 
@@ -158,7 +160,13 @@ def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **trai
     config.model.dtype = "float32"
     config.data.forget.path = str(setup["forget"])
     config.data.retain.path = str(setup["retain"])
-    config.data.retain.name = config.data.forget.name = ""
+    config.data.approximate.path = str(setup["approximate"])
+    config.data.general.path = str(setup["general"])
+    for split in ("forget", "retain", "approximate", "general"):
+        config.data[split].name = ""
+    config.evaluation.verbatim_prompt_tokens = 8
+    config.evaluation.verbatim_new_tokens = 8
+    config.evaluation.verbatim_max_chunks = 16
     config.data.max_length = 32
     config.data.cache_dir = str(cache_dir)
     config.optim.lr = 1e-3

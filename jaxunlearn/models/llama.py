@@ -12,6 +12,7 @@ logical names through :func:`jaxunlearn.sharding.constrain`; mesh axes never app
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,34 @@ from jaxunlearn.sharding import constrain
 Array = jax.Array
 
 ACTIVATION = ("batch", "length", "embed")
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for incremental decoding.
+
+    ``k``/``v`` are ``[layers, batch, slots, kv_heads, head_dim]``; ``positions`` ``[batch, slots]`` is the
+    position of the token in each slot and ``valid`` marks filled, non-padding slots; new tokens are written
+    at ``index``. Slots are independent of positions, so left-padded prompts work.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype=None) -> KVCache:
+        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.dtype
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.zeros((batch, slots), jnp.int32),
+            valid=jnp.zeros((batch, slots), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
 
 
 def _precision(dtype: jnp.dtype) -> jax.lax.Precision:
@@ -81,7 +110,18 @@ class Attention(nnx.Module):
             y = y + getattr(self, f"{name}_bias")[...].astype(dt)
         return y
 
-    def __call__(self, x: Array, positions: Array, key_valid: Array, window: Array) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        key_positions: Array,
+        key_valid: Array,
+        window: Array,
+        kv: tuple[Array, Array, Array] | None = None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """Self-attention over ``x``. With ``kv = (k_cache, v_cache, index)`` the new keys/values are written
+        into the cache at ``index`` and the queries attend over every cache slot (``key_positions`` and
+        ``key_valid`` then describe the slots). Returns the output and the updated ``(k_cache, v_cache)``."""
         cfg, dt = self.config, x.dtype
         inv_freq = inverse_frequencies(cfg)
         q = apply_rotary(self._project(x, "q"), positions, inv_freq)
@@ -90,15 +130,22 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        if cfg.attention_impl == "dot_product_attention":
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_kv = (k, v)
+            out = dot_product_attention(q, k.astype(dt), v.astype(dt), positions, key_positions, key_valid, window)
+        elif cfg.attention_impl == "dot_product_attention":
             out = _fused_attention(q, k, v, cfg)
         else:
-            out = dot_product_attention(q, k, v, positions, positions, key_valid, window)
+            out = dot_product_attention(q, k, v, positions, key_positions, key_valid, window)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt), precision=_precision(dt))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y
+        return y, new_kv
 
 
 def dot_product_attention(
@@ -167,11 +214,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: Array, positions: Array, key_valid: Array, window: Array) -> Array:
-        x = x + self.attn(self.attn_norm(x), positions, key_valid, window)
-        x = constrain(x, ACTIVATION)
+    def __call__(self, x: Array, positions: Array, key_positions: Array, key_valid: Array, window: Array, kv=None):
+        y, new_kv = self.attn(self.attn_norm(x), positions, key_positions, key_valid, window, kv)
+        x = constrain(x + y, ACTIVATION)
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ACTIVATION)
+        return constrain(x, ACTIVATION), new_kv
 
 
 def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -222,28 +269,48 @@ class Transformer(nnx.Module):
         return (logits, hidden) if return_hidden else logits
 
     def hidden_states(
-        self, tokens: Array, attention_mask: Array | None = None, positions: Array | None = None
-    ) -> Array:
-        """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype."""
+        self,
+        tokens: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype.
+
+        With a ``cache``, ``tokens`` are appended to it (their keys/values written at ``cache.index``), queries
+        attend over every cached slot, and ``(hidden, new_cache)`` is returned.
+        """
         cfg = self.config
         b, t = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        key_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ACTIVATION)
 
         graphdef, state = nnx.split(self.layers)
+        windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
+        if cache is None:
+            key_positions, key_valid = positions, valid
+        else:
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
 
-        def layer_step(x: Array, scanned: tuple) -> tuple[Array, None]:
-            layer_state, window = scanned
-            return nnx.merge(graphdef, layer_state)(x, positions, key_valid, window), None
+        def layer_step(x: Array, scanned: tuple) -> tuple[Array, tuple | None]:
+            layer_state, window, *kv = scanned
+            kv = (kv[0], kv[1], cache.index) if kv else None
+            return nnx.merge(graphdef, layer_state)(x, positions, key_positions, key_valid, window, kv)
 
         if cfg.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[cfg.remat], prevent_cse=False)
-        windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
-        x, _ = jax.lax.scan(layer_step, x, (state, windows))
-        return self.final_norm(x)
+        scanned = (state, windows) if cache is None else (state, windows, cache.k, cache.v)
+        x, new_kv = jax.lax.scan(layer_step, x, scanned)
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden
+        k, v = (constrain(a, CACHE_AXES) for a in new_kv)
+        return hidden, KVCache(k, v, key_positions, key_valid, cache.index + t)
 
     def head_kernel(self) -> Array:
         """The output projection as ``[embed, vocab]`` (the transposed embedding when tied)."""

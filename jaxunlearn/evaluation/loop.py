@@ -1,0 +1,111 @@
+"""The one evaluation loop: a jitted, sharded teacher-forced pass over batches of token sequences.
+
+For every position it returns the log-probability of the true next token, whether that token was the argmax,
+and the mean/std of the log-probabilities under the model's distribution (Min-K%++), computed chunk by chunk
+along the sequence so that no ``[batch, length, vocab]`` array is kept. Perplexity, accuracy, membership
+inference, multiple-choice scoring and the lm-eval adapter are all computed on the host from these arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxunlearn import losses, sharding
+from jaxunlearn.models import LanguageModel
+
+STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
+
+
+class Evaluator:
+    """Teacher-forced statistics for any parameters of one model structure, on one mesh."""
+
+    def __init__(self, lm: LanguageModel, mesh: Mesh | None = None, *, batch_size: int = 8, chunk_size: int = 1024):
+        self.lm = lm
+        self.mesh = mesh or sharding.single_device_mesh()
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
+        self.chunk_size = chunk_size
+
+    @functools.cached_property
+    def _step(self):
+        lm, mesh, chunk = self.lm, self.mesh, self.chunk_size
+
+        def stats(params, tokens, mask):
+            with sharding.activation_sharding(mesh):
+                targets, target_mask = losses.next_token_targets(tokens, mask)
+                hidden = lm.hidden_states(params, tokens, mask)
+                out = losses.vocabulary_stats(hidden, lm.head(params), targets, chunk_size=chunk)
+                out["target_mask"] = target_mask
+                return out
+
+        return jax.jit(stats, out_shardings=NamedSharding(mesh, P()))
+
+    def token_stats(
+        self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """``{logprob, is_argmax, mean, std, target_mask}``, each ``[n, length]`` on the host.
+
+        Position ``t`` scores token ``t + 1``; ``target_mask`` marks the positions that count.
+        """
+        n, length = tokens.shape
+        spec = sharding.named_sharding(
+            ("batch", "length"), sharding.DEFAULT_RULES, self.mesh, (self.batch_size, length)
+        )
+        out: dict[str, list[np.ndarray]] = {k: [] for k in STAT_KEYS}
+        bs = self.batch_size
+        for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
+            t, m = tokens[start : start + bs], mask[start : start + bs]
+            rows = len(t)
+            if rows < bs:  # pad the last batch with empty rows
+                t = np.concatenate([t, np.zeros((bs - rows, length), t.dtype)])
+                m = np.concatenate([m, np.zeros((bs - rows, length), m.dtype)])
+            result = self._step(params, jax.device_put(t, spec), jax.device_put(m, spec))
+            for k, v in jax.device_get(result).items():
+                out[k].append(np.asarray(v)[:rows])
+        return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}
+
+    def score_continuations(
+        self, params: dict, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, *, desc=None
+    ) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation | context), continuation is the greedy one)`` for each token pair.
+
+        As in lm-evaluation-harness, the model sees the last ``max_length`` tokens of ``context + continuation``
+        that precede the final token (the final token is only a target). Sequences are bucketed by length to
+        bound recompilation.
+        """
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        seqs = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"continuation {i} is empty")
+            seq = (list(ctx) + list(cont))[-(max_length + 1) :]
+            seqs.append((i, seq, min(len(cont), len(seq) - 1)))
+        by_bucket: dict[int, list] = {}
+        for item in seqs:
+            bucket = min(max_length + 1, 1 << max(3, (len(item[1]) - 1).bit_length()))
+            by_bucket.setdefault(bucket, []).append(item)
+        for bucket, items in sorted(by_bucket.items()):
+            tokens = np.zeros((len(items), bucket), np.int32)
+            mask = np.zeros((len(items), bucket), np.int32)
+            for row, (_, seq, _) in enumerate(items):
+                tokens[row, : len(seq)] = seq
+                mask[row, : len(seq)] = 1
+            stats = self.token_stats(params, tokens, mask, desc=desc)
+            for row, (i, seq, n_cont) in enumerate(items):
+                span = slice(len(seq) - n_cont - 1, len(seq) - 1)  # positions predicting the continuation
+                results[i] = (float(stats["logprob"][row, span].sum()), bool(stats["is_argmax"][row, span].all()))
+        return results  # type: ignore[return-value]
+
+
+def place_params(params: dict, shardings: Any) -> dict:
+    """Put host or differently-sharded parameters onto the evaluator's mesh."""
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)

@@ -1,0 +1,206 @@
+"""Metrics computed on the host from the evaluation loop's per-token statistics.
+
+Membership-inference scores are oriented so that *higher means "more likely a member"* (seen in training).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+MIA_KS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
+
+
+# --- perplexity and accuracy -------------------------------------------------------------------------------
+
+
+def perplexity_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
+    """Perplexity and next-token accuracy of a split.
+
+    ``ppl`` is the official definition: ``exp`` of the mean over chunks of each chunk's mean NLL (every chunk
+    weighs the same); ``ppl_token`` weighs every token the same: ``exp(total NLL / total tokens)``. ``acc`` and
+    ``acc_token`` are the matching averages of "the true next token was the argmax".
+    """
+    mask = stats["target_mask"].astype(bool)
+    counts = mask.sum(axis=1)
+    keep = counts > 0
+    nll = -np.where(mask, stats["logprob"], 0.0).astype(np.float64)
+    hits = np.where(mask, stats["is_argmax"], False)
+    chunk_nll = nll.sum(1)[keep] / counts[keep]
+    chunk_acc = hits.sum(1)[keep] / counts[keep]
+    total = counts.sum()
+    return {
+        "ppl": float(np.exp(chunk_nll.mean())) if keep.any() else math.nan,
+        "ppl_token": float(np.exp(nll.sum() / total)) if total else math.nan,
+        "nll": float(chunk_nll.mean()) if keep.any() else math.nan,
+        "acc": float(chunk_acc.mean()) if keep.any() else math.nan,
+        "acc_token": float(hits.sum() / total) if total else math.nan,
+        "chunks": int(keep.sum()),
+        "tokens": int(total),
+    }
+
+
+# --- membership-inference scores (one per chunk) -------------------------------------------------------------
+
+
+def _valid_rows(values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    return [row[m] for row, m in zip(values, mask.astype(bool))]
+
+
+def loss_score(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """LOSS attack (Yeom et al.): the mean token log-likelihood."""
+    return np.asarray([float(np.mean(x)) if len(x) else math.nan for x in logprobs])
+
+
+def min_k_score(logprobs: Sequence[np.ndarray], k: float) -> np.ndarray:
+    """Min-K% Prob (Shi et al. 2023): the mean of the ``floor(k n)`` (at least 1) lowest token log-probs."""
+    out = []
+    for x in logprobs:
+        if not len(x):
+            out.append(math.nan)
+            continue
+        n = max(1, int(len(x) * k))
+        out.append(float(np.mean(np.sort(x)[:n])))
+    return np.asarray(out)
+
+
+def min_k_plus_plus_score(
+    logprobs: Sequence[np.ndarray], means: Sequence[np.ndarray], stds: Sequence[np.ndarray], k: float
+) -> np.ndarray:
+    """Min-K%++ (Zhang et al. 2024): Min-K% over ``(log p(x_t) - mu_t) / sigma_t``, where ``mu_t``/``sigma_t`` are
+    the mean and standard deviation of ``log p(z)`` for ``z ~ p(. | x_<t)``."""
+    z = [(x - mu) / np.maximum(sd, 1e-12) for x, mu, sd in zip(logprobs, means, stds)]
+    return min_k_score(z, k)
+
+
+def zlib_entropy(text: str) -> int:
+    """Length in bytes of the zlib-compressed UTF-8 text."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def zlib_score(logprobs: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
+    """zlib ratio (Carlini et al. 2021): ``-(mean NLL) / zlib entropy``; memorised text has a low loss for
+    how incompressible it is."""
+    return np.asarray([float(np.mean(x)) / max(zlib_entropy(t), 1) for x, t in zip(logprobs, texts)])
+
+
+def reference_score(logprobs: Sequence[np.ndarray], ref_logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """Reference-model attack: target log-likelihood minus the reference model's (a log likelihood ratio)."""
+    return loss_score(logprobs) - loss_score(ref_logprobs)
+
+
+def mia_scores(
+    stats: dict[str, np.ndarray],
+    texts: Sequence[str] | None = None,
+    ref_stats: dict[str, np.ndarray] | None = None,
+    ks: Sequence[float] = MIA_KS,
+) -> dict[str, np.ndarray]:
+    """Every attack's per-chunk score from evaluation-loop statistics."""
+    mask = stats["target_mask"]
+    logprobs = _valid_rows(stats["logprob"], mask)
+    means, stds = _valid_rows(stats["mean"], mask), _valid_rows(stats["std"], mask)
+    scores = {"loss": loss_score(logprobs)}
+    if texts is not None:
+        scores["zlib"] = zlib_score(logprobs, texts)
+    for k in ks:
+        scores[f"min_k_{k:g}"] = min_k_score(logprobs, k)
+        scores[f"min_k++_{k:g}"] = min_k_plus_plus_score(logprobs, means, stds, k)
+    if ref_stats is not None:
+        scores["reference"] = reference_score(logprobs, _valid_rows(ref_stats["logprob"], ref_stats["target_mask"]))
+    return scores
+
+
+# --- ROC ---------------------------------------------------------------------------------------------------
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False/true positive rates at every distinct threshold (descending), starting at (0, 0). Label 1 = member."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    distinct = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    tps = np.cumsum(labels)[distinct]
+    fps = (distinct + 1) - tps
+    tpr = np.r_[0.0, tps / max(labels.sum(), 1)]
+    fpr = np.r_[0.0, fps / max((~labels).sum(), 1)]
+    return fpr, tpr
+
+
+def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoid rule)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
+    """The highest true positive rate reachable with a false positive rate of at most ``max_fpr``."""
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+
+def attack_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, float]:
+    """AUC (raw and folded to >= 0.5 as the official code reports it), TPR at 1% and 5% FPR."""
+    scores = np.r_[member_scores, nonmember_scores]
+    labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    ok = np.isfinite(scores)
+    fpr, tpr = roc_curve(labels[ok], scores[ok])
+    a = auc(fpr, tpr)
+    return {
+        "auc": a,
+        "auc_folded": max(a, 1 - a),
+        "tpr@1%fpr": tpr_at_fpr(fpr, tpr, 0.01),
+        "tpr@5%fpr": tpr_at_fpr(fpr, tpr, 0.05),
+    }
+
+
+def privacy_leakage(auc_unlearned: float, auc_retrained: float) -> float:
+    """MUSE's PrivLeak: ``(AUC_unlearned - AUC_retrained) / AUC_retrained x 100`` (0 = like a retrained model;
+    large positive = still leaks membership, large negative = over-unlearned)."""
+    return (auc_unlearned - auc_retrained) / auc_retrained * 100.0
+
+
+# --- verbatim memorisation ----------------------------------------------------------------------------------
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric words, as the ``rouge-score`` package tokenises (without stemming)."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-L precision, recall and F1 over :func:`rouge_tokens` (longest common subsequence)."""
+    p, r = rouge_tokens(prediction), rouge_tokens(reference)
+    lcs = _lcs(p, r)
+    precision = lcs / len(p) if p else 0.0
+    recall = lcs / len(r) if r else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def verbatim_metrics(generated: np.ndarray, truth: np.ndarray, decode) -> dict[str, float]:
+    """Exact-match rate of whole continuations, mean fraction of matching tokens, mean ROUGE-L F1/recall."""
+    if len(truth) == 0:
+        return {"n": 0}
+    rouge = [rouge_l(decode(g), decode(t)) for g, t in zip(generated, truth)]
+    return {
+        "exact_match": float(np.mean(np.all(generated == truth, axis=1))),
+        "token_match": float(np.mean(generated == truth)),
+        "rougeL_f1": float(np.mean([r["f1"] for r in rouge])),
+        "rougeL_recall": float(np.mean([r["recall"] for r in rouge])),
+        "n": int(len(truth)),
+    }

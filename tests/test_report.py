@@ -1,0 +1,129 @@
+"""Evaluation inside unlearning runs: the report, the stopping rule, compute accounting, the evaluate CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxunlearn import flops
+from jaxunlearn.engine import unlearn
+from jaxunlearn.models import ModelConfig
+from tests.tiny_models import tiny_run_config, write_tiny_setup
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _numbers(tree, path=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    setup = write_tiny_setup(root)
+    config = tiny_run_config(setup, "ga_gd", root / "cache", train__max_steps=4)
+    config.evaluation.every_steps = 2
+    record = unlearn(config, root / "run")
+    return root, setup, config, record
+
+
+def test_report_has_every_section_and_only_finite_numbers(finished_run):
+    root, _, _, record = finished_run
+    run = root / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["models"]) == {"original", "unlearned"}
+    for model in report["models"].values():
+        assert set(model["perplexity"]) == {"forget", "approximate", "retain", "general"}
+        assert {"loss", "zlib", "min_k_0.2", "min_k++_0.2", "min_k_1"} <= set(model["mia"])
+        assert model["verbatim"]["forget"]["n"] > 0 and model["verbatim"]["approximate"]["n"] > 0
+    bad = [(p, v) for p, v in _numbers(report) if not math.isfinite(v)]
+    assert not bad, bad[:5]
+    assert [h["step"] for h in report["history"]] == [0, 2, 4]
+    assert report["change"]["perplexity"]["forget"]["ppl"] == pytest.approx(
+        report["models"]["unlearned"]["perplexity"]["forget"]["ppl"]
+        - report["models"]["original"]["perplexity"]["forget"]["ppl"]
+    )
+    assert report["stamp"]["method"] == "ga_gd" and report["stamp"]["versions"]["jax"]
+    for plot in ("perplexity_history.png", "roc.png"):
+        assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (run / "report.md").read_text()
+    assert "## Membership inference" in md and "| forget |" in md
+    assert record["report"] == str(run / "report.md")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [2]
+
+
+def test_compute_accounting(finished_run):
+    _, _, config, _ = finished_run
+    report = json.loads((finished_run[0] / "run" / "report.json").read_text())
+    compute = report["compute"]
+    hf = json.loads((finished_run[1]["model"] / "config.json").read_text())
+    mc = ModelConfig.from_hf(hf)
+    # by hand: 4 steps x 8 forget + 8 retain chunks x 32 tokens, 6N + 6 L T H D per trained token
+    n = mc.num_params - mc.vocab_size * mc.hidden_size + mc.vocab_size * mc.hidden_size  # tied head multiplies
+    per_token = 6 * n + 6 * mc.num_layers * 32 * mc.num_heads * mc.head_dim
+    expected = 4 * 16 * 32 * per_token
+    assert compute["unlearning_flops"] == pytest.approx(expected)
+    assert compute["retraining_over_unlearning"] == pytest.approx(3e12 * per_token / expected)
+    assert flops.matmul_params(mc) == n
+
+
+def test_stopping_rule_stops_at_the_target_and_stays_stopped(tmp_path):
+    setup = write_tiny_setup(tmp_path)
+    config = tiny_run_config(setup, "ga", tmp_path / "cache", train__max_steps=20, optim__lr=3e-3)
+    config.evaluation.every_steps = 1
+    config.evaluation.stop_approx_multiple = 1.05
+    config.evaluation.verbatim_max_chunks = 0
+    record = unlearn(config, tmp_path / "run")
+    stopped = record["stopped"]
+    assert stopped is not None and stopped["step"] < 20
+    history = json.loads((tmp_path / "run" / "report.json").read_text())["history"]
+    assert stopped["target"] == pytest.approx(1.05 * history[0]["perplexity"]["approximate"]["ppl"])
+    assert history[-1]["step"] == stopped["step"]
+    assert history[-1]["perplexity"]["forget"]["ppl"] >= stopped["target"]
+    assert all(h["perplexity"]["forget"]["ppl"] < stopped["target"] for h in history[:-1])
+    again = unlearn(config, tmp_path / "run")  # the same command: already finished, no further steps
+    assert again["steps"] == stopped["step"]
+
+
+def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
+    root, setup, _, _ = finished_run
+    args = [
+        sys.executable,
+        "-m",
+        "jaxunlearn.evaluate",
+        f"--config={REPO / 'configs' / 'ga_gd.py'}",
+        f"--model={root / 'run'}",
+        f"--workdir={tmp_path / 'eval'}",
+        f"--config.data.forget.path={setup['forget']}",
+        f"--config.data.retain.path={setup['retain']}",
+        f"--config.data.approximate.path={setup['approximate']}",
+        f"--config.data.general.path={setup['general']}",
+        "--config.data.max_length=32",
+        f"--config.data.cache_dir={root / 'cache'}",
+        "--config.model.dtype=float32",
+        "--config.evaluation.verbatim_prompt_tokens=8",
+        "--config.evaluation.verbatim_new_tokens=8",
+        "--config.evaluation.verbatim_max_chunks=16",
+        "--config.mesh.fsdp=1",
+    ]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())["models"]["model"]
+    run_report = json.loads((root / "run" / "report.json").read_text())["models"]["unlearned"]
+    for split, values in run_report["perplexity"].items():
+        assert report["perplexity"][split]["ppl"] == pytest.approx(values["ppl"], rel=1e-4)
+    assert report["mia"]["min_k_0.4"]["auc"] == pytest.approx(run_report["mia"]["min_k_0.4"]["auc"], abs=1e-6)
+    assert report["verbatim"]["forget"]["exact_match"] == run_report["verbatim"]["forget"]["exact_match"]
