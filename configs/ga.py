@@ -3,5 +3,6 @@
 from jaxunlearn.config import base_config
 
 
-def get_config():
-    return base_config("ga")
+def get_config(preset: str = "builtin"):
+    """``preset``: builtin (the offline built-in world), arxiv or github (the paper's data set)."""
+    return base_config("ga", preset=preset)

@@ -6,11 +6,13 @@ Config files are ml-collections ``get_config()`` files; any field can be overrid
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
 from jaxunlearn.objectives import METHODS, get_method
+from jaxunlearn.world.build import WorldRecipe
 
 # The paper's data set on the Hugging Face Hub (configs arxiv / github / general).
 PAPER_DATASET = "llmunlearn/unlearn_dataset"
@@ -34,12 +36,23 @@ def method_config(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name=name, **get_method(name).hparams))
 
 
-def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_distribution"):
-    """The shared base: the paper's recipe for ``method`` on ``domain`` (``arxiv``/``github``).
+PRESETS = ("builtin", "arxiv", "github")
 
-    ``retain`` picks the retain set of methods with a retain term: the domain's own retain split
-    (``in_distribution``) or the general corpus (``general``).
+
+def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "in_distribution"):
+    """The shared base for ``method``.
+
+    ``preset``: ``builtin`` (default) runs on the built-in world, a small model pre-trained on this machine with
+    its exact-retrain oracle (:mod:`jaxunlearn.world`); ``arxiv``/``github`` are the paper's recipe on its data
+    set (give the model with ``--config.model.path``; Yi-6B in the paper). Config files pass the preset through:
+    ``--config=configs/ga_kl.py:arxiv``. ``retain`` picks the retain set of methods with a retain term: the
+    domain's own retain split (``in_distribution``) or the general corpus (``general``).
     """
+    if preset not in PRESETS:
+        raise ConfigError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if retain not in ("in_distribution", "general"):
+        raise ConfigError(f"retain={retain!r}: choose in_distribution or general")
+    domain = preset if preset != "builtin" else "arxiv"
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.model = ml_collections.ConfigDict(
@@ -58,8 +71,6 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
     retain_split = split_config(PAPER_DATASET, domain, "retain")
     if retain == "general":
         retain_split = split_config(PAPER_DATASET, "general", "retain")
-    elif retain != "in_distribution":
-        raise ConfigError(f"retain={retain!r}: choose in_distribution or general")
     c.data = ml_collections.ConfigDict(
         dict(
             max_length=4096,
@@ -72,6 +83,8 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
             # retraining" reference) and general held-out text. An empty path skips a split.
             approximate=split_config(PAPER_DATASET, domain, "approximate"),
             general=split_config(PAPER_DATASET, "general", "evaluation"),
+            # Retain-set utility is measured on this split when given, else on `retain`.
+            eval_retain=split_config(),
         )
     )
     c.method = method_config(method)
@@ -110,6 +123,7 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
             mia_ks=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0),
             reference_model="",  # a model for the reference-ratio attack (HF dir or Hub id)
             retrained_auc=0.0,  # Min-K% (k=0.4) AUC of a retrained model, for MUSE's PrivLeak (0 = unknown)
+            oracle_model="",  # a model retrained without the forget set: an "oracle" column and distances to it
             verbatim_prompt_tokens=32,
             verbatim_new_tokens=64,
             verbatim_max_chunks=100,
@@ -117,12 +131,55 @@ def base_config(method: str = "ga", *, domain: str = "arxiv", retain: str = "in_
             task_max_items=0,
             # Stop unlearning once forget perplexity reaches a target, checked every `every_steps` steps:
             stop_forget_ppl=0.0,  # an absolute target
-            stop_approx_multiple=0.0,  # or this multiple of the approximate split's perplexity at the start
+            stop_approx_multiple=0.0,  # or this multiple of the approximate split's perplexity, measured
+            stop_approx_reference="start",  # at the start of unlearning, or at each check ("current")
             pretraining_tokens=3.0e12,  # for the compute ratio (Yi-6B: 3T tokens)
         )
     )
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
+    # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".
+    c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
+    if preset == "builtin":
+        _use_builtin_world(c, method, retain)
     return c
+
+
+# Learning rates for the built-in world, from the sweep of `python -m jaxunlearn.experiments.compare`.
+BUILTIN_LR = {"ga": 3e-5, "random_label": 3e-5, "adversarial": 3e-5, "ga_gd": 1e-3, "ga_kl": 3e-4}
+# Ascent weight of the GA+GD / GA+KL forget term in the built-in world (the paper's 1.0 overshoots at once).
+BUILTIN_FORGET_WEIGHT = 0.15
+
+
+def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -> None:
+    """Point every path at the built-in world and size the run for a 2-core CPU."""
+    c.model.path = "world:target"
+    c.model.dtype = "float32"  # small models on CPUs run faster in fp32
+    d = c.data
+    d.max_length = c.world.max_length
+    d.add_special_tokens = False
+    d.forget = split_config("world:forget")
+    # In-distribution retain data of the built-in world = every pre-training document but the forget set (the
+    # oracle's training data); "general" = the general-domain part only.
+    d.retain = split_config("world:general_retain" if retain == "general" else "world:retain+general_retain")
+    d.approximate = split_config("world:approximate")
+    d.general = split_config("world:general_eval")
+    d.eval_retain = split_config("world:retain")
+    c.optim.lr = BUILTIN_LR.get(method, 1e-4)
+    if "forget_weight" in c.method:
+        c.method.forget_weight = BUILTIN_FORGET_WEIGHT
+    c.train.micro_batch_size = 8
+    c.train.grad_accum_steps = 1
+    c.train.epochs = 4
+    c.checkpoint.every_steps = 25
+    e = c.evaluation
+    e.oracle_model = "world:oracle"
+    e.batch_size = 32
+    e.max_chunks = 512
+    e.every_steps = 3
+    e.in_run_max_chunks = 32
+    e.stop_approx_multiple = 1.0  # stop when forget text looks as unseen as unseen text
+    e.verbatim_max_chunks = 64
+    e.pretraining_tokens = float(c.world.steps * c.world.batch_size * c.world.max_length)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -184,7 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(bool(d.forget.path), "config.data.forget.path", d.forget.path, "the forget set is required")
     if method.needs_retain:
         _check(bool(d.retain.path), "config.data.retain.path", d.retain.path, f"method {name} needs a retain set")
-    for split in ("forget", "retain", "approximate", "general"):
+    for split in ("forget", "retain", "approximate", "general", "eval_retain"):
         v = d[split].max_documents
         _check(v >= 0, f"config.data.{split}.max_documents", v, ">= 0 (0 = all)")
     _check(o.lr > 0, "config.optim.lr", o.lr, "must be > 0")
@@ -213,10 +270,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= e.retrained_auc <= 1, "config.evaluation.retrained_auc", e.retrained_auc, "in [0, 1] (0 = unknown)")
     _check(e.stop_forget_ppl >= 0, "config.evaluation.stop_forget_ppl", e.stop_forget_ppl, ">= 0 (0 = off)")
     _check(e.stop_approx_multiple >= 0, "config.evaluation.stop_approx_multiple", e.stop_approx_multiple, ">= 0")
-    if e.stop_forget_ppl or e.stop_approx_multiple:
+    _check(
+        e.stop_approx_reference in ("start", "current"),
+        "config.evaluation.stop_approx_reference",
+        e.stop_approx_reference,
+        "start or current",
+    )
+    if e.enabled and (e.stop_forget_ppl or e.stop_approx_multiple):
         _check(e.every_steps > 0, "config.evaluation.every_steps", e.every_steps, "the stopping rule needs > 0")
-        _check(e.enabled, "config.evaluation.enabled", e.enabled, "the stopping rule needs evaluation")
-    if e.stop_approx_multiple:
+    if e.enabled and e.stop_approx_multiple:
         _check(
             bool(d.approximate.path),
             "config.data.approximate.path",
@@ -224,6 +286,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "stop_approx_multiple needs the approximate split",
         )
     _check(e.pretraining_tokens >= 0, "config.evaluation.pretraining_tokens", e.pretraining_tokens, ">= 0")
+    w = config.world
+    for key in (
+        "forget_docs",
+        "approximate_docs",
+        "band_min_chars",
+        "retain_chars",
+        "vocab_size",
+        "max_length",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "steps",
+        "batch_size",
+        "forget_repeats",
+    ):
+        _check(w[key] >= 1, f"config.world.{key}", w[key], ">= 1")
+    _check(w.band_max_chars >= w.band_min_chars, "config.world.band_max_chars", w.band_max_chars, ">= band_min_chars")
+    _check(0 < w.general_eval_fraction < 1, "config.world.general_eval_fraction", w.general_eval_fraction, "in (0, 1)")
+    _check(w.lr > 0, "config.world.lr", w.lr, "must be > 0")
+    _check(w.hidden_size % w.num_heads == 0, "config.world.num_heads", w.num_heads, "must divide hidden_size")
     for hp, value in config.method.items():
         if hp != "name" and isinstance(value, (int, float)):
             _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")

@@ -7,7 +7,9 @@ checkpoint and ends with the same parameters as an uninterrupted run (the data o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -28,8 +30,9 @@ from jaxunlearn.checkpointing import Checkpointer
 from jaxunlearn.config import ConfigError, validate
 from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
 from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.metrics import privacy_leakage
 from jaxunlearn.evaluation.report import write_report
-from jaxunlearn.evaluation.suite import EvalOptions, evaluate_model, perplexities, split_stats
+from jaxunlearn.evaluation.suite import EvalOptions, evaluate_model, perplexities, split_stats, subset
 from jaxunlearn.metrics_writer import MetricWriter
 from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, param_shardings, split_model
 from jaxunlearn.objectives import Context, get_method
@@ -42,6 +45,7 @@ from jaxunlearn.train import (
     make_train_step,
     state_shardings,
 )
+from jaxunlearn.world import WorldRecipe, ensure_world
 
 log = logging.getLogger("jaxunlearn")
 
@@ -66,6 +70,8 @@ RESUMABLE_CHANGES = (
     "config.data.approximate.",
     "config.data.general.",
 )
+# Bumped whenever evaluation results for the same inputs change meaning (invalidates cached evaluations).
+EVAL_CACHE_VERSION = 3
 # Fault injection for the resume tests: SIGKILL this process right after finishing this step.
 KILL_AFTER_STEP_ENV = "JAXUNLEARN_FAULT_KILL_AFTER_STEP"
 
@@ -90,6 +96,7 @@ class Prepared:
     batcher: StepBatcher | None  # None when preparing an evaluation only
     total_steps: int
     eval_splits: dict[str, Chunks]
+    world: Any = None  # the built-in world, when the config refers to it
 
 
 def _flat(d: dict, prefix: str = "config") -> dict[str, Any]:
@@ -120,6 +127,7 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
     ``training=False`` (evaluation only) skips the checks and data that only training needs.
     """
     validate(config)
+    config, world = resolve_world(config)
     method = get_method(config.method.name)
     mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh))
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -147,7 +155,11 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
     d = config.data
     splits = ["forget"] + (["retain"] if method.needs_retain and training else [])
     if config.evaluation.enabled:
-        splits += [s for s in ("retain", "approximate", "general") if s not in splits and d[s].path]
+        splits += [s for s in ("approximate", "general") if d[s].path]
+        if d.eval_retain.path:
+            splits.append("eval_retain")
+        elif d.retain.path and "retain" not in splits:
+            splits.append("retain")
     chunks = {}
     for split in splits:
         chunks[split] = load_chunks(
@@ -173,8 +185,60 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
             config.seed,
         )
         total = config.train.max_steps or config.train.epochs * batcher.steps_per_epoch
-    eval_splits = {k: chunks[k] for k in ("forget", "approximate", "retain", "general") if k in chunks}
-    return Prepared(config, mesh, model_dir, model_config, tokenizer, batcher, total, eval_splits)
+    # Utility is measured on `eval_retain` when given (e.g. in-distribution text for the *_general methods).
+    named = {**chunks, "retain": chunks.get("eval_retain", chunks.get("retain"))}
+    eval_splits = {k: named[k] for k in ("forget", "approximate", "retain", "general") if named.get(k) is not None}
+    return Prepared(config, mesh, model_dir, model_config, tokenizer, batcher, total, eval_splits, world)
+
+
+def resolve_world(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
+    """Replace every ``world:<name>`` path by the built-in world's file, building the world if needed.
+
+    Returns the resolved copy of the config and the world (``None`` when nothing refers to it).
+    """
+    unused = _unused_fields(config)
+    refs = [
+        (k, v)
+        for k, v in _flat(config.to_dict()).items()
+        if isinstance(v, str) and v.startswith("world:") and not k.startswith(unused)
+    ]
+    resolved = copy.deepcopy(config)
+    for key in _flat(config.to_dict()):  # references in fields this run does not use are dropped, not built
+        value = _get(config, key)
+        if isinstance(value, str) and value.startswith("world:") and key.startswith(unused):
+            _put(resolved, key, "")
+    if not refs:
+        return resolved, None
+    world = ensure_world(WorldRecipe.from_config(config.world), config.world.cache_dir or None)
+    for key, value in refs:
+        try:
+            _put(resolved, key, world.resolve(value))
+        except KeyError as e:
+            raise ConfigError(f"{key}={value!r}: {e.args[0]}") from e
+    return resolved, world
+
+
+def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Config keys (prefixes) a run does not read, given its method and whether it evaluates."""
+    if config.evaluation.enabled:
+        return ()
+    unused = ["config.evaluation.", "config.data.approximate.", "config.data.general.", "config.data.eval_retain."]
+    if not get_method(config.method.name).needs_retain:
+        unused.append("config.data.retain.")
+    return tuple(unused)
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    for name in key.split(".")[1:]:
+        config = config[name]
+    return config
+
+
+def _put(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")[1:]
+    for name in parents:
+        config = config[name]
+    config[leaf] = value
 
 
 def _abstract_state(tx: Any, model_config: ModelConfig, shardings: dict) -> Any:
@@ -189,8 +253,8 @@ def _to_global(batch: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), batch, shardings)
 
 
-def _configure_logging(workdir: Path) -> None:
-    """INFO from jaxunlearn to stderr and ``<workdir>/log.txt``; libraries (Orbax, absl) only warn."""
+def configure_logging(workdir: Path | None = None) -> None:
+    """INFO from jaxunlearn to stderr (and ``<workdir>/log.txt`` once known); libraries (Orbax, absl) only warn."""
     log.setLevel(logging.INFO)
     log.propagate = False
     if not any(type(h) is logging.StreamHandler for h in log.handlers):
@@ -199,15 +263,13 @@ def _configure_logging(workdir: Path) -> None:
         log.addHandler(console)
     for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if workdir is None:
+        return
     path = str(workdir / "log.txt")
     if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
-
-
-def _place_batch(batch: Any, shardings: Any) -> Any:
-    return _to_global(batch, shardings)
 
 
 class Run:
@@ -248,27 +310,49 @@ class Run:
                 by_step[entry["step"]] = entry
         return [by_step[s] for s in sorted(by_step) if s <= up_to]
 
-    def full_evaluation(self, name: str, evaluator: Evaluator, params: dict, reference) -> tuple[dict, dict]:
-        """All metrics of one model, cached in ``eval/<name>.json`` (keyed by the evaluation options)."""
-        path = self.eval_dir / f"{name}.json"
+    def cached(self, name: str, model_path: str | None, compute) -> Any:
+        """``compute()``'s JSON result, cached under a key of the model, the evaluation options and the data.
+
+        Results about fixed models (``model_path`` given: the original, the oracle) of the built-in world are
+        cached in the world directory and shared by every run on it; everything else in ``<workdir>/eval``.
+        """
+        data = self.prep.config.to_dict()["data"]
         key = json.dumps(
-            [dataclasses.asdict(self.eval_options()), self.config_dict["data"]], sort_keys=True, default=str
+            [EVAL_CACHE_VERSION, name, model_path, dataclasses.asdict(self.eval_options()), data],
+            sort_keys=True,
+            default=str,
         )
+        directory = self.eval_dir
+        if model_path is not None and self.prep.world is not None:
+            directory = self.prep.world.directory / "eval"
+        path = directory / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("key") == key:
-                return cached["metrics"], {
-                    s: {a: np.asarray(v) for a, v in d.items()} for s, d in cached["scores"].items()
-                }
-        log.info("evaluating the %s model", name)
-        metrics, scores = evaluate_model(
-            evaluator, params, self.prep.tokenizer, self.prep.eval_splits, self.eval_options(), reference=reference
-        )
-        self.eval_dir.mkdir(exist_ok=True)
+                return cached["value"]
+        value = compute()
+        directory.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
-            serial = {s: {a: np.asarray(v).tolist() for a, v in d.items()} for s, d in scores.items()}
-            write_json(path, {"key": key, "metrics": metrics, "scores": serial})
-        return metrics, scores
+            write_json(path, {"key": key, "value": value})
+        return value
+
+    def full_evaluation(
+        self, name: str, evaluator: Evaluator, params: dict, reference, model_path: str | None = None
+    ) -> tuple[dict, dict]:
+        """All metrics of one model and its raw membership scores (cached, see :meth:`cached`)."""
+
+        def compute() -> dict:
+            log.info("evaluating the %s model", name)
+            metrics, scores = evaluate_model(
+                evaluator, params, self.prep.tokenizer, self.prep.eval_splits, self.eval_options(), reference=reference
+            )
+            return {
+                "metrics": metrics,
+                "scores": {s: {a: np.asarray(v).tolist() for a, v in d.items()} for s, d in scores.items()},
+            }
+
+        value = self.cached(name, model_path, compute)
+        return value["metrics"], {s: {a: np.asarray(v) for a, v in d.items()} for s, d in value["scores"].items()}
 
 
 def _reference_for_mia(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Evaluator, dict] | None:
@@ -284,10 +368,11 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``."""
     if config.get("distributed", False):
         jax.distributed.initialize()
+    configure_logging()  # before prepare(): building the built-in world is reported as it happens
     prep = prepare(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    _configure_logging(workdir)
+    configure_logging(workdir)
     run = Run(prep, workdir)
     method = run.method
     mesh, model_config, batcher, total = prep.mesh, prep.model_config, prep.batcher, prep.total_steps
@@ -313,10 +398,13 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         "method": method.name,
         "seed": config.seed,
         "model": {
-            "path": config.model.path,
+            "path": prep.config.model.path,
             "model_type": model_config.model_type,
             "num_params": model_config.num_params,
         },
+        "world": (
+            {"directory": str(prep.world.directory), "recipe": prep.world.manifest["recipe"]} if prep.world else None
+        ),
         "dtypes": {
             "param": model_config.param_dtype,
             "compute": model_config.dtype,
@@ -337,11 +425,9 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     if jax.process_index() == 0:
         write_json(workdir / "run.json", record)
 
-    # The original model is needed to start, for reference-model methods, and for the "before" evaluation.
+    # The original model is needed to start, for reference-model methods, and for the evaluations.
     lm = LanguageModel(nnx.graphdef(abstract_model(model_config)), model_config)
-    need_original = latest is None or method.needs_reference
-    if ev.enabled and not (run.eval_dir / "original.json").exists():
-        need_original = True
+    need_original = latest is None or method.needs_reference or ev.enabled
     params = None
     if need_original:
         model = hf_checkpoint.from_pretrained(
@@ -358,14 +444,38 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     mia_reference = _reference_for_mia(config, mesh) if ev.enabled else None
     scores: dict[str, Any] = {}
     models: dict[str, Any] = {}
+    oracle_params, distances = None, None
     if ev.enabled:
-        models["original"], scores["original"] = run.full_evaluation("original", evaluator, params, mia_reference)
+        models["original"], scores["original"] = run.full_evaluation(
+            "original", evaluator, params, mia_reference, model_path=prep.config.model.path
+        )
+        if ev.oracle_model:
+            oracle_params = _load_oracle(prep, lm)
+            models["oracle"], scores["oracle"] = run.full_evaluation(
+                "oracle", evaluator, oracle_params, mia_reference, model_path=prep.config.evaluation.oracle_model
+            )
+            # Before training: the original parameters are donated to the train state afterwards.
+            distances = {
+                "original": run.cached(
+                    "original-oracle-distance",
+                    prep.config.model.path,
+                    lambda: oracle_distance(
+                        evaluator,
+                        oracle_params,
+                        params,
+                        models["original"],
+                        models["oracle"],
+                        prep.eval_splits,
+                        ev.max_chunks,
+                    ),
+                )
+            }
         if not run.history(0):
             run.in_run_perplexities(evaluator, params, 0)
-    stop_target = None
-    if ev.stop_forget_ppl:
+    stop_target = None  # the stopping rule works only with evaluation on
+    if ev.enabled and ev.stop_forget_ppl:
         stop_target = ev.stop_forget_ppl
-    elif ev.stop_approx_multiple:
+    elif ev.enabled and ev.stop_approx_multiple:
         stop_target = ev.stop_approx_multiple * run.history(0)[0]["perplexity"]["approximate"]["ppl"]
 
     ref_params = None
@@ -434,7 +544,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     host_batch = batcher.batch(step)
                     tokens = sum(int(s["mask"].sum()) for s in host_batch.values())
                     t0 = time.perf_counter()
-                    state, metrics = step_fn(state, ref_params, _place_batch(host_batch, b_shardings))
+                    state, metrics = step_fn(state, ref_params, _to_global(host_batch, b_shardings))
                     metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                     seconds = time.perf_counter() - t0
                     if step > start:  # the first step includes compilation
@@ -461,6 +571,8 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                             done, {f"{k}_ppl": v["ppl"] for k, v in entry["perplexity"].items()}, prefix="eval"
                         )
                         forget_ppl = entry["perplexity"]["forget"]["ppl"]
+                        if ev.stop_approx_multiple and ev.stop_approx_reference == "current":
+                            stop_target = ev.stop_approx_multiple * entry["perplexity"]["approximate"]["ppl"]
                         if stop_target is not None and forget_ppl >= stop_target:
                             stopped = {"step": done, "forget_ppl": forget_ppl, "target": stop_target}
                             log.info(
@@ -512,6 +624,17 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         models["unlearned"], scores["unlearned"] = run.full_evaluation(
             "unlearned", evaluator, final_params, mia_reference
         )
+        if oracle_params is not None:
+            _add_privleak(models, ev.retrained_auc or models["oracle"]["mia"]["min_k_0.4"]["auc"])
+            distances["unlearned"] = oracle_distance(
+                evaluator,
+                oracle_params,
+                final_params,
+                models["unlearned"],
+                models["oracle"],
+                prep.eval_splits,
+                ev.max_chunks,
+            )
         report = write_report(
             workdir,
             stamp=_stamp(record, end, stopped),
@@ -519,6 +642,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             scores=scores,
             history=run.history(end),
             compute=compute_summary(config, prep, method, end),
+            oracle_distance=distances,
             stop_target=stop_target,
         )
     record.update(
@@ -534,6 +658,51 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         write_json(workdir / "run.json", record)
     log.info("done: %s", export_dir or workdir)
     return record
+
+
+def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
+    """The oracle's parameters, which must share the evaluated model's architecture."""
+    c = prep.config
+    oracle_lm, oracle_params = split_model(
+        hf_checkpoint.from_pretrained(
+            c.evaluation.oracle_model, mesh=prep.mesh, param_dtype=c.model.param_dtype, dtype=c.model.dtype
+        )
+    )
+    if oracle_lm.config.replace(hf_config_json="") != lm.config.replace(hf_config_json=""):
+        raise ConfigError(f"config.evaluation.oracle_model={c.evaluation.oracle_model!r}: its architecture differs")
+    return oracle_params
+
+
+def _add_privleak(models: dict[str, Any], retrained_auc: float) -> None:
+    """MUSE's PrivLeak of every model relative to the retrained model's Min-K% (k=0.4) AUC."""
+    for metrics in models.values():
+        mia = metrics.get("mia")
+        if mia and "min_k_0.4" in mia:
+            mia["privleak"] = {"min_k_0.4": privacy_leakage(mia["min_k_0.4"]["auc"], retrained_auc)}
+
+
+def oracle_distance(
+    evaluator: Evaluator,
+    oracle_params: dict,
+    params: dict,
+    metrics: dict[str, Any],
+    oracle: dict[str, Any],
+    splits: dict[str, Chunks],
+    limit: int,
+) -> dict[str, float]:
+    """How far a model is from the exact retrain: forget-perplexity ratio, membership-AUC difference, and the
+    mean ``KL(oracle || model)`` per token on forget and on retain chunks."""
+    out = {
+        "forget_ppl_ratio": metrics["perplexity"]["forget"]["ppl"] / oracle["perplexity"]["forget"]["ppl"],
+        "min_k_0.4_auc_diff": metrics["mia"]["min_k_0.4"]["auc"] - oracle["mia"]["min_k_0.4"]["auc"],
+        "loss_auc_diff": metrics["mia"]["loss"]["auc"] - oracle["mia"]["loss"]["auc"],
+    }
+    for split in ("forget", "retain"):
+        if split in splits:
+            idx = subset(len(splits[split]), limit)
+            kl = evaluator.sequence_kl(oracle_params, params, splits[split].tokens[idx], splits[split].mask[idx])
+            out[f"kl_{split}"] = float(np.mean(kl))
+    return out
 
 
 def _stamp(record: dict[str, Any], steps: int, stopped: Any) -> dict[str, Any]:

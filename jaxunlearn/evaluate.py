@@ -37,7 +37,7 @@ def resolve_model(path: str) -> str:
 def evaluate(config, model: str, workdir: str | Path) -> dict:
     """Evaluate ``model`` on the config's splits; returns the report dict."""
     from jaxunlearn import hf_checkpoint
-    from jaxunlearn.engine import _configure_logging, _reference_for_mia, prepare
+    from jaxunlearn.engine import _reference_for_mia, configure_logging, prepare
     from jaxunlearn.evaluation.loop import Evaluator
     from jaxunlearn.evaluation.report import write_report
     from jaxunlearn.evaluation.suite import EvalOptions, evaluate_model
@@ -46,10 +46,11 @@ def evaluate(config, model: str, workdir: str | Path) -> dict:
 
     config.model.path = resolve_model(model)
     config.evaluation.enabled = True
+    configure_logging()
     prep = prepare(config, training=False)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    _configure_logging(workdir)
+    configure_logging(workdir)
     lm, params = split_model(
         hf_checkpoint.from_pretrained(
             prep.model_dir, mesh=prep.mesh, param_dtype=config.model.param_dtype, dtype=config.model.dtype

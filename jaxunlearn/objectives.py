@@ -161,3 +161,26 @@ def ga_kl(params, ref_params, batch, rng, ctx: Context):
     retain_kl = jnp.mean(ctx.kl_from_reference(params, ref_params, batch["retain"]))
     loss = -ctx.hparams["forget_weight"] * forget_nll + ctx.hparams["retain_weight"] * retain_kl
     return loss, {"forget_nll": forget_nll, "retain_kl": retain_kl}
+
+
+# --- beyond the paper ---------------------------------------------------------------------------------------
+
+
+@register("npo", needs_reference=True, beta=0.1, retain_weight=0.0)
+def negative_preference_optimization(params, ref_params, batch, rng, ctx: Context):
+    """NPO (Zhang et al. 2024): ``-(2/beta) log sigmoid(-beta (log p(x) - log p_ref(x)))`` on forget chunks,
+    with sequence log-likelihoods summed over tokens; plus ``retain_weight`` x KL on retain chunks when > 0."""
+    forget = batch["forget"]
+    _, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    n_tokens = jnp.maximum(jnp.sum(target_mask, axis=-1), 1)
+    logp = -ctx.nll(params, forget) * n_tokens
+    ref_logp = jax.lax.stop_gradient(-ctx.nll(ref_params, forget) * n_tokens)
+    beta = ctx.hparams["beta"]
+    npo = jnp.mean(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * (logp - ref_logp)))
+    metrics = {"npo": npo, "forget_nll": jnp.mean(-logp / n_tokens)}
+    loss = npo
+    if ctx.hparams["retain_weight"] and "retain" in batch:
+        retain_kl = jnp.mean(ctx.kl_from_reference(params, ref_params, batch["retain"]))
+        loss = loss + ctx.hparams["retain_weight"] * retain_kl
+        metrics["retain_kl"] = retain_kl
+    return loss, metrics

@@ -103,7 +103,7 @@ def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
         sys.executable,
         "-m",
         "jaxunlearn.evaluate",
-        f"--config={REPO / 'configs' / 'ga_gd.py'}",
+        f"--config={REPO / 'configs' / 'ga_gd.py'}:arxiv",
         f"--model={root / 'run'}",
         f"--workdir={tmp_path / 'eval'}",
         f"--config.data.forget.path={setup['forget']}",

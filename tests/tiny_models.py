@@ -142,20 +142,20 @@ def write_tiny_setup(root: Path, variant: str = "llama_gqa_tied") -> dict[str, P
     }
 
 
-def load_config_file(name: str):
-    """``configs/<name>.py``'s ``get_config()``, as the CLI would load it."""
+def load_config_file(name: str, preset: str = "builtin"):
+    """``configs/<name>.py``'s ``get_config(preset)``, as the CLI would load it."""
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(preset)
 
 
 def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **train):
-    """A method config pointed at a tiny setup: fp32, 32-token chunks, small batches."""
-    config = load_config_file(method)
+    """A method config (paper preset) pointed at a tiny setup: fp32, 32-token chunks, small batches."""
+    config = load_config_file(method, "arxiv")
     config.model.path = str(setup["model"])
     config.model.dtype = "float32"
     config.data.forget.path = str(setup["forget"])

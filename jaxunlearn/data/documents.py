@@ -1,6 +1,6 @@
 """Documents from Hugging Face datasets or local files, one ``data`` config section per split.
 
-A split is described by ``path`` (a local file or directory, or a Hub dataset id), ``name`` (the dataset
+A split is described by ``path`` (local files or directories, comma-separated, or a Hub dataset id), ``name`` (the dataset
 configuration, e.g. ``arxiv``), ``split`` (e.g. ``forget``), ``column`` (default: ``text``, else ``content``)
 and ``max_documents`` (0 = all). Local files: ``.jsonl``/``.json`` (one document per record), ``.parquet``
 (one per row) and ``.txt`` (one per file); a directory contributes all of those inside it, in sorted order.
@@ -39,8 +39,13 @@ class DocumentSource:
         return cls(label=label, **{f.name: section[f.name] for f in dataclasses.fields(cls) if f.name != "label"})
 
     @property
+    def local_paths(self) -> list[Path]:
+        return [Path(p.strip()).expanduser() for p in self.path.split(",") if p.strip()]
+
+    @property
     def is_local(self) -> bool:
-        return Path(self.path).expanduser().exists()
+        paths = self.local_paths
+        return bool(paths) and all(p.exists() for p in paths)
 
     def describe(self) -> str:
         if self.is_local:
@@ -99,13 +104,20 @@ def _records_from_parquet(path: Path, source: DocumentSource) -> list[str]:
     return [str(x) for x in pq.read_table(path, columns=[column]).column(column).to_pylist()]
 
 
+def _local_files(source: DocumentSource) -> list[Path]:
+    files = []
+    for root in source.local_paths:
+        if root.is_dir():
+            files += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        elif root.suffix not in LOCAL_SUFFIXES:
+            raise DataError(f"data.{source.label}: {root} is not one of {', '.join(LOCAL_SUFFIXES)}")
+        else:
+            files.append(root)
+    return files
+
+
 def _local_documents(source: DocumentSource) -> list[str]:
-    root = Path(source.path).expanduser()
-    files = (
-        sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES) if root.is_dir() else [root]
-    )
-    if root.is_file() and root.suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"data.{source.label}: {root} is not one of {', '.join(LOCAL_SUFFIXES)}")
+    files = _local_files(source)
     docs: list[str] = []
     for f in files:
         if f.suffix in (".jsonl", ".json"):

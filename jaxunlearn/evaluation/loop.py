@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,6 +47,40 @@ class Evaluator:
 
         return jax.jit(stats, out_shardings=NamedSharding(mesh, P()))
 
+    @functools.cached_property
+    def _kl_step(self):
+        lm, mesh, chunk = self.lm, self.mesh, self.chunk_size
+
+        def kl(ref_params, params, tokens, mask):
+            with sharding.activation_sharding(mesh):
+                ref_hidden = lm.hidden_states(ref_params, tokens, mask)
+                hidden = lm.hidden_states(params, tokens, mask)
+                per_token = losses.token_kl(ref_hidden, lm.head(ref_params), hidden, lm.head(params), chunk_size=chunk)
+                return losses.sequence_mean(per_token, mask)
+
+        return jax.jit(kl, out_shardings=NamedSharding(mesh, P()))
+
+    def sequence_kl(self, ref_params: dict, params: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Per-sequence mean ``KL(p_ref || p)`` over non-padding positions, ``[n]`` (same model structure)."""
+        out = [
+            np.asarray(jax.device_get(self._kl_step(ref_params, params, t, m)))[:rows]
+            for t, m, rows in self._batches(tokens, mask)
+        ]
+        return np.concatenate(out) if out else np.zeros((0,))
+
+    def _batches(self, tokens: np.ndarray, mask: np.ndarray, desc: str | None = None):
+        """Device batches of ``batch_size`` rows (the last one padded with empty rows) and their real row count."""
+        n, length = tokens.shape
+        bs = self.batch_size
+        spec = sharding.named_sharding(("batch", "length"), sharding.DEFAULT_RULES, self.mesh, (bs, length))
+        for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
+            t, m = tokens[start : start + bs], mask[start : start + bs]
+            rows = len(t)
+            if rows < bs:
+                t = np.concatenate([t, np.zeros((bs - rows, length), t.dtype)])
+                m = np.concatenate([m, np.zeros((bs - rows, length), m.dtype)])
+            yield jax.device_put(t, spec), jax.device_put(m, spec), rows
+
     def token_stats(
         self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None
     ) -> dict[str, np.ndarray]:
@@ -56,20 +88,10 @@ class Evaluator:
 
         Position ``t`` scores token ``t + 1``; ``target_mask`` marks the positions that count.
         """
-        n, length = tokens.shape
-        spec = sharding.named_sharding(
-            ("batch", "length"), sharding.DEFAULT_RULES, self.mesh, (self.batch_size, length)
-        )
+        length = tokens.shape[1]
         out: dict[str, list[np.ndarray]] = {k: [] for k in STAT_KEYS}
-        bs = self.batch_size
-        for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
-            t, m = tokens[start : start + bs], mask[start : start + bs]
-            rows = len(t)
-            if rows < bs:  # pad the last batch with empty rows
-                t = np.concatenate([t, np.zeros((bs - rows, length), t.dtype)])
-                m = np.concatenate([m, np.zeros((bs - rows, length), m.dtype)])
-            result = self._step(params, jax.device_put(t, spec), jax.device_put(m, spec))
-            for k, v in jax.device_get(result).items():
+        for t, m, rows in self._batches(tokens, mask, desc):
+            for k, v in jax.device_get(self._step(params, t, m)).items():
                 out[k].append(np.asarray(v)[:rows])
         return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}
 
@@ -104,8 +126,3 @@ class Evaluator:
                 span = slice(len(seq) - n_cont - 1, len(seq) - 1)  # positions predicting the continuation
                 results[i] = (float(stats["logprob"][row, span].sum()), bool(stats["is_argmax"][row, span].all()))
         return results  # type: ignore[return-value]
-
-
-def place_params(params: dict, shardings: Any) -> dict:
-    """Put host or differently-sharded parameters onto the evaluator's mesh."""
-    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)

@@ -45,22 +45,30 @@ class EvalOptions:
         )
 
 
-def _take(chunks: Chunks, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    n = len(chunks) if not limit else min(limit, len(chunks))
-    return chunks.tokens[:n], chunks.mask[:n]
+def subset(n: int, limit: int) -> np.ndarray:
+    """``limit`` evenly spaced indices out of ``n`` (all when ``limit`` is 0 or large): a cap that still spans
+    every document, unlike the first ``limit`` chunks, which come from a handful of documents."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
 def split_stats(evaluator: Evaluator, params: dict, splits: Mapping[str, Chunks], limit: int) -> dict[str, dict]:
     """Evaluation-loop statistics of every split (the first ``limit`` chunks of each)."""
-    return {name: evaluator.token_stats(params, *_take(ch, limit), desc=f"eval {name}") for name, ch in splits.items()}
+    out = {}
+    for name, chunks in splits.items():
+        idx = subset(len(chunks), limit)
+        out[name] = evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}")
+        out[name]["index"] = idx
+    return out
 
 
 def perplexities(stats: Mapping[str, dict]) -> dict[str, dict[str, float]]:
     return {name: M.perplexity_metrics(s) for name, s in stats.items()}
 
 
-def _rows(stats: dict, n: int) -> dict:
-    return {k: v[:n] for k, v in stats.items()}
+def _rows(stats: dict, rows: np.ndarray) -> dict:
+    return {k: v[rows] for k, v in stats.items() if k != "index"}
 
 
 def membership_inference(
@@ -79,9 +87,11 @@ def membership_inference(
     n = min(len(stats[MEMBERS]["logprob"]), len(stats[NONMEMBERS]["logprob"]))
     scores = {}
     for split in (MEMBERS, NONMEMBERS):
-        texts = [tokenizer.decode(t[:length]) for t, length in zip(splits[split].tokens[:n], splits[split].lengths[:n])]
-        ref = _rows(ref_stats[split], n) if ref_stats else None
-        scores[split] = M.mia_scores(_rows(stats[split], n), texts, ref, options.mia_ks)
+        rows = subset(len(stats[split]["logprob"]), n)  # balance the two sides, spanning both
+        chunks, idx = splits[split], stats[split]["index"][rows]
+        texts = [tokenizer.decode(t[:length]) for t, length in zip(chunks.tokens[idx], chunks.lengths[idx])]
+        ref = _rows(ref_stats[split], rows) if ref_stats else None
+        scores[split] = M.mia_scores(_rows(stats[split], rows), texts, ref, options.mia_ks)
     summary = {name: M.attack_summary(scores[MEMBERS][name], scores[NONMEMBERS][name]) for name in scores[MEMBERS]}
     summary["_pairs"] = {"members": n, "nonmembers": n}
     if options.retrained_auc:

@@ -154,20 +154,21 @@ def dot_product_attention(
     """Masked softmax attention. ``q`` ``[B,T,H,D]``, ``k``/``v`` ``[B,S,K,D]`` with ``H`` a multiple of ``K``.
 
     A query at position ``i`` sees keys at positions ``j`` with ``i - window < j <= i`` that are not padding.
-    Scores and softmax are fp32.
+    Scores and softmax are fp32. Grouped KV heads are repeated to the query heads first: the plain 4-D
+    layout is several times faster on CPU than a grouped 5-D einsum, and the copy is small next to the scores.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum(
-        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32, precision=_precision(q.dtype)
-    ) * (d**-0.5)
+    groups = h // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32, precision=_precision(q.dtype)) * (
+        d**-0.5
+    )
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
     mask = (delta >= 0) & (delta < window) & key_valid[:, None, :]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=_precision(q.dtype))
-    return out.reshape(b, t, h, d)
+    return jnp.einsum("bhts,bshd->bthd", probs, v, precision=_precision(q.dtype))
 
 
 def _fused_attention(q: Array, k: Array, v: Array, config: ModelConfig) -> Array:

@@ -1,0 +1,1 @@
+"""Experiments built from many unlearning runs."""
