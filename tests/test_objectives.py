@@ -203,3 +203,30 @@ def test_adversarial(models):
     loss.backward()
     assert abs(value - loss.item()) < 1e-5
     _compare_grads(lm, grads, model)
+
+
+@pytest.mark.parametrize("retain_weight", [0.0, 0.5])
+def test_npo(models, retain_weight):
+    lm, params, ref_params, current, reference = models
+    beta = 0.1
+    value, metrics, grads, _ = _jax_value_and_grads(
+        "npo", lm, params, ref_params, dict(beta=beta, retain_weight=retain_weight)
+    )
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    valid = torch.from_numpy((forget["mask"][:, 1:] & forget["mask"][:, :-1]).sum(1)).double()
+    logp = -_torch_seq_nll(model, forget).double() * valid  # sequence log-likelihood (sum over tokens)
+    with torch.no_grad():
+        ref_logp = -_torch_seq_nll(reference, forget).double() * valid
+    loss = (-(2 / beta) * torch.nn.functional.logsigmoid(-beta * (logp - ref_logp))).mean()
+    if retain_weight:
+        loss = loss + retain_weight * _torch_seq_kl(model, reference, BATCH["retain"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-4 * max(1.0, abs(loss.item()))
+    _compare_grads(lm, grads, model)
+
+
+def test_npo_at_the_reference_is_two_over_beta_log_two(models):
+    lm, params, _, _, _ = models
+    value, _, _, _ = _jax_value_and_grads("npo", lm, params, params, dict(beta=0.5))
+    assert value == pytest.approx(2 / 0.5 * np.log(2), rel=1e-6)
