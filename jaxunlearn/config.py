@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from jaxunlearn.objectives import METHODS, get_method
+from jaxunlearn.sharding import DEFAULT_RULES, MeshError, normalize_rules
 from jaxunlearn.world.build import WorldRecipe
 
 # The paper's data set on the Hugging Face Hub (configs arxiv / github / general).
@@ -67,7 +68,8 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             attention_impl="xla",
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Logical axis -> mesh axes (see jaxunlearn/sharding.py); the layers only ever name logical axes.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))
     retain_split = split_config(PAPER_DATASET, domain, "retain")
     if retain == "general":
         retain_split = split_config(PAPER_DATASET, "general", "retain")
@@ -175,7 +177,7 @@ def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -
     e.oracle_model = "world:oracle"
     e.batch_size = 32
     e.max_chunks = 512
-    e.every_steps = 3
+    e.every_steps = 2
     e.in_run_max_chunks = 32
     e.stop_approx_multiple = 1.0  # stop when forget text looks as unseen as unseen text
     e.verbatim_max_chunks = 64
@@ -228,6 +230,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(
         m.reference_dtype in DTYPES + ("",), "config.model.reference_dtype", m.reference_dtype, f"one of {DTYPES} or ''"
     )
+    try:
+        normalize_rules(config.mesh.rules)
+    except (MeshError, TypeError, ValueError) as e:
+        raise ConfigError(f"config.mesh.rules: {e}") from e
     for key in ("data", "fsdp", "tensor"):
         v = config.mesh[key]
         _check(v >= 1 or v == -1, f"config.mesh.{key}", v, "positive, or -1 for the remaining devices")

@@ -129,7 +129,7 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
     validate(config)
     config, world = resolve_world(config)
     method = get_method(config.method.name)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh))
+    mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if training and config.train.micro_batch_size % batch_ways:
         raise ConfigError(
@@ -145,7 +145,7 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
         remat=m.remat,
         attention_impl=m.attention_impl,
     )
-    param_shardings(model_config, mesh)  # fails now if the mesh cannot split the heads
+    param_shardings(model_config, mesh, config.mesh.rules)  # fails now if the mesh cannot split the heads
     tokenizer = hf_checkpoint.load_tokenizer(m.tokenizer or model_dir, revision=m.revision or None)
     if len(tokenizer) > model_config.vocab_size:
         raise DataError(
@@ -359,9 +359,15 @@ def _reference_for_mia(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Ev
     path = config.evaluation.reference_model
     if not path:
         return None
-    ref_lm, ref_params = split_model(hf_checkpoint.from_pretrained(path, mesh=mesh, dtype=config.model.dtype))
+    rules = config.mesh.rules
+    ref_lm, ref_params = split_model(
+        hf_checkpoint.from_pretrained(path, mesh=mesh, rules=rules, dtype=config.model.dtype)
+    )
     ev = config.evaluation
-    return Evaluator(ref_lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size), ref_params
+    evaluator = Evaluator(
+        ref_lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size, rules=rules
+    )
+    return evaluator, ref_params
 
 
 def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -379,7 +385,8 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     ev = config.evaluation
 
     tx, schedule = make_optimizer(config.optim, total)
-    p_shardings = param_shardings(model_config, mesh)
+    rules = config.mesh.rules
+    p_shardings = param_shardings(model_config, mesh, rules)
     s_shardings = state_shardings(tx, p_shardings, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     latest = checkpointer.latest_step()
@@ -433,6 +440,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         model = hf_checkpoint.from_pretrained(
             prep.model_dir,
             mesh=mesh,
+            rules=rules,
             param_dtype=model_config.param_dtype,
             dtype=model_config.dtype,
             remat=model_config.remat,
@@ -440,7 +448,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         )
         lm, params = split_model(model)
         del model
-    evaluator = Evaluator(lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size)
+    evaluator = Evaluator(lm, mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size, rules=rules)
     mia_reference = _reference_for_mia(config, mesh) if ev.enabled else None
     scores: dict[str, Any] = {}
     models: dict[str, Any] = {}
@@ -511,7 +519,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     last_metrics: dict[str, float] = {}
     if not finished:
         first = batcher.batch(start)
-        b_shardings = batch_shardings(first, mesh)
+        b_shardings = batch_shardings(first, mesh, rules)
         step_fn = compile_train_step(
             make_train_step(method, ctx, tx, schedule), s_shardings, ref_shardings, b_shardings, mesh
         )
@@ -537,7 +545,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
 
         try:
             with (
-                sharding.activation_sharding(mesh),
+                sharding.activation_sharding(mesh, rules),
                 tqdm(total=total, initial=start, desc=f"unlearning ({method.name})", unit="step", disable=None) as bar,
             ):
                 for step in range(start, total):
@@ -665,7 +673,11 @@ def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
     c = prep.config
     oracle_lm, oracle_params = split_model(
         hf_checkpoint.from_pretrained(
-            c.evaluation.oracle_model, mesh=prep.mesh, param_dtype=c.model.param_dtype, dtype=c.model.dtype
+            c.evaluation.oracle_model,
+            mesh=prep.mesh,
+            rules=c.mesh.rules,
+            param_dtype=c.model.param_dtype,
+            dtype=c.model.dtype,
         )
     )
     if oracle_lm.config.replace(hf_config_json="") != lm.config.replace(hf_config_json=""):

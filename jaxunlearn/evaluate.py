@@ -53,11 +53,17 @@ def evaluate(config, model: str, workdir: str | Path) -> dict:
     configure_logging(workdir)
     lm, params = split_model(
         hf_checkpoint.from_pretrained(
-            prep.model_dir, mesh=prep.mesh, param_dtype=config.model.param_dtype, dtype=config.model.dtype
+            prep.model_dir,
+            mesh=prep.mesh,
+            rules=config.mesh.rules,
+            param_dtype=config.model.param_dtype,
+            dtype=config.model.dtype,
         )
     )
     ev = config.evaluation
-    evaluator = Evaluator(lm, prep.mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size)
+    evaluator = Evaluator(
+        lm, prep.mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size, rules=config.mesh.rules
+    )
     options = EvalOptions.from_config(ev, config.data.max_length)
     metrics, scores = evaluate_model(
         evaluator, params, prep.tokenizer, prep.eval_splits, options, reference=_reference_for_mia(config, prep.mesh)

@@ -41,9 +41,9 @@ def greedy_tokens(
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(lm: LanguageModel, max_new_tokens: int, mesh, batch_sharding) -> callable:
+def _compiled(lm: LanguageModel, max_new_tokens: int, mesh, rules, batch_sharding) -> callable:
     def run(params, prompts, mask):
-        with sharding.activation_sharding(mesh):
+        with sharding.activation_sharding(mesh, rules):
             return greedy_tokens(lm, params, prompts, mask, max_new_tokens)
 
     return jax.jit(run, in_shardings=(None, batch_sharding, batch_sharding))
@@ -58,6 +58,7 @@ def generate(
     max_new_tokens: int,
     mesh=None,
     batch_size: int = 8,
+    rules: sharding.Rules | None = None,
 ) -> np.ndarray:
     """Greedy continuations for a host array of left-padded prompts, in sharded batches.
 
@@ -68,8 +69,9 @@ def generate(
     mesh = mesh or sharding.single_device_mesh()
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // ways) * ways
-    spec = sharding.named_sharding(("batch", "length"), sharding.DEFAULT_RULES, mesh, (batch_size, prompts.shape[1]))
-    fn = _compiled(lm, max_new_tokens, mesh, spec)
+    rules = sharding.normalize_rules(rules)
+    spec = sharding.named_sharding(("batch", "length"), rules, mesh, (batch_size, prompts.shape[1]))
+    fn = _compiled(lm, max_new_tokens, mesh, rules, spec)
     out = []
     for start in range(0, len(prompts), batch_size):
         p, m = prompts[start : start + batch_size], mask[start : start + batch_size]

@@ -208,19 +208,6 @@ def describe_mesh(mesh: Mesh) -> dict[str, Any]:
 # --- parameters --------------------------------------------------------------------------------------------
 
 
-def logical_axes_of(state: Any) -> Any:
-    """The ``axes`` metadata of every variable in an NNX state, as a pytree of tuples mirroring the state."""
-    from flax import nnx
-
-    def axes(var: Any) -> tuple[str, ...]:
-        names = var.get_metadata().get("axes")
-        if names is None:
-            raise MeshError(f"variable of shape {var.shape} has no logical `axes` metadata")
-        return tuple(names)
-
-    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def param_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """``NamedSharding`` for each variable of an (abstract or concrete) NNX state, by its logical axes.
 

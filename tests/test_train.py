@@ -11,6 +11,7 @@ import optax
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec as P
 
 from jaxunlearn import sharding
 from jaxunlearn.checkpointing import Checkpointer
@@ -198,3 +199,21 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused_before_compute(tmp_pat
     config.model.tokenizer = str(tmp_path / "big_tokenizer")
     with pytest.raises(DataError, match=r"has \d+ tokens but the model's vocab_size is 96"):
         prepare(config)
+
+
+def test_sharding_rules_come_from_the_config(tmp_path):
+    """Parameters follow `config.mesh.rules`; a rule naming an unknown mesh axis is a config error."""
+    from jaxunlearn.config import ConfigError, validate
+    from jaxunlearn.models import ModelConfig
+
+    setup = write_tiny_setup(tmp_path)
+    config = tiny_run_config(setup, "ga", tmp_path / "cache")
+    config.mesh.rules = tuple((name, None if name == "mlp" else axes) for name, axes in config.mesh.rules)
+    validate(config)
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    hf_config = json.loads((setup["model"] / "config.json").read_text())
+    shardings = param_shardings(ModelConfig.from_hf(hf_config), mesh, config.mesh.rules)
+    assert shardings["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", None)  # mlp no longer on tensor
+    config.mesh.rules = (("embed", "model"),)
+    with pytest.raises(ConfigError, match="config.mesh.rules: .*unknown mesh axis"):
+        validate(config)

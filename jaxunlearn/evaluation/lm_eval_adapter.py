@@ -119,6 +119,7 @@ class JaxUnlearnLM(TemplateLM):
                 max_new_tokens=max_new,
                 mesh=self.evaluator.mesh,
                 batch_size=1,
+                rules=self.evaluator.rules,
             )[0]
             text = self.tok_decode(tokens.tolist())
             for stop in until:

@@ -26,19 +26,28 @@ STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
 class Evaluator:
     """Teacher-forced statistics for any parameters of one model structure, on one mesh."""
 
-    def __init__(self, lm: LanguageModel, mesh: Mesh | None = None, *, batch_size: int = 8, chunk_size: int = 1024):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        mesh: Mesh | None = None,
+        *,
+        batch_size: int = 8,
+        chunk_size: int = 1024,
+        rules: sharding.Rules | None = None,
+    ):
         self.lm = lm
         self.mesh = mesh or sharding.single_device_mesh()
+        self.rules = sharding.normalize_rules(rules)
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
         self.chunk_size = chunk_size
 
     @functools.cached_property
     def _step(self):
-        lm, mesh, chunk = self.lm, self.mesh, self.chunk_size
+        lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
 
         def stats(params, tokens, mask):
-            with sharding.activation_sharding(mesh):
+            with sharding.activation_sharding(mesh, rules):
                 targets, target_mask = losses.next_token_targets(tokens, mask)
                 hidden = lm.hidden_states(params, tokens, mask)
                 out = losses.vocabulary_stats(hidden, lm.head(params), targets, chunk_size=chunk)
@@ -49,10 +58,10 @@ class Evaluator:
 
     @functools.cached_property
     def _kl_step(self):
-        lm, mesh, chunk = self.lm, self.mesh, self.chunk_size
+        lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
 
         def kl(ref_params, params, tokens, mask):
-            with sharding.activation_sharding(mesh):
+            with sharding.activation_sharding(mesh, rules):
                 ref_hidden = lm.hidden_states(ref_params, tokens, mask)
                 hidden = lm.hidden_states(params, tokens, mask)
                 per_token = losses.token_kl(ref_hidden, lm.head(ref_params), hidden, lm.head(params), chunk_size=chunk)
@@ -72,7 +81,7 @@ class Evaluator:
         """Device batches of ``batch_size`` rows (the last one padded with empty rows) and their real row count."""
         n, length = tokens.shape
         bs = self.batch_size
-        spec = sharding.named_sharding(("batch", "length"), sharding.DEFAULT_RULES, self.mesh, (bs, length))
+        spec = sharding.named_sharding(("batch", "length"), self.rules, self.mesh, (bs, length))
         for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
             t, m = tokens[start : start + bs], mask[start : start + bs]
             rows = len(t)

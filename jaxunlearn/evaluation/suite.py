@@ -115,7 +115,13 @@ def verbatim(
             continue
         prompts, truth = chunks.tokens[idx, :p], chunks.tokens[idx, p : p + n]
         generated = generate(
-            evaluator.lm, params, prompts, max_new_tokens=n, mesh=evaluator.mesh, batch_size=evaluator.batch_size
+            evaluator.lm,
+            params,
+            prompts,
+            max_new_tokens=n,
+            mesh=evaluator.mesh,
+            batch_size=evaluator.batch_size,
+            rules=evaluator.rules,
         )
         out[split] = M.verbatim_metrics(generated, truth, lambda ids: tokenizer.decode(ids.tolist()))
     return out
