@@ -146,6 +146,8 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
         attention_impl=m.attention_impl,
     )
     param_shardings(model_config, mesh, config.mesh.rules)  # fails now if the mesh cannot split the heads
+    if config.evaluation.enabled and config.evaluation.oracle_model:
+        _check_oracle_architecture(config.evaluation.oracle_model, model_config)
     tokenizer = hf_checkpoint.load_tokenizer(m.tokenizer or model_dir, revision=m.revision or None)
     if len(tokenizer) > model_config.vocab_size:
         raise DataError(
@@ -246,11 +248,6 @@ def _abstract_state(tx: Any, model_config: ModelConfig, shardings: dict) -> Any:
     params = state.to_pure_dict()
     shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def _to_global(batch: Any, shardings: Any) -> Any:
-    """Every process holds the same host batch; each places the blocks of its own devices."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), batch, shardings)
 
 
 def configure_logging(workdir: Path | None = None) -> None:
@@ -552,7 +549,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     host_batch = batcher.batch(step)
                     tokens = sum(int(s["mask"].sum()) for s in host_batch.values())
                     t0 = time.perf_counter()
-                    state, metrics = step_fn(state, ref_params, _to_global(host_batch, b_shardings))
+                    state, metrics = step_fn(state, ref_params, sharding.host_to_global(host_batch, b_shardings))
                     metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                     seconds = time.perf_counter() - t0
                     if step > start:  # the first step includes compilation
@@ -668,6 +665,23 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     return record
 
 
+def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    return a.replace(hf_config_json="") == b.replace(hf_config_json="")
+
+
+def _check_oracle_architecture(path: str, model_config: ModelConfig) -> None:
+    """Before any compute: KL(oracle || model) needs the oracle to share the model's architecture."""
+    oracle = hf_checkpoint.load_config(
+        path,
+        param_dtype=model_config.param_dtype,
+        dtype=model_config.dtype,
+        remat=model_config.remat,
+        attention_impl=model_config.attention_impl,
+    )
+    if not _same_architecture(oracle, model_config):
+        raise ConfigError(f"config.evaluation.oracle_model={path!r}: its architecture differs from config.model.path's")
+
+
 def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
     """The oracle's parameters, which must share the evaluated model's architecture."""
     c = prep.config
@@ -676,11 +690,13 @@ def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
             c.evaluation.oracle_model,
             mesh=prep.mesh,
             rules=c.mesh.rules,
-            param_dtype=c.model.param_dtype,
-            dtype=c.model.dtype,
+            param_dtype=lm.config.param_dtype,
+            dtype=lm.config.dtype,
+            remat=lm.config.remat,
+            attention_impl=lm.config.attention_impl,
         )
     )
-    if oracle_lm.config.replace(hf_config_json="") != lm.config.replace(hf_config_json=""):
+    if not _same_architecture(oracle_lm.config, lm.config):
         raise ConfigError(f"config.evaluation.oracle_model={c.evaluation.oracle_model!r}: its architecture differs")
     return oracle_params
 

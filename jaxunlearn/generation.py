@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxunlearn import sharding
 from jaxunlearn.models import LanguageModel
@@ -46,7 +47,9 @@ def _compiled(lm: LanguageModel, max_new_tokens: int, mesh, rules, batch_shardin
         with sharding.activation_sharding(mesh, rules):
             return greedy_tokens(lm, params, prompts, mask, max_new_tokens)
 
-    return jax.jit(run, in_shardings=(None, batch_sharding, batch_sharding))
+    # Replicated output: every process can read the whole result on a multi-host runtime.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(run, in_shardings=(None, batch_sharding, batch_sharding), out_shardings=replicated)
 
 
 def generate(
@@ -79,5 +82,6 @@ def generate(
         if n < batch_size:  # pad with copies of the first row; results are dropped
             p = np.concatenate([p, np.repeat(p[:1], batch_size - n, 0)])
             m = np.concatenate([m, np.repeat(m[:1], batch_size - n, 0)])
-        out.append(np.asarray(fn(params, p, m))[:n])
+        p, m = sharding.host_to_global((p, m), (spec, spec))
+        out.append(np.asarray(jax.device_get(fn(params, p, m)))[:n])
     return np.concatenate(out) if out else np.zeros((0, max_new_tokens), np.int32)

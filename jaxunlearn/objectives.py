@@ -184,3 +184,12 @@ def negative_preference_optimization(params, ref_params, batch, rng, ctx: Contex
         loss = loss + ctx.hparams["retain_weight"] * retain_kl
         metrics["retain_kl"] = retain_kl
     return loss, metrics
+
+
+@register("npo_gd", needs_retain=True, needs_reference=True, beta=0.1, forget_weight=1.0, retain_weight=1.0)
+def npo_gd(params, ref_params, batch, rng, ctx: Context):
+    """NPO on forget chunks plus gradient descent on retain chunks (open-unlearning's and MUSE's NPO_GDR)."""
+    npo, metrics = negative_preference_optimization(params, ref_params, {"forget": batch["forget"]}, rng, ctx)
+    retain_nll = jnp.mean(ctx.nll(params, batch["retain"]))
+    loss = ctx.hparams["forget_weight"] * npo + ctx.hparams["retain_weight"] * retain_nll
+    return loss, {**metrics, "retain_nll": retain_nll}

@@ -205,6 +205,15 @@ def describe_mesh(mesh: Mesh) -> dict[str, Any]:
     }
 
 
+def host_to_global(tree: Any, shardings: Any) -> Any:
+    """Global arrays from host arrays that every process holds whole (same values everywhere).
+
+    Each process places only the blocks of its own devices, so this works on one host and on a
+    multi-host runtime (TPU pods, multi-node GPU) alike, unlike ``jax.device_put`` of a numpy array.
+    """
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), tree, shardings)
+
+
 # --- parameters --------------------------------------------------------------------------------------------
 
 

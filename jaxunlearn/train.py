@@ -74,7 +74,7 @@ def state_shardings(tx: optax.GradientTransformation, params_shardings: dict, me
 def init_state(params: dict, tx: optax.GradientTransformation, shardings: State) -> State:
     """A fresh state around ``params`` (which are kept, not copied)."""
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])()
     return {"params": params, "opt_state": opt_state, "step": step}
 
 

@@ -22,8 +22,9 @@ def setup(tmp_path_factory):
     return {**write_tiny_setup(root), "cache": root / "cache"}
 
 
-def run_cli(setup, config, workdir, *extra, env=None):
-    args = [
+def run_cli_args(setup, config, workdir, *extra) -> list[str]:
+    """The main command on the tiny setup (fp32, 32-token chunks, no evaluation), plus ``extra`` flags."""
+    return [
         sys.executable,
         "-m",
         "jaxunlearn.main",
@@ -41,6 +42,10 @@ def run_cli(setup, config, workdir, *extra, env=None):
         "--config.optim.lr=1e-3",
         *extra,
     ]
+
+
+def run_cli(setup, config, workdir, *extra, env=None):
+    args = run_cli_args(setup, config, workdir, *extra)
     full_env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), **(env or {})}  # one CPU device
     return subprocess.run(args, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
 
@@ -70,6 +75,25 @@ def test_each_paper_config_runs_end_to_end(setup, tmp_path, config):
     assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert "unlearned model:" in result.stdout
+
+
+def test_oracle_of_another_architecture_is_refused_before_compute(setup, tmp_path):
+    from tests.tiny_models import save_hf_model
+
+    save_hf_model("llama_mha_untied", tmp_path / "other")  # the setup's model is llama_gqa_tied
+    result = run_cli(
+        setup,
+        "ga",
+        tmp_path / "run",
+        "--config.evaluation.enabled=True",
+        f"--config.evaluation.oracle_model={tmp_path / 'other'}",
+        f"--config.data.approximate.path={setup['approximate']}",
+        "--config.data.general.path=",
+        "--config.data.eval_retain.path=",
+    )
+    assert result.returncode == 2
+    assert "config.evaluation.oracle_model=" in result.stderr and "architecture differs" in result.stderr
+    assert "evaluating" not in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_bad_config_key_is_named(setup, tmp_path):
@@ -119,3 +143,19 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
     changed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args, "--config.optim.lr=5e-4")
     assert changed.returncode == 2
     assert "holds a run with a different configuration (config.optim.lr)" in changed.stderr
+
+
+@pytest.mark.parametrize("preset", ["builtin", "arxiv", "github"])
+def test_every_config_file_is_valid_in_every_preset(preset):
+    from jaxunlearn.config import validate
+    from tests.tiny_models import load_config_file
+
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+    assert set(CONFIGS) <= set(names)
+    for name in names:
+        config = load_config_file(name, preset)
+        if preset != "builtin":  # the paper's presets take the model from the user
+            config.model.path = "01-ai/Yi-6B"
+        validate(config)  # raises ConfigError naming the key
+        assert config.method.name == name.replace("_general", "")
+        assert config.data.retain.path.startswith("world:general") == (preset == "builtin" and "general" in name)

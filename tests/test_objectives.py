@@ -230,3 +230,24 @@ def test_npo_at_the_reference_is_two_over_beta_log_two(models):
     lm, params, _, _, _ = models
     value, _, _, _ = _jax_value_and_grads("npo", lm, params, params, dict(beta=0.5))
     assert value == pytest.approx(2 / 0.5 * np.log(2), rel=1e-6)
+
+
+def test_npo_gd(models):
+    lm, params, ref_params, current, reference = models
+    beta, wf, wr = 0.2, 0.5, 2.0
+    value, metrics, grads, _ = _jax_value_and_grads(
+        "npo_gd", lm, params, ref_params, dict(beta=beta, forget_weight=wf, retain_weight=wr)
+    )
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    valid = torch.from_numpy((forget["mask"][:, 1:] & forget["mask"][:, :-1]).sum(1)).double()
+    logp = -_torch_seq_nll(model, forget).double() * valid
+    with torch.no_grad():
+        ref_logp = -_torch_seq_nll(reference, forget).double() * valid
+    npo = (-(2 / beta) * torch.nn.functional.logsigmoid(-beta * (logp - ref_logp))).mean()
+    retain = _torch_seq_nll(model, BATCH["retain"]).mean()
+    loss = wf * npo + wr * retain
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-4 * max(1.0, abs(loss.item()))
+    assert abs(metrics["retain_nll"] - retain.item()) < 1e-5
+    _compare_grads(lm, grads, model)

@@ -88,7 +88,7 @@ class Evaluator:
             if rows < bs:
                 t = np.concatenate([t, np.zeros((bs - rows, length), t.dtype)])
                 m = np.concatenate([m, np.zeros((bs - rows, length), m.dtype)])
-            yield jax.device_put(t, spec), jax.device_put(m, spec), rows
+            yield sharding.host_to_global(t, spec), sharding.host_to_global(m, spec), rows
 
     def token_stats(
         self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None

@@ -29,14 +29,15 @@ from ml_collections import config_flags
 from jaxunlearn.cli import fail as _fail
 from jaxunlearn.cli import parse_flags as _parse_flags
 
-VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")
+VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")  # the paper's
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 AUC_ATTACK = "min_k_0.4"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base config file (world, data, evaluation).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/compare", "Experiment directory.")
-_METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Config names to compare.")
+_METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Config names (files in configs/) to compare.")
 _LRS = flags.DEFINE_list("lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's.")
 _PRESET = flags.DEFINE_string("preset", "builtin", "The preset the variants are built with (builtin/arxiv/github).")
 
@@ -58,24 +59,26 @@ def _set(config, key: str, value: Any) -> None:
 
 def variant_config(name: str, preset: str, overrides: dict[str, Any], lr_multiplier: float):
     """``configs/<name>.py`` for ``preset``, with ``overrides`` applied and its learning rate scaled."""
-    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
+    path = CONFIG_DIR / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"jaxunlearn_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(preset)
     for key, value in overrides.items():
+        if key.startswith("method.") and key.split(".", 1)[1] not in config.method:
+            continue  # a hyper-parameter of another method (e.g. beta for the GA variants)
         _set(config, key, value)
     config.optim.lr = float(config.optim.lr * lr_multiplier)
     return config
 
 
 def command_line_overrides(config, preset: str) -> dict[str, Any]:
-    """Fields of ``config`` that differ from its own config file's defaults (method and lr excluded)."""
+    """Fields of ``config`` that differ from its method's base defaults (method name and lr excluded)."""
     from jaxunlearn.config import base_config
 
     default = _flat(base_config(config.method.name, preset=preset).to_dict())
     given = _flat(config.to_dict())
-    skip = ("method.", "optim.lr", "data.retain.")
+    skip = ("method.name", "optim.lr", "data.retain.")
     return {k: v for k, v in given.items() if default.get(k) != v and not k.startswith(skip)}
 
 
@@ -311,9 +314,10 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         _fail("--config=CONFIG_FILE is required (e.g. --config=configs/ga_kl.py)")
-    unknown = [m for m in _METHODS.value if m not in VARIANTS]
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+    unknown = [m for m in _METHODS.value if m not in known]
     if unknown:
-        _fail(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        _fail(f"--methods: unknown {', '.join(unknown)}; choose from the configs {', '.join(known)}")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

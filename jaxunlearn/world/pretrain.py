@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -75,7 +74,7 @@ def pretrain(
     t0 = time.perf_counter()
     with sharding.activation_sharding(mesh), tqdm(total=steps, desc=desc, unit="step", disable=None) as bar:
         for step in range(steps):
-            batch = jax.device_put(batcher.batch(step), b_shardings)
+            batch = sharding.host_to_global(batcher.batch(step), b_shardings)
             state, metrics = step_fn(state, None, batch)
             if step % 10 == 0 or step == steps - 1:
                 losses.append(float(metrics["loss"]))
