@@ -131,7 +131,10 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             verbatim_max_chunks=100,
             tasks=("",),  # multiple-choice task specs FORMAT:PATH[:CONFIG[:SPLIT]]; see evaluation/tasks.py
             task_max_items=0,
-            # Stop unlearning once forget perplexity reaches a target, checked every `every_steps` steps:
+            # Stop unlearning once forget perplexity reaches a target, checked every `stop_every_steps` steps
+            # (0 = at every `every_steps` evaluation) on the forget split alone (and the approximate one with
+            # stop_approx_reference="current"), which is cheaper than a full evaluation:
+            stop_every_steps=0,
             stop_forget_ppl=0.0,  # an absolute target
             stop_approx_multiple=0.0,  # or this multiple of the approximate split's perplexity, measured
             stop_approx_reference="start",  # at the start of unlearning, or at each check ("current")
@@ -177,7 +180,8 @@ def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -
     e.oracle_model = "world:oracle"
     e.batch_size = 32
     e.max_chunks = 512
-    e.every_steps = 2
+    e.every_steps = 10  # perplexity history of every split
+    e.stop_every_steps = 2  # the stopping rule, on the forget split
     e.in_run_max_chunks = 32
     e.stop_approx_multiple = 1.0  # stop when forget text looks as unseen as unseen text
     e.verbatim_max_chunks = 64
@@ -282,8 +286,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         e.stop_approx_reference,
         "start or current",
     )
+    _check(e.stop_every_steps >= 0, "config.evaluation.stop_every_steps", e.stop_every_steps, ">= 0")
     if e.enabled and (e.stop_forget_ppl or e.stop_approx_multiple):
-        _check(e.every_steps > 0, "config.evaluation.every_steps", e.every_steps, "the stopping rule needs > 0")
+        _check(
+            e.every_steps > 0 or e.stop_every_steps > 0,
+            "config.evaluation.every_steps",
+            e.every_steps,
+            "the stopping rule needs every_steps or stop_every_steps > 0",
+        )
     if e.enabled and e.stop_approx_multiple:
         _check(
             bool(d.approximate.path),

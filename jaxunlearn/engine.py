@@ -286,10 +286,18 @@ class Run:
     def eval_options(self) -> EvalOptions:
         return EvalOptions.from_config(self.config.evaluation, self.config.data.max_length)
 
-    def in_run_perplexities(self, evaluator: Evaluator, params: dict, step: int) -> dict[str, Any]:
-        """Perplexity of every split on its first ``in_run_max_chunks`` chunks (history and stopping rule)."""
+    def in_run_perplexities(
+        self, evaluator: Evaluator, params: dict, step: int, only: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        """Perplexity of every split (or of the splits ``only``) on its first ``in_run_max_chunks`` chunks.
+
+        Entries of every split go to the history (plots); partial ones only serve the stopping rule.
+        """
         limit = self.config.evaluation.in_run_max_chunks
-        entry = {"step": step, "perplexity": perplexities(split_stats(evaluator, params, self.prep.eval_splits, limit))}
+        splits = self.prep.eval_splits if only is None else {k: self.prep.eval_splits[k] for k in only}
+        entry = {"step": step, "perplexity": perplexities(split_stats(evaluator, params, splits, limit))}
+        if only is not None:
+            return entry
         self.eval_dir.mkdir(exist_ok=True)
         if jax.process_index() == 0:
             with open(self.history_path, "a") as f:
@@ -482,6 +490,8 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         stop_target = ev.stop_forget_ppl
     elif ev.enabled and ev.stop_approx_multiple:
         stop_target = ev.stop_approx_multiple * run.history(0)[0]["perplexity"]["approximate"]["ppl"]
+    stop_every = ev.stop_every_steps or ev.every_steps
+    stop_splits = ("forget", "approximate") if ev.stop_approx_reference == "current" else ("forget",)
 
     ref_params = None
     ref_shardings = None
@@ -570,8 +580,12 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                         writer.write(done, metrics)
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
-                    if ev.enabled and ev.every_steps and done % ev.every_steps == 0 and done < total:
-                        entry = run.in_run_perplexities(evaluator, state["params"], done)
+                    full_eval = ev.every_steps and done % ev.every_steps == 0
+                    stop_check = stop_target is not None and stop_every and done % stop_every == 0
+                    if ev.enabled and (full_eval or stop_check) and done < total:
+                        entry = run.in_run_perplexities(
+                            evaluator, state["params"], done, only=None if full_eval else stop_splits
+                        )
                         writer.write(
                             done, {f"{k}_ppl": v["ppl"] for k, v in entry["perplexity"].items()}, prefix="eval"
                         )

@@ -96,6 +96,14 @@ def test_stopping_rule_stops_at_the_target_and_stays_stopped(tmp_path):
     again = unlearn(config, tmp_path / "run")  # the same command: already finished, no further steps
     assert again["steps"] == stopped["step"]
 
+    # Full evaluations every 4 steps, the stopping rule (forget split only) every step: the same stop.
+    config.evaluation.every_steps = 4
+    config.evaluation.stop_every_steps = 1
+    cheap = unlearn(config, tmp_path / "cheap")
+    assert cheap["stopped"] == pytest.approx(stopped)
+    steps = [h["step"] for h in json.loads((tmp_path / "cheap" / "report.json").read_text())["history"]]
+    assert steps == sorted({0, *range(4, stopped["step"], 4), stopped["step"]})
+
 
 def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
     root, setup, _, _ = finished_run
