@@ -306,14 +306,13 @@ class Run:
 
     def history(self, up_to: int) -> list[dict[str, Any]]:
         """Evaluation history, one entry per step (the latest wins after a resume), up to step ``up_to``."""
-        if not self.history_path.exists():
-            return []
         by_step = {}
-        for line in self.history_path.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry
-        return [by_step[s] for s in sorted(by_step) if s <= up_to]
+        if self.history_path.exists():
+            for line in self.history_path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    by_step[entry["step"]] = entry
+        return sharding.from_process0([by_step[s] for s in sorted(by_step) if s <= up_to])
 
     def cached(self, name: str, model_path: str | None, compute) -> Any:
         """``compute()``'s JSON result, cached under a key of the model, the evaluation options and the data.
@@ -331,10 +330,10 @@ class Run:
         if model_path is not None and self.prep.world is not None:
             directory = self.prep.world.directory / "eval"
         path = directory / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        if path.exists():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return cached["value"]
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        hit = sharding.from_process0(cached.get("value") if cached.get("key") == key else None)
+        if hit is not None:
+            return hit
         value = compute()
         directory.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
@@ -523,7 +522,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     stopped = latest_meta.get("stopped")
     end = start
     timed_tokens, timed_seconds = 0, 0.0
-    last_metrics: dict[str, float] = {}
+    last_metrics: dict[str, float] = dict(latest_meta.get("last_metrics", {}))  # kept by a rerun of a finished run
     if not finished:
         first = batcher.batch(start)
         b_shardings = batch_shardings(first, mesh, rules)
@@ -547,6 +546,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                 "epoch": step / batcher.steps_per_epoch,
                 "finished": done_now,
                 "stopped": stopped,
+                "last_metrics": {k: float(v) for k, v in last_metrics.items()},
                 "config": run.config_dict,
             }
 
@@ -627,7 +627,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     export_dir = None
     if config.checkpoint.export:
         export_dir = workdir / "hf_model"
-        if not (export_dir / "config.json").exists() or not finished:
+        if not sharding.from_process0((export_dir / "config.json").exists()) or not finished:
             hf_checkpoint.save_pretrained(
                 lm.bind(final_params),
                 export_dir,

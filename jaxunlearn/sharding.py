@@ -214,6 +214,25 @@ def host_to_global(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), tree, shardings)
 
 
+def from_process0(value: Any) -> Any:
+    """A JSON-able ``value`` as process 0 has it, on every process (identity on one process).
+
+    Decisions taken from files (a cached result, a finished export, the run's history) must be the same on
+    every host, or the hosts run different collectives and hang; process 0's view is the one that counts.
+    """
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int32)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: min(size, data.size)] = data[:size]
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
+
+
 # --- parameters --------------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,22 @@ def _free_port_job_id() -> int:
     pytest.skip("no free port for the coordinator")
 
 
+def _run_processes(args: list[str], envs: list[dict]) -> list[str]:
+    """Run one process per environment; all must succeed. Returns their stderr."""
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        for env in envs
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [err for _, err in outputs]
+
+
 def test_two_processes_equal_one_process(tmp_path):
     setup = {**write_tiny_setup(tmp_path), "cache": tmp_path / "cache"}
     extra = [
@@ -65,20 +81,12 @@ def test_two_processes_equal_one_process(tmp_path):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
     }
     args = run_cli_args(setup, "ga_gd", tmp_path / "two", *extra, "--config.distributed=True")
-    procs = [
-        subprocess.Popen(
-            args,
-            env={**base_env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    envs = [{**base_env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)]
+    _run_processes(args, envs)
+    # The same command again: every process must take process 0's view of the finished workdir (cached
+    # evaluations, history, export), or they would run different collectives and hang.
+    again = _run_processes(args, envs)
+    assert all("already finished at step 3" in err for err in again)
 
     a = load_file(tmp_path / "one" / "hf_model" / "model.safetensors")
     b = load_file(tmp_path / "two" / "hf_model" / "model.safetensors")

@@ -192,6 +192,14 @@ def _lock(path: Path) -> Iterator[None]:
 def ensure_world(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None, *, mesh: Any = None) -> World:
     """The world for ``recipe``: from the cache when present and intact, else built now (minutes on a CPU)."""
     corpus = _corpus(recipe)
+    import jax
+
+    from jaxunlearn import sharding
+
+    if mesh is None and jax.process_count() > 1:
+        # Each host builds (or waits for) the world on its own devices: no collective across hosts while
+        # another host may be blocked on the cache lock.
+        mesh = sharding.make_mesh(devices=jax.local_devices())
     root = world_cache_root(cache_dir) / "worlds"
     directory = root / f"{recipe.name}-{world_key(recipe, corpus)}"
     with _lock(root / f".{directory.name}.lock"):
