@@ -482,13 +482,12 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                     ),
                 )
             }
-        if not run.history(0):
-            run.in_run_perplexities(evaluator, params, 0)
+        initial = run.history(0) or [run.in_run_perplexities(evaluator, params, 0)]
     stop_target = None  # the stopping rule works only with evaluation on
     if ev.enabled and ev.stop_forget_ppl:
         stop_target = ev.stop_forget_ppl
     elif ev.enabled and ev.stop_approx_multiple:
-        stop_target = ev.stop_approx_multiple * run.history(0)[0]["perplexity"]["approximate"]["ppl"]
+        stop_target = ev.stop_approx_multiple * initial[0]["perplexity"]["approximate"]["ppl"]
     stop_every = ev.stop_every_steps or ev.every_steps
     stop_splits = ("forget", "approximate") if ev.stop_approx_reference == "current" else ("forget",)
 
@@ -638,8 +637,9 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
 
     report = None
     if ev.enabled:
-        if not run.history(end) or run.history(end)[-1]["step"] != end:
-            run.in_run_perplexities(evaluator, final_params, end)
+        history = run.history(end)
+        if not history or history[-1]["step"] != end:
+            history.append(run.in_run_perplexities(evaluator, final_params, end))
         models["unlearned"], scores["unlearned"] = run.full_evaluation(
             "unlearned", evaluator, final_params, mia_reference
         )
@@ -659,7 +659,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             stamp=_stamp(record, end, stopped),
             models=models,
             scores=scores,
-            history=run.history(end),
+            history=history,
             compute=compute_summary(config, prep, method, end),
             oracle_distance=distances,
             stop_target=stop_target,
@@ -679,10 +679,6 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     return record
 
 
-def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    return a.replace(hf_config_json="") == b.replace(hf_config_json="")
-
-
 def _check_oracle_architecture(path: str, model_config: ModelConfig) -> None:
     """Before any compute: KL(oracle || model) needs the oracle to share the model's architecture."""
     oracle = hf_checkpoint.load_config(
@@ -692,14 +688,14 @@ def _check_oracle_architecture(path: str, model_config: ModelConfig) -> None:
         remat=model_config.remat,
         attention_impl=model_config.attention_impl,
     )
-    if not _same_architecture(oracle, model_config):
+    if oracle.replace(hf_config_json="") != model_config.replace(hf_config_json=""):
         raise ConfigError(f"config.evaluation.oracle_model={path!r}: its architecture differs from config.model.path's")
 
 
 def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
-    """The oracle's parameters, which must share the evaluated model's architecture."""
+    """The oracle's parameters (its architecture was checked against the model's by :func:`prepare`)."""
     c = prep.config
-    oracle_lm, oracle_params = split_model(
+    _, oracle_params = split_model(
         hf_checkpoint.from_pretrained(
             c.evaluation.oracle_model,
             mesh=prep.mesh,
@@ -710,8 +706,6 @@ def _load_oracle(prep: Prepared, lm: LanguageModel) -> dict:
             attention_impl=lm.config.attention_impl,
         )
     )
-    if not _same_architecture(oracle_lm.config, lm.config):
-        raise ConfigError(f"config.evaluation.oracle_model={c.evaluation.oracle_model!r}: its architecture differs")
     return oracle_params
 
 

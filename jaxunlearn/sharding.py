@@ -228,8 +228,7 @@ def from_process0(value: Any) -> Any:
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int32)))
-    buffer = np.zeros(size, np.uint8)
-    buffer[: min(size, data.size)] = data[:size]
+    buffer = data if jax.process_index() == 0 else np.zeros(size, np.uint8)  # only process 0's bytes count
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
 
 
