@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import socket
 from pathlib import Path
@@ -49,6 +50,6 @@ def environment(mesh: Any = None) -> dict[str, Any]:
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (a reader never sees a half-written file)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # private to this writer
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     tmp.replace(path)

@@ -135,3 +135,19 @@ def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
         assert report["perplexity"][split]["ppl"] == pytest.approx(values["ppl"], rel=1e-4)
     assert report["mia"]["min_k_0.4"]["auc"] == pytest.approx(run_report["mia"]["min_k_0.4"]["auc"], abs=1e-6)
     assert report["verbatim"]["forget"]["exact_match"] == run_report["verbatim"]["forget"]["exact_match"]
+
+
+def test_only_process_zero_writes_the_report(finished_run, tmp_path, monkeypatch):
+    """Every process of a multi-host run holds the report; a second writer would race process 0."""
+    import jax
+
+    from jaxunlearn.evaluation.report import write_report
+
+    report = json.loads((finished_run[0] / "run" / "report.json").read_text())
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    returned = write_report(tmp_path / "other", stamp=report["stamp"], models=report["models"])
+    assert returned["models"] == report["models"]
+    assert not (tmp_path / "other").exists()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    write_report(tmp_path / "zero", stamp=report["stamp"], models=report["models"])
+    assert json.loads((tmp_path / "zero" / "report.json").read_text())["models"] == report["models"]

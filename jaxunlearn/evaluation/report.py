@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxunlearn.evaluation import metrics as M
@@ -200,15 +201,19 @@ def write_report(
     also holds their difference (``change``).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    plots = [
-        p
-        for p in (
-            plot_history(history, directory / "perplexity_history.png", stop_target),
-            plot_roc(scores or {}, directory / "roc.png"),
-        )
-        if p
-    ]
+    # Every process holds the same report; only process 0 writes it (concurrent writers would race).
+    writer = jax.process_index() == 0
+    plots = []
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        plots = [
+            p
+            for p in (
+                plot_history(history, directory / "perplexity_history.png", stop_target),
+                plot_roc(scores or {}, directory / "roc.png"),
+            )
+            if p
+        ]
     report: dict[str, Any] = {"stamp": dict(stamp), "models": dict(models)}
     if "original" in models and "unlearned" in models:
         report["change"] = _change(models["original"], models["unlearned"])
@@ -219,6 +224,7 @@ def write_report(
     if oracle_distance:
         report["oracle_distance"] = dict(oracle_distance)
     report["plots"] = [str(p) for p in plots]
-    write_json(directory / "report.json", report)
-    (directory / "report.md").write_text(markdown(report))
+    if writer:
+        write_json(directory / "report.json", report)
+        (directory / "report.md").write_text(markdown(report))
     return report
