@@ -6,6 +6,7 @@ Runs (or resumes) one unlearning run. Exit status: 0 done, 2 bad input (config, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from absl import app, flags
@@ -23,11 +24,13 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         _fail("--config=CONFIG_FILE is required (e.g. --config=configs/ga_kl.py)")
+    import jax
     from absl import logging as absl_logging
 
     from jaxunlearn.config import ConfigError
     from jaxunlearn.data import DataError
     from jaxunlearn.engine import NonFiniteError, WorkdirError, unlearn
+    from jaxunlearn.evaluation.report import summary
     from jaxunlearn.hf_checkpoint import CheckpointError
     from jaxunlearn.models import UnsupportedModelError
     from jaxunlearn.sharding import MeshError
@@ -45,6 +48,10 @@ def main(argv: list[str]) -> None:
         _fail(f"interrupted: {e or 'rerun the same command to resume'}", code=130)
     print(f"unlearned model: {record.get('hf_model') or workdir}")
     print(f"run record:      {Path(workdir).absolute() / 'run.json'}")
+    if record.get("report"):
+        print(f"report:          {Path(record['report']).absolute()}")
+        if jax.process_index() == 0:
+            print(summary(json.loads(Path(record["report"]).with_suffix(".json").read_text())))
 
 
 def run() -> None:

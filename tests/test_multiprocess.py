@@ -71,6 +71,12 @@ def test_two_processes_equal_one_process(tmp_path):
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-3000:]
+    # The terminal summary shows the report's numbers: forget perplexity before and after.
+    report = json.loads((tmp_path / "one" / "report.json").read_text())["models"]
+    assert f"report:          {tmp_path / 'one' / 'report.md'}" in one.stdout
+    printed = next(line for line in one.stdout.splitlines() if line.startswith("forget ppl")).split()[2:]
+    expected = [report["original"]["perplexity"]["forget"]["ppl"], report["unlearned"]["perplexity"]["forget"]["ppl"]]
+    assert [float(x) for x in printed] == pytest.approx(expected, rel=1e-3)
 
     job = str(_free_port_job_id())
     slurm = {

@@ -183,6 +183,26 @@ def plot_roc(scores_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]
     return path
 
 
+def _order(preferred: Sequence[str]):
+    return lambda name: (preferred.index(name) if name in preferred else len(preferred), name)
+
+
+def summary(report: Mapping[str, Any], attack: str = "min_k_0.4") -> str:
+    """A few lines for the terminal: perplexity per split and one attack's AUC, one column per model."""
+    models: Mapping[str, Mapping] = report["models"]
+    names = sorted(models, key=_order(("original", "unlearned", "oracle")))  # report.json sorts keys
+    rows: list[tuple[str, list[Any]]] = []
+    first = next(iter(models.values()))
+    for split in sorted(first.get("perplexity", {}), key=_order(("forget", "approximate", "retain", "general"))):
+        rows.append((f"{split} ppl", [models[n].get("perplexity", {}).get(split, {}).get("ppl") for n in names]))
+    if attack in first.get("mia", {}):
+        rows.append((f"{attack} AUC", [models[n].get("mia", {}).get(attack, {}).get("auc") for n in names]))
+    width = max([len(label) for label, _ in rows] + [5])
+    lines = [" " * width + "".join(f"{n:>12}" for n in names)]
+    lines += [f"{label:<{width}}" + "".join(f"{_fmt(v):>12}" for v in values) for label, values in rows]
+    return "\n".join(lines)
+
+
 def write_report(
     directory: str | Path,
     *,
