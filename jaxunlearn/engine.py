@@ -251,7 +251,10 @@ def _abstract_state(tx: Any, model_config: ModelConfig, shardings: dict) -> Any:
 
 
 def configure_logging(workdir: Path | None = None) -> None:
-    """INFO from jaxunlearn to stderr (and ``<workdir>/log.txt`` once known); libraries (Orbax, absl) only warn."""
+    """INFO from jaxunlearn to stderr (and ``<workdir>/log.txt`` once known); libraries (Orbax, absl) only warn.
+
+    Process N > 0 of a multi-host run logs to ``log.processN.txt``.
+    """
     log.setLevel(logging.INFO)
     log.propagate = False
     if not any(type(h) is logging.StreamHandler for h in log.handlers):
@@ -262,7 +265,9 @@ def configure_logging(workdir: Path | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if workdir is None:
         return
-    path = str(workdir / "log.txt")
+    # One file per process: appending to one file from several hosts interleaves their lines.
+    index = jax.process_index()
+    path = str(workdir / ("log.txt" if index == 0 else f"log.process{index}.txt"))
     if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

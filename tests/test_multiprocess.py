@@ -104,3 +104,6 @@ def test_two_processes_equal_one_process(tmp_path):
     assert run_two["environment"]["process_count"] == 2
     assert run_two["environment"]["mesh"]["num_devices"] == 4
     assert run_one["final_metrics"]["loss"] == pytest.approx(run_two["final_metrics"]["loss"], abs=1e-5)
+    # Each process logs to its own file.
+    assert "starting ga_gd" in (tmp_path / "two" / "log.txt").read_text()
+    assert "starting ga_gd" in (tmp_path / "two" / "log.process1.txt").read_text()
