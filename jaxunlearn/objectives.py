@@ -101,11 +101,21 @@ class Context:
 # --- the paper's methods ----------------------------------------------------------------------------------
 
 
-@register("ga")
+def ascent_term(seq_nll: Array, ctx: Context) -> Array:
+    """The forget term gradient ascent maximises: the mean over chunks of the per-chunk NLL, each capped at
+    ``forget_nll_cap`` nats when that is > 0 (0, the default, is the paper's uncapped ascent).
+
+    A chunk whose NLL is above the cap gets no ascent gradient, so the ascent cannot run away on chunks that
+    already look unseen while others are still memorised; retain descent keeps working meanwhile."""
+    cap = ctx.hparams.get("forget_nll_cap", 0.0)
+    return jnp.mean(jnp.minimum(seq_nll, cap) if cap > 0 else seq_nll)
+
+
+@register("ga", forget_nll_cap=0.0)
 def gradient_ascent(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent: maximise the forget chunks' NLL (minimise its negation)."""
     forget_nll = ctx.nll(params, batch["forget"])
-    return -jnp.mean(forget_nll), {"forget_nll": jnp.mean(forget_nll)}
+    return -ascent_term(forget_nll, ctx), {"forget_nll": jnp.mean(forget_nll)}
 
 
 def random_labels(chunk_ids: Array, length: int, seed: int, label_ids: Array) -> Array:
@@ -145,22 +155,22 @@ def adversarial(params, ref_params, batch, rng, ctx: Context):
     return jnp.mean(label_nll), {"label_nll": jnp.mean(label_nll)}
 
 
-@register("ga_gd", needs_retain=True, forget_weight=1.0, retain_weight=1.0)
+@register("ga_gd", needs_retain=True, forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_gd(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus gradient descent on retain chunks."""
-    forget_nll = jnp.mean(ctx.nll(params, batch["forget"]))
+    forget_nll = ctx.nll(params, batch["forget"])
     retain_nll = jnp.mean(ctx.nll(params, batch["retain"]))
-    loss = -ctx.hparams["forget_weight"] * forget_nll + ctx.hparams["retain_weight"] * retain_nll
-    return loss, {"forget_nll": forget_nll, "retain_nll": retain_nll}
+    loss = -ctx.hparams["forget_weight"] * ascent_term(forget_nll, ctx) + ctx.hparams["retain_weight"] * retain_nll
+    return loss, {"forget_nll": jnp.mean(forget_nll), "retain_nll": retain_nll}
 
 
-@register("ga_kl", needs_retain=True, needs_reference=True, forget_weight=1.0, retain_weight=1.0)
+@register("ga_kl", needs_retain=True, needs_reference=True, forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_kl(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus KL(original || current) on retain chunks."""
-    forget_nll = jnp.mean(ctx.nll(params, batch["forget"]))
+    forget_nll = ctx.nll(params, batch["forget"])
     retain_kl = jnp.mean(ctx.kl_from_reference(params, ref_params, batch["retain"]))
-    loss = -ctx.hparams["forget_weight"] * forget_nll + ctx.hparams["retain_weight"] * retain_kl
-    return loss, {"forget_nll": forget_nll, "retain_kl": retain_kl}
+    loss = -ctx.hparams["forget_weight"] * ascent_term(forget_nll, ctx) + ctx.hparams["retain_weight"] * retain_kl
+    return loss, {"forget_nll": jnp.mean(forget_nll), "retain_kl": retain_kl}
 
 
 # --- beyond the paper ---------------------------------------------------------------------------------------

@@ -137,6 +137,27 @@ def test_ga_gd(models, weights):
     _compare_grads(lm, grads, model)
 
 
+@pytest.mark.parametrize("name", ["ga", "ga_gd", "ga_kl"])
+def test_forget_nll_cap_stops_the_ascent_of_chunks_above_it(models, name):
+    """With ``forget_nll_cap`` the ascended term is mean(min(NLL_chunk, cap)): torch's clamp, by hand."""
+    lm, params, ref_params, current, reference = models
+    with torch.no_grad():
+        seq = np.sort(_torch_seq_nll(current, BATCH["forget"]).numpy())
+    cap = float(seq[0] + seq[1]) / 2  # between the two lowest: one chunk below the cap, two above
+    value, metrics, grads, _ = _jax_value_and_grads(name, lm, params, ref_params, dict(forget_nll_cap=cap))
+    model = _torch_model(current)
+    forget = _torch_seq_nll(model, BATCH["forget"])
+    loss = -torch.clamp(forget, max=cap).mean()
+    if name == "ga_gd":
+        loss = loss + _torch_seq_nll(model, BATCH["retain"]).mean()
+    if name == "ga_kl":
+        loss = loss + _torch_seq_kl(model, reference, BATCH["retain"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5
+    assert abs(metrics["forget_nll"] - forget.mean().item()) < 1e-5  # the logged NLL stays uncapped
+    _compare_grads(lm, grads, model)
+
+
 def test_ga_kl(models):
     lm, params, ref_params, current, reference = models
     value, metrics, grads, _ = _jax_value_and_grads("ga_kl", lm, params, ref_params)
