@@ -83,14 +83,15 @@ def main() -> None:
     results = []
     for name in args.methods.split(","):
         method = get_method(name)
+        needs = method.needs()
         tx, schedule = make_optimizer(optim, 100)
         s_sh = state_shardings(tx, p_sh, mesh)
         state = init_state(jax.tree.map(jnp.copy, params), tx, s_sh)
-        ref = jax.tree.map(jnp.copy, params) if method.needs_reference else None
-        batch = {"forget": split(), "retain": split()} if method.needs_retain else {"forget": split()}
+        ref = jax.tree.map(jnp.copy, params) if needs.reference else None
+        batch = {"forget": split(), "retain": split()} if needs.retain else {"forget": split()}
         b_sh = batch_shardings(batch, mesh)
         batch = jax.device_put(batch, b_sh)
-        ctx = Context(lm, hparams=method.hparams, label_ids=np.arange(3, config.vocab_size, dtype=np.int32))
+        ctx = Context(lm, hparams=method.hparams, extras={"label_ids": np.arange(3, config.vocab_size, dtype=np.int32)})
         step = compile_train_step(make_train_step(method, ctx, tx, schedule), s_sh, p_sh if ref else None, b_sh, mesh)
         with sharding.activation_sharding(mesh):
             compiled = step.lower(state, ref, batch).compile()
@@ -102,9 +103,9 @@ def main() -> None:
             jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / args.steps
         forget_tokens = args.batch * args.seq
-        processed = forget_tokens * (2 if method.needs_retain else 1)
+        processed = forget_tokens * (2 if needs.retain else 1)
         flops = unlearning_step_flops(
-            config, args.seq, args.batch, retain=method.needs_retain, reference_forwards=int(method.needs_reference)
+            config, args.seq, args.batch, retain=needs.retain, reference_forwards=needs.reference_forwards
         )
         row = {
             "method": name,

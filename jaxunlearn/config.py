@@ -7,17 +7,36 @@ Config files are ml-collections ``get_config()`` files; any field can be overrid
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
 
-from jaxunlearn.objectives import METHODS, get_method
+from jaxunlearn.evaluation.registry import registered
+from jaxunlearn.objectives import METHODS, get_method, method_hparams, resolve_needs
 from jaxunlearn.sharding import DEFAULT_RULES, MeshError, normalize_rules
 from jaxunlearn.world.build import WorldRecipe
 
 # The paper's data set on the Hugging Face Hub (configs arxiv / github / general).
 PAPER_DATASET = "llmunlearn/unlearn_dataset"
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
+WORLD_POSITIVE = (
+    "forget_docs",
+    "approximate_docs",
+    "band_min_chars",
+    "retain_chars",
+    "vocab_size",
+    "max_length",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "steps",
+    "batch_size",
+    "forget_repeats",
+)
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -50,45 +69,16 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     domain's own retain split (``in_distribution``) or the general corpus (``general``).
     """
     if preset not in PRESETS:
-        raise ConfigError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"preset {preset!r}: choose one of {', '.join(PRESETS)} (e.g. --config=configs/ga.py:arxiv)")
     if retain not in ("in_distribution", "general"):
         raise ConfigError(f"retain={retain!r}: choose in_distribution or general")
     domain = preset if preset != "builtin" else "arxiv"
     c = ml_collections.ConfigDict()
     c.seed = 42
-    c.model = ml_collections.ConfigDict(
-        dict(
-            path="",  # local Hugging Face directory or Hub id (Yi-6B in the paper: "01-ai/Yi-6B")
-            tokenizer="",  # default: the model's own
-            revision="",
-            param_dtype="float32",  # master weights and AdamW state
-            dtype="bfloat16",  # compute
-            reference_dtype="",  # frozen original model for KL/adversarial; default: param_dtype
-            remat="none",
-            attention_impl="xla",
-        )
-    )
+    c.model = _model_section()
     # Logical axis -> mesh axes (see jaxunlearn/sharding.py); the layers only ever name logical axes.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))
-    retain_split = split_config(PAPER_DATASET, domain, "retain")
-    if retain == "general":
-        retain_split = split_config(PAPER_DATASET, "general", "retain")
-    c.data = ml_collections.ConfigDict(
-        dict(
-            max_length=4096,
-            min_chunk_tokens=5,
-            add_special_tokens=True,
-            cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
-            forget=split_config(PAPER_DATASET, domain, "forget"),
-            retain=retain_split,
-            # Evaluation only: unseen same-domain documents (the MIA non-members and the "approximate
-            # retraining" reference) and general held-out text. An empty path skips a split.
-            approximate=split_config(PAPER_DATASET, domain, "approximate"),
-            general=split_config(PAPER_DATASET, "general", "evaluation"),
-            # Retain-set utility is measured on this split when given, else on `retain`.
-            eval_retain=split_config(),
-        )
-    )
+    c.data = _data_section(domain, retain)
     c.method = method_config(method)
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -106,31 +96,76 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     # x 60 = 480 chunks of 4096 tokens; GitHub: 8 x 85 = 680).
     c.train = ml_collections.ConfigDict(
         dict(
-            micro_batch_size=8,  # global, split over the data x fsdp mesh axes
+            micro_batch_size=8,  # global, split over the mesh axes of the `batch` rule (data x fsdp)
             grad_accum_steps=60,
             epochs=1,
             max_steps=0,  # > 0 overrides epochs
             logits_chunk_size=1024,  # positions per vocabulary-projection chunk in the losses
-            log_every=1,
+            log_every=1,  # metrics.jsonl, and a progress line in log.txt (and on stderr without a terminal)
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
-    c.evaluation = ml_collections.ConfigDict(
+    c.evaluation = _evaluation_section()
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
+    # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".
+    c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
+    if preset == "builtin":
+        _use_builtin_world(c, method, retain)
+    return c
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            path="",  # local Hugging Face directory or Hub id (Yi-6B in the paper: "01-ai/Yi-6B")
+            tokenizer="",  # default: the model's own
+            revision="",
+            param_dtype="float32",  # master weights and AdamW state
+            dtype="bfloat16",  # compute
+            reference_dtype="",  # frozen original model for KL/adversarial; default: param_dtype
+            remat="none",
+            attention_impl="xla",
+        )
+    )
+
+
+def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
+    retain_split = split_config(PAPER_DATASET, domain, "retain")
+    if retain == "general":
+        retain_split = split_config(PAPER_DATASET, "general", "retain")
+    return ml_collections.ConfigDict(
+        dict(
+            max_length=4096,
+            min_chunk_tokens=5,  # >= 2: a chunk needs a next-token target
+            add_special_tokens=True,
+            cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
+            forget=split_config(PAPER_DATASET, domain, "forget"),
+            retain=retain_split,
+            # Evaluation only: unseen same-domain documents (the MIA non-members and the "approximate
+            # retraining" reference) and general held-out text. An empty path skips a split.
+            approximate=split_config(PAPER_DATASET, domain, "approximate"),
+            general=split_config(PAPER_DATASET, "general", "evaluation"),
+            # Retain-set utility is measured on this split when given, else on `retain`.
+            eval_retain=split_config(),
+        )
+    )
+
+
+# The metrics a run computes by default, in report order (each is a module in jaxunlearn/evaluation/evaluators/).
+DEFAULT_METRICS = ("perplexity", "mia", "verbatim", "tasks", "oracle_distance")
+
+
+def _evaluation_section() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict(
         dict(
             enabled=True,  # evaluate before and after unlearning and write report.json / report.md
+            metrics=DEFAULT_METRICS,
+            dtype="",  # compute dtype of every evaluation (default: model.dtype; the official code: float32)
             every_steps=0,  # also measure perplexities every N steps (0 = never during the run)
             batch_size=8,
             max_chunks=0,  # chunks per split (0 = all)
             in_run_max_chunks=64,  # chunks per split for the evaluations during the run
-            mia_ks=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0),
-            reference_model="",  # a model for the reference-ratio attack (HF dir or Hub id)
-            retrained_auc=0.0,  # Min-K% (k=0.4) AUC of a retrained model, for MUSE's PrivLeak (0 = unknown)
             oracle_model="",  # a model retrained without the forget set: an "oracle" column and distances to it
-            verbatim_prompt_tokens=32,
-            verbatim_new_tokens=64,
-            verbatim_max_chunks=100,
-            tasks=("",),  # multiple-choice task specs FORMAT:PATH[:CONFIG[:SPLIT]]; see evaluation/tasks.py
-            task_max_items=0,
             # Stop unlearning once forget perplexity reaches a target, checked every `stop_every_steps` steps
             # (0 = at every `every_steps` evaluation) on the forget split alone (and the approximate one with
             # stop_approx_reference="current"), which is cheaper than a full evaluation:
@@ -141,12 +176,10 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             pretraining_tokens=3.0e12,  # for the compute ratio (Yi-6B: 3T tokens)
         )
     )
-    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
-    # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".
-    c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
-    if preset == "builtin":
-        _use_builtin_world(c, method, retain)
-    return c
+    for name, metric in registered().items():  # each metric's options, e.g. config.evaluation.mia.ks
+        if metric.options:
+            e[name] = ml_collections.ConfigDict(metric.defaults())
+    return e
 
 
 # Learning rates for the built-in world, from the sweep of `python -m jaxunlearn.experiments.compare`.
@@ -184,7 +217,7 @@ def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -
     e.stop_every_steps = 2  # the stopping rule, on the forget split
     e.in_run_max_chunks = 32
     e.stop_approx_multiple = 1.0  # stop when forget text looks as unseen as unseen text
-    e.verbatim_max_chunks = 64
+    e.verbatim.max_chunks = 64
     e.pretraining_tokens = float(c.world.steps * c.world.batch_size * c.world.max_length)
 
 
@@ -207,15 +240,80 @@ def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
         raise ConfigError(f"{key}={value!r}: {requirement}")
 
 
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_DTYPE = (lambda v: v in DTYPES, f"one of {DTYPES}")
+_DTYPE_OR_DEFAULT = (lambda v: v in DTYPES + ("",), f"one of {DTYPES} or ''")
+_MESH_AXIS = (lambda v: v >= 1 or v == -1, "positive, or -1 for the remaining devices")
+
+# One-value checks: key -> (check, requirement).
+RULES: dict[str, tuple[Any, str]] = {
+    "config.model.path": (bool, "give a local Hugging Face directory or a Hub id"),
+    "config.model.param_dtype": _DTYPE,
+    "config.model.dtype": _DTYPE,
+    "config.model.reference_dtype": _DTYPE_OR_DEFAULT,
+    "config.mesh.data": _MESH_AXIS,
+    "config.mesh.fsdp": _MESH_AXIS,
+    "config.mesh.tensor": _MESH_AXIS,
+    "config.data.max_length": (lambda v: v >= 2, "at least 2"),
+    "config.data.forget.path": (bool, "the forget set is required"),
+    **{f"config.data.{s}.max_documents": (_NON_NEGATIVE[0], ">= 0 (0 = all)") for s in DATA_SPLITS},
+    "config.optim.lr": _POSITIVE,
+    "config.optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "config.optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "config.optim.eps": _POSITIVE,
+    "config.optim.weight_decay": (_NON_NEGATIVE[0], "must be >= 0"),
+    "config.optim.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "config.optim.schedule": (lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    "config.optim.clip_norm": (_NON_NEGATIVE[0], ">= 0 (0 disables clipping)"),
+    "config.train.micro_batch_size": _AT_LEAST_1,
+    "config.train.grad_accum_steps": _AT_LEAST_1,
+    "config.train.epochs": _AT_LEAST_1,
+    "config.train.max_steps": (_NON_NEGATIVE[0], ">= 0 (0 = use epochs)"),
+    "config.train.logits_chunk_size": _AT_LEAST_1,
+    "config.train.log_every": _AT_LEAST_1,
+    "config.checkpoint.every_steps": (_NON_NEGATIVE[0], ">= 0 (0 = only at the end)"),
+    "config.checkpoint.keep": _AT_LEAST_1,
+    "config.checkpoint.export_dtype": _DTYPE_OR_DEFAULT,
+    "config.evaluation.dtype": _DTYPE_OR_DEFAULT,
+    "config.evaluation.batch_size": _AT_LEAST_1,
+    "config.evaluation.in_run_max_chunks": _AT_LEAST_1,
+    "config.evaluation.every_steps": _NON_NEGATIVE,
+    "config.evaluation.max_chunks": _NON_NEGATIVE,
+    "config.evaluation.stop_forget_ppl": (_NON_NEGATIVE[0], ">= 0 (0 = off)"),
+    "config.evaluation.stop_approx_multiple": _NON_NEGATIVE,
+    "config.evaluation.stop_approx_reference": (lambda v: v in ("start", "current"), "start or current"),
+    "config.evaluation.stop_every_steps": _NON_NEGATIVE,
+    "config.evaluation.pretraining_tokens": _NON_NEGATIVE,
+    "config.world.general_eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "config.world.lr": _POSITIVE,
+    **{f"config.world.{k}": _AT_LEAST_1 for k in WORLD_POSITIVE},
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` naming the first unknown key or bad value."""
     if "method" not in config or "name" not in config.method:
         raise ConfigError("config.method.name is missing")
     name = config.method.name
     _check(name in METHODS, "config.method.name", name, f"unknown method; known: {', '.join(sorted(METHODS))}")
-    method = get_method(name)
-    reference = _flat(base_config(name))
     given = _flat(config)
+    _check_keys_and_types(given, _flat(base_config(name)))
+    for key, (check, requirement) in RULES.items():
+        _check(check(given[key]), key, given[key], requirement)
+    _check_method(config)
+    _check_data(config)
+    _check_evaluation(config)
+    _check_world(config)
+    try:
+        normalize_rules(config.mesh.rules)
+    except (MeshError, TypeError, ValueError) as e:
+        raise ConfigError(f"config.mesh.rules: {e}") from e
+
+
+def _check_keys_and_types(given: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Every key known and present, of its default's type; every float finite (``inf`` and ``nan`` parse)."""
     for key in sorted(set(given) - set(reference)):
         raise ConfigError(f"{key}: unknown config key")
     for key in sorted(set(reference) - set(given)):
@@ -226,104 +324,74 @@ def validate(config: ml_collections.ConfigDict) -> None:
             expected is float and isinstance(value, int) and not isinstance(value, bool)
         )
         _check(ok, key, value, f"must be a {expected.__name__}")
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, value, "must be a finite number")
 
-    m, d, o, t, k = config.model, config.data, config.optim, config.train, config.checkpoint
-    _check(bool(m.path), "config.model.path", m.path, "give a local Hugging Face directory or a Hub id")
-    for key in ("param_dtype", "dtype"):
-        _check(m[key] in DTYPES, f"config.model.{key}", m[key], f"one of {DTYPES}")
+
+def _check_method(config: ml_collections.ConfigDict) -> None:
+    """Hyper-parameters are non-negative; a method that needs retain data (under its hyper-parameters) has it."""
+    for hp, value in config.method.items():
+        if hp != "name" and isinstance(value, (int, float)):
+            _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")
+    name = config.method.name
+    if resolve_needs(config.method).retain:
+        hparams = ", ".join(f"{k}={v}" for k, v in method_hparams(config.method).items())
+        _check(
+            bool(config.data.retain.path),
+            "config.data.retain.path",
+            config.data.retain.path,
+            f"method {name} ({hparams}) trains a retain term and needs a retain set",
+        )
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+    d = config.data
     _check(
-        m.reference_dtype in DTYPES + ("",), "config.model.reference_dtype", m.reference_dtype, f"one of {DTYPES} or ''"
-    )
-    try:
-        normalize_rules(config.mesh.rules)
-    except (MeshError, TypeError, ValueError) as e:
-        raise ConfigError(f"config.mesh.rules: {e}") from e
-    for key in ("data", "fsdp", "tensor"):
-        v = config.mesh[key]
-        _check(v >= 1 or v == -1, f"config.mesh.{key}", v, "positive, or -1 for the remaining devices")
-    _check(d.max_length >= 2, "config.data.max_length", d.max_length, "at least 2")
-    _check(
-        1 <= d.min_chunk_tokens <= d.max_length,
+        2 <= d.min_chunk_tokens <= d.max_length,
         "config.data.min_chunk_tokens",
         d.min_chunk_tokens,
-        "in [1, max_length]",
+        "in [2, max_length] (a chunk needs two tokens for one next-token target)",
     )
-    _check(bool(d.forget.path), "config.data.forget.path", d.forget.path, "the forget set is required")
-    if method.needs_retain:
-        _check(bool(d.retain.path), "config.data.retain.path", d.retain.path, f"method {name} needs a retain set")
-    for split in ("forget", "retain", "approximate", "general", "eval_retain"):
-        v = d[split].max_documents
-        _check(v >= 0, f"config.data.{split}.max_documents", v, ">= 0 (0 = all)")
-    _check(o.lr > 0, "config.optim.lr", o.lr, "must be > 0")
-    for key in ("b1", "b2"):
-        _check(0 <= o[key] < 1, f"config.optim.{key}", o[key], "in [0, 1)")
-    _check(o.eps > 0, "config.optim.eps", o.eps, "must be > 0")
-    _check(o.weight_decay >= 0, "config.optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(0 <= o.warmup_ratio < 1, "config.optim.warmup_ratio", o.warmup_ratio, "in [0, 1)")
-    _check(o.schedule in SCHEDULES, "config.optim.schedule", o.schedule, f"one of {SCHEDULES}")
-    _check(o.clip_norm >= 0, "config.optim.clip_norm", o.clip_norm, ">= 0 (0 disables clipping)")
-    _check(t.micro_batch_size >= 1, "config.train.micro_batch_size", t.micro_batch_size, ">= 1")
-    _check(t.grad_accum_steps >= 1, "config.train.grad_accum_steps", t.grad_accum_steps, ">= 1")
-    _check(t.epochs >= 1, "config.train.epochs", t.epochs, ">= 1")
-    _check(t.max_steps >= 0, "config.train.max_steps", t.max_steps, ">= 0 (0 = use epochs)")
-    _check(t.logits_chunk_size >= 1, "config.train.logits_chunk_size", t.logits_chunk_size, ">= 1")
-    _check(t.log_every >= 1, "config.train.log_every", t.log_every, ">= 1")
-    _check(k.every_steps >= 0, "config.checkpoint.every_steps", k.every_steps, ">= 0 (0 = only at the end)")
-    _check(k.keep >= 1, "config.checkpoint.keep", k.keep, ">= 1")
-    _check(k.export_dtype in DTYPES + ("",), "config.checkpoint.export_dtype", k.export_dtype, f"one of {DTYPES} or ''")
+
+
+def _check_evaluation(config: ml_collections.ConfigDict) -> None:
+    """The metrics list and each metric's options, the stopping rule, and the built-in oracle's model."""
     e = config.evaluation
-    for key in ("batch_size", "in_run_max_chunks", "verbatim_prompt_tokens"):
-        _check(e[key] >= 1, f"config.evaluation.{key}", e[key], ">= 1")
-    for key in ("every_steps", "max_chunks", "verbatim_new_tokens", "verbatim_max_chunks", "task_max_items"):
-        _check(e[key] >= 0, f"config.evaluation.{key}", e[key], ">= 0")
-    _check(all(0 < k <= 1 for k in e.mia_ks), "config.evaluation.mia_ks", e.mia_ks, "fractions in (0, 1]")
-    _check(0 <= e.retrained_auc <= 1, "config.evaluation.retrained_auc", e.retrained_auc, "in [0, 1] (0 = unknown)")
-    _check(e.stop_forget_ppl >= 0, "config.evaluation.stop_forget_ppl", e.stop_forget_ppl, ">= 0 (0 = off)")
-    _check(e.stop_approx_multiple >= 0, "config.evaluation.stop_approx_multiple", e.stop_approx_multiple, ">= 0")
-    _check(
-        e.stop_approx_reference in ("start", "current"),
-        "config.evaluation.stop_approx_reference",
-        e.stop_approx_reference,
-        "start or current",
-    )
-    _check(e.stop_every_steps >= 0, "config.evaluation.stop_every_steps", e.stop_every_steps, ">= 0")
-    if e.enabled and (e.stop_forget_ppl or e.stop_approx_multiple):
+    metrics = registered()
+    for name in e.metrics:
+        _check(
+            name in metrics,
+            "config.evaluation.metrics",
+            e.metrics,
+            f"{name!r} is not a metric; known: {', '.join(sorted(metrics))}",
+        )
+    for name, metric in metrics.items():
+        for option, spec in metric.options.items():
+            value = e[name][option]
+            if spec.check is not None:
+                _check(spec.check(value), f"config.evaluation.{name}.{option}", value, spec.requirement)
+    if not e.enabled:
+        return
+    if e.stop_forget_ppl or e.stop_approx_multiple:
         _check(
             e.every_steps > 0 or e.stop_every_steps > 0,
             "config.evaluation.every_steps",
             e.every_steps,
             "the stopping rule needs every_steps or stop_every_steps > 0",
         )
-    if e.enabled and e.stop_approx_multiple:
-        _check(
-            bool(d.approximate.path),
-            "config.data.approximate.path",
-            d.approximate.path,
-            "stop_approx_multiple needs the approximate split",
+    if e.stop_approx_multiple:
+        path = config.data.approximate.path
+        _check(bool(path), "config.data.approximate.path", path, "stop_approx_multiple needs the approximate split")
+    if e.oracle_model.startswith("world:") and not config.model.path.startswith("world:"):
+        raise ConfigError(
+            f"config.model.path={config.model.path!r} with the built-in world's oracle "
+            f"(config.evaluation.oracle_model={e.oracle_model!r}), which is a retrain of the built-in target only: "
+            "for your own model use the paper's presets (e.g. --config=configs/ga_kl.py:arxiv or :github), or set "
+            "--config.evaluation.oracle_model to a model retrained without the forget set (or '' for none)"
         )
-    _check(e.pretraining_tokens >= 0, "config.evaluation.pretraining_tokens", e.pretraining_tokens, ">= 0")
+
+
+def _check_world(config: ml_collections.ConfigDict) -> None:
     w = config.world
-    for key in (
-        "forget_docs",
-        "approximate_docs",
-        "band_min_chars",
-        "retain_chars",
-        "vocab_size",
-        "max_length",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "steps",
-        "batch_size",
-        "forget_repeats",
-    ):
-        _check(w[key] >= 1, f"config.world.{key}", w[key], ">= 1")
     _check(w.band_max_chars >= w.band_min_chars, "config.world.band_max_chars", w.band_max_chars, ">= band_min_chars")
-    _check(0 < w.general_eval_fraction < 1, "config.world.general_eval_fraction", w.general_eval_fraction, "in (0, 1)")
-    _check(w.lr > 0, "config.world.lr", w.lr, "must be > 0")
     _check(w.hidden_size % w.num_heads == 0, "config.world.num_heads", w.num_heads, "must divide hidden_size")
-    for hp, value in config.method.items():
-        if hp != "name" and isinstance(value, (int, float)):
-            _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")

@@ -1,11 +1,12 @@
-"""Evaluate any checkpoint with the same loop and report as unlearning runs.
+"""Evaluate any checkpoint with the same loop, metrics and report as unlearning runs.
 
     python -m jaxunlearn.evaluate --config=configs/ga.py --model=PATH_OR_ID [--workdir=DIR] [--config.KEY=VALUE ...]
 
 ``--model`` is a Hugging Face directory, a Hub id, or a jaxunlearn run directory (its exported ``hf_model/``).
-The config supplies the data splits (``data.forget``/``approximate``/``retain``/``general``) and the
-``evaluation`` options; its method and training settings are ignored. Writes ``report.json``, ``report.md``
-and plots to ``--workdir`` (default ``workdirs/eval-<model name>``).
+The config supplies the data splits (``data.forget``/``approximate``/``retain``/``general``), the model's
+numerics (``model.param_dtype``/``dtype``/``remat``/``attention_impl``) and the ``evaluation`` options; its
+method and training settings are ignored. Writes ``report.json``, ``report.md`` and plots to ``--workdir``
+(default ``workdirs/eval-<model name>``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxunlearn.cli import fail as _fail
+from jaxunlearn.cli import loaded_config, refusals
 from jaxunlearn.cli import parse_flags as _parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
@@ -36,38 +38,30 @@ def resolve_model(path: str) -> str:
 
 def evaluate(config, model: str, workdir: str | Path) -> dict:
     """Evaluate ``model`` on the config's splits; returns the report dict."""
-    from jaxunlearn import hf_checkpoint
-    from jaxunlearn.engine import _reference_for_mia, configure_logging, prepare
-    from jaxunlearn.evaluation.loop import Evaluator
-    from jaxunlearn.evaluation.report import write_report
-    from jaxunlearn.evaluation.suite import EvalOptions, evaluate_model
-    from jaxunlearn.models import split_model
-    from jaxunlearn.run_record import environment
+    import jax
 
+    from jaxunlearn import logs
+    from jaxunlearn.engine import load_checkpoint
+    from jaxunlearn.evaluation.report import write_report
+    from jaxunlearn.evaluation.runner import RunEvaluations
+    from jaxunlearn.prepare import prepare
+    from jaxunlearn.run_record import data_sources, environment
+
+    if config.get("distributed", False):
+        jax.distributed.initialize()
     config.model.path = resolve_model(model)
     config.evaluation.enabled = True
-    configure_logging()
+    config.evaluation.oracle_model = ""  # one model: nothing to compare with
+    logs.configure_logging()
     prep = prepare(config, training=False)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    configure_logging(workdir)
-    lm, params = split_model(
-        hf_checkpoint.from_pretrained(
-            prep.model_dir,
-            mesh=prep.mesh,
-            rules=config.mesh.rules,
-            param_dtype=config.model.param_dtype,
-            dtype=config.model.dtype,
-        )
-    )
-    ev = config.evaluation
-    evaluator = Evaluator(
-        lm, prep.mesh, batch_size=ev.batch_size, chunk_size=config.train.logits_chunk_size, rules=config.mesh.rules
-    )
-    options = EvalOptions.from_config(ev, config.data.max_length)
-    metrics, scores = evaluate_model(
-        evaluator, params, prep.tokenizer, prep.eval_splits, options, reference=_reference_for_mia(config, prep.mesh)
-    )
+    logs.attach_log_file(workdir)
+    ev = prep.config.evaluation
+    lm, params = load_checkpoint(prep, prep.model_dir)
+    evals = RunEvaluations.for_run(prep, lm, workdir)
+    results = {"model": evals.evaluate("model", params, cache=False)}
+    evals.finalize(results)
     env = environment(prep.mesh)
     stamp = {
         "title": f"evaluation of {model}",
@@ -76,34 +70,36 @@ def evaluate(config, model: str, workdir: str | Path) -> dict:
             "model_type": prep.model_config.model_type,
             "num_params": prep.model_config.num_params,
         },
-        "seed": config.seed,
+        "data": data_sources(prep),
+        "seed": prep.config.seed,
         "mesh": env["mesh"]["shape"],
-        "dtypes": {"param": config.model.param_dtype, "compute": config.model.dtype},
+        "dtypes": {"param": prep.model_config.param_dtype, "evaluation": evals.evaluator.lm.config.dtype},
         "versions": env["versions"],
         "device": f"{env['device_count']} x {env['device_kind']}",
-        "config": config.to_dict(),
+        "config": prep.config.to_dict(),
     }
-    return write_report(workdir, stamp=stamp, models={"model": metrics}, scores={"model": scores})
+    return write_report(
+        workdir,
+        stamp=stamp,
+        results=results,
+        metrics=list(ev.metrics),
+        options={m.name: options for m, options in evals.metrics},
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _MODEL.value:
-        _fail("--config=CONFIG_FILE and --model=PATH_OR_ID are required")
+    if not _MODEL.value:
+        _fail("--model=PATH_OR_ID is required")
+    config = loaded_config(_CONFIG)
     from absl import logging as absl_logging
-
-    from jaxunlearn.config import ConfigError
-    from jaxunlearn.data import DataError
-    from jaxunlearn.hf_checkpoint import CheckpointError
-    from jaxunlearn.models import UnsupportedModelError
-    from jaxunlearn.sharding import MeshError
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     workdir = _WORKDIR.value or str(Path("workdirs") / f"eval-{Path(_MODEL.value.rstrip('/')).name}")
     try:
-        evaluate(_CONFIG.value, _MODEL.value, workdir)
-    except (ConfigError, DataError, CheckpointError, MeshError, UnsupportedModelError, FileNotFoundError) as e:
+        evaluate(config, _MODEL.value, workdir)
+    except (*refusals(), FileNotFoundError) as e:
         _fail(str(e))
     print(f"report: {Path(workdir).absolute() / 'report.md'}", file=sys.stdout)
 

@@ -3,7 +3,8 @@
 Counts follow the usual convention (Kaplan et al. 2020; PaLM appendix B): a forward pass costs
 ``2 N + 2 L T H D`` FLOPs per token (``N`` parameters touched by matmuls, i.e. all but the embedding lookup;
 the attention term is halved for causal masking), a training step three times that. XLA's own cost analysis
-is not used because it counts a scanned layer loop's body once.
+is not used because it counts a scanned layer loop's body once. The per-family counts live on the model family
+(:meth:`~jaxunlearn.models.registry.Family.forward_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ from jaxunlearn.models import ModelConfig
 
 def matmul_params(config: ModelConfig) -> int:
     """Parameters used in matmuls: everything except the embedding lookup (the output head counts)."""
-    embedding = config.vocab_size * config.hidden_size
-    head = 0 if not config.tie_word_embeddings else embedding  # a tied head still multiplies
-    return config.num_params - embedding + head
+    return config.family.matmul_params(config)
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    attention = 2 * config.num_layers * seq_len * config.num_heads * config.head_dim
-    return 2.0 * matmul_params(config) + attention
+    """Model FLOPs of one token's forward pass at sequence length ``seq_len``."""
+    return config.family.forward_flops_per_token(config, seq_len)
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward plus backward (twice the forward): three forwards."""
     return 3.0 * forward_flops_per_token(config, seq_len)
 
 

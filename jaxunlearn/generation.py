@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxunlearn import sharding
 from jaxunlearn.models import LanguageModel
-from jaxunlearn.models.llama import KVCache
 
 
 def greedy_tokens(
@@ -26,7 +25,7 @@ def greedy_tokens(
     model = lm.bind(params)
     batch, length = prompts.shape
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    cache = KVCache.empty(lm.config, batch, length + max_new_tokens)
+    cache = lm.config.family.init_cache(lm.config, batch, length + max_new_tokens)
     hidden, cache = model.hidden_states(prompts, prompt_mask, positions, cache)
     first = jnp.argmax(model.logits(hidden[:, -1:]), axis=-1)[:, 0].astype(jnp.int32)
     last = positions[:, -1]
@@ -65,14 +64,15 @@ def generate(
 ) -> np.ndarray:
     """Greedy continuations for a host array of left-padded prompts, in sharded batches.
 
-    The batch is split over the mesh's ``data`` x ``fsdp`` axes; the last batch is padded to ``batch_size``.
+    The batch is split over the mesh axes that ``rules`` map ``batch`` to (``data`` x ``fsdp`` by default);
+    ``batch_size`` is rounded up to a multiple of that split and the last batch is padded to it.
     """
     prompts = np.asarray(prompts, np.int32)
     mask = np.ones_like(prompts) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
     mesh = mesh or sharding.single_device_mesh()
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = -(-batch_size // ways) * ways
     rules = sharding.normalize_rules(rules)
+    ways = sharding.batch_ways(mesh, rules)
+    batch_size = -(-batch_size // ways) * ways
     spec = sharding.named_sharding(("batch", "length"), rules, mesh, (batch_size, prompts.shape[1]))
     fn = _compiled(lm, max_new_tokens, mesh, rules, spec)
     out = []

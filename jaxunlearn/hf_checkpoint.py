@@ -3,7 +3,9 @@
 Loading places every tensor straight into its mesh sharding: each device's shard is read from the
 memory-mapped safetensors file and cast to the parameter dtype on its own, so a 7B checkpoint is never
 materialised whole (or in fp32) on one host. Only safetensors are read; pickle-based weights (``*.bin``,
-``*.pt``, ...) are refused, and remote code is never run.
+``*.pt``, ...) are refused, and remote code is never run. Which tensors exist and how they are laid out comes
+from the model family's table (:meth:`~jaxunlearn.models.registry.Family.hf_tensors`); nothing here is specific
+to one architecture.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,39 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors ca
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxunlearn import sharding
-from jaxunlearn.models import abstract_model, family
+from jaxunlearn.models import LanguageModel, abstract_model, family, split_model
 from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.layouts import HFTensor, hf_shape, read_block, to_hf_layout
+
+__all__ = [
+    "CheckpointError",
+    "from_pretrained",
+    "hf_shape",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "read_hf_config",
+    "resolve_model_dir",
+    "save_pretrained",
+    "to_hf_layout",
+]
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-# Buffers some old checkpoints saved next to the weights; they are recomputed from the config.
-_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+# Files any transformers tokenizer is saved as (fast, sentencepiece, tiktoken, BPE/WordPiece vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt")
+_TOKENIZER_GLOBS = ("*.model", "*.tiktoken")
+# What reading a damaged or unreadable tensor raises (safetensors, mmap, numpy without the dtype).
+_READ_ERRORS = (SafetensorError, OSError, ValueError, TypeError, AttributeError)
 
 
 class CheckpointError(ValueError):
@@ -79,6 +98,7 @@ def resolve_model_dir(
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of a model directory as a dict."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
@@ -97,7 +117,10 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it; refuse pickles."""
     index = model_dir / SAFE_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
         files = {name: model_dir / fname for name, fname in weight_map.items()}
@@ -118,9 +141,20 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"{model_dir} has no *.safetensors weights")
     files = {}
     for f in candidates:
-        with safe_open(f, framework="numpy") as handle:
+        with _open_safetensors(f) as handle:
             files.update({name: f for name in handle.keys()})
     return files
+
+
+def _open_safetensors(path: Path) -> Any:
+    """``safe_open`` that turns a damaged file (truncated, bad header) into a :class:`CheckpointError`."""
+    try:
+        return safe_open(path, framework="numpy")
+    except _READ_ERRORS as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated by an interrupted "
+            "download or copy: fetch it again"
+        ) from e
 
 
 class _SafetensorsReader:
@@ -133,80 +167,30 @@ class _SafetensorsReader:
     def _handle(self, name: str) -> Any:
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
+            self._handles[path] = _open_safetensors(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(self._handle(name).get_slice(name)[index])
-
-
-# --- parameter layouts ------------------------------------------------------------------------------------
-
-
-def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape of a (per-layer) jaxunlearn parameter of ``shape``."""
-    if layout == "same":
-        return shape
-    if layout == "transpose":
-        return shape[::-1]
-    if layout == "heads_in":
-        e, h, d = shape
-        return (h * d, e)
-    if layout == "heads_out":
-        h, d, e = shape
-        return (e, h * d)
-    if layout == "heads_bias":
-        h, d = shape
-        return (h * d,)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def to_hf_layout(layout: str, value: np.ndarray) -> np.ndarray:
-    """Rearrange a full (per-layer) jaxunlearn parameter into its HF tensor."""
-    if layout == "same":
-        return value
-    if layout == "transpose":
-        return value.T
-    if layout == "heads_in":
-        return value.transpose(1, 2, 0).reshape(-1, value.shape[0])
-    if layout == "heads_out":
-        return value.transpose(2, 0, 1).reshape(value.shape[2], -1)
-    if layout == "heads_bias":
-        return value.reshape(-1)
-    raise ValueError(f"unknown layout {layout!r}")
+        handle = self._handle(name)
+        try:
+            return np.asarray(handle.get_slice(name)[index])
+        except _READ_ERRORS as e:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({type(e).__name__}: {e})") from e
 
 
 def _read_block(
-    reader: _SafetensorsReader, name: str, layout: str, shape: tuple[int, ...], index: tuple[slice, ...]
+    reader: _SafetensorsReader, entry: HFTensor, name: str, shape: tuple[int, ...], index: tuple[slice, ...]
 ) -> np.ndarray:
-    """Read the block ``index`` of a per-layer jaxunlearn parameter from its HF tensor, touching only that block."""
-    ranges = [s.indices(n) for s, n in zip(index, shape)]
-    if any(step != 1 for _, _, step in ranges):
-        raise CheckpointError(f"strided shard of {name} is not supported")
-    sl = [slice(a, b) for a, b, _ in ranges]
-    if layout == "same":
-        return reader.read(name, tuple(sl))
-    if layout == "transpose":
-        return reader.read(name, (sl[1], sl[0])).T
-    if layout == "heads_in":  # [h*d, e] -> [e, h, d]
-        e, h, dd = sl
-        d = shape[2]
-        block = reader.read(name, (slice(h.start * d, h.stop * d), e))
-        return block.reshape(h.stop - h.start, d, e.stop - e.start)[:, dd, :].transpose(2, 0, 1)
-    if layout == "heads_out":  # [e, h*d] -> [h, d, e]
-        h, dd, e = sl
-        d = shape[1]
-        block = reader.read(name, (e, slice(h.start * d, h.stop * d)))
-        return block.reshape(e.stop - e.start, h.stop - h.start, d)[:, :, dd].transpose(1, 2, 0)
-    if layout == "heads_bias":  # [h*d] -> [h, d]
-        h, dd = sl
-        d = shape[1]
-        block = reader.read(name, (slice(h.start * d, h.stop * d),))
-        return block.reshape(h.stop - h.start, d)[:, dd]
-    raise ValueError(f"unknown layout {layout!r}")
+    """Read the block ``index`` of a per-layer parameter from HF tensor ``name``, touching only that block."""
+    try:
+        return read_block(entry.layout, lambda block: reader.read(name, block), shape, index)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # a sharding the layout cannot read block-wise
+        raise CheckpointError(f"cannot read {name} for shard {index}: {e}") from e
 
 
 def _nested_get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -223,8 +207,9 @@ def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: Any, model_dir: Path) -> None:
     """Fail once, naming every missing, mis-shaped and unexpected tensor."""
+    fam = family(config)
     expected: dict[str, tuple[int, ...]] = {}
-    for entry in family(config).hf_tensors(config):
+    for entry in fam.hf_tensors(config):
         shape = tuple(_nested_get(abs_params, entry.path).shape)
         if entry.stacked:
             for i in range(config.num_layers):
@@ -238,9 +223,7 @@ def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: 
         for n in set(expected) & present
         if reader.shape(n) != expected[n]
     )
-    ignorable = {n for n in present if _IGNORABLE.fullmatch(n)}
-    if config.tie_word_embeddings:
-        ignorable.add("lm_head.weight")  # tied checkpoints sometimes store the copy; transformers ignores it too
+    ignorable = {n for n in present if fam.ignored_hf_tensor(config, n)}
     unexpected = sorted(present - set(expected) - ignorable)
     problems = []
     for label, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
@@ -251,6 +234,16 @@ def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: 
         raise CheckpointError(
             f"checkpoint {model_dir} does not match its config.json ({config.model_type}): " + "; ".join(problems)
         )
+
+
+def check_checkpoint(model_dir: Path, config: ModelConfig) -> None:
+    """Check a checkpoint's files without reading its weights: every safetensors header opens, every tensor the
+    architecture needs is there with its shape (so a damaged download is refused before any work starts)."""
+    reader = _SafetensorsReader(_weight_files(model_dir))
+    for path in sorted(set(reader.files.values())):
+        with _open_safetensors(path):
+            pass
+    _check_tensors(reader, config, nnx.state(abstract_model(config)), model_dir)
 
 
 def from_pretrained(
@@ -266,7 +259,7 @@ def from_pretrained(
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
 ) -> nnx.Module:
-    """Load a Llama/Mistral/Qwen2 checkpoint (local directory or Hub id) as a sharded jaxunlearn model.
+    """Load a checkpoint of a registered family (local directory or Hub id) as a sharded jaxunlearn model.
 
     Args:
       name_or_path: a directory with ``config.json`` and ``model.safetensors`` (or sharded safetensors with
@@ -294,35 +287,93 @@ def from_pretrained(
     graphdef, abs_state = nnx.split(abstract_model(config))
     _check_tensors(reader, config, abs_state, model_dir)
     shardings = sharding.param_shardings(abs_state, mesh, rules)
-    target_dtype = np.dtype(param_dtype)
-
-    loaded: dict = {}
-    for entry in family(config).hf_tensors(config):
-        abstract = _nested_get(abs_state, entry.path)
-        shape = tuple(abstract.shape)
-        target = _nested_get(shardings, entry.path).get_value()
-
-        def read_shard(index: tuple[slice, ...], entry=entry, shape=shape) -> np.ndarray:
-            if not entry.stacked:
-                return _read_block(reader, entry.name, entry.layout, shape, index).astype(target_dtype)
-            layers = range(*index[0].indices(shape[0]))
-            blocks = [
-                _read_block(reader, entry.name.format(layer=i), entry.layout, shape[1:], index[1:]) for i in layers
-            ]
-            return np.stack(blocks).astype(target_dtype)
-
-        _nested_set(loaded, entry.path, jax.make_array_from_callback(shape, target, read_shard))
-    nnx.replace_by_pure_dict(abs_state, loaded)
+    nnx.replace_by_pure_dict(abs_state, _read_params(reader, config, abs_state, shardings))
     log.info("loaded %s (%s params, %s) from %s", config.model_type, f"{config.num_params:,}", param_dtype, model_dir)
     return nnx.merge(graphdef, abs_state)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None):
-    """The Hugging Face tokenizer saved with a checkpoint (never with remote code)."""
+def _read_params(reader: _SafetensorsReader, config: ModelConfig, abs_state: Any, shardings: Any) -> dict:
+    """Every parameter as a global array built shard by shard from the checkpoint, in ``config.param_dtype``."""
+    target_dtype = np.dtype(config.param_dtype)
+    loaded: dict = {}
+    for entry in family(config).hf_tensors(config):
+        shape = tuple(_nested_get(abs_state, entry.path).shape)
+        target = _nested_get(shardings, entry.path).get_value()
+
+        def read_shard(index: tuple[slice, ...], entry=entry, shape=shape) -> np.ndarray:
+            if not entry.stacked:
+                return _read_block(reader, entry, entry.name, shape, index).astype(target_dtype)
+            layers = range(*index[0].indices(shape[0]))
+            blocks = [_read_block(reader, entry, entry.name.format(layer=i), shape[1:], index[1:]) for i in layers]
+            return np.stack(blocks).astype(target_dtype)
+
+        _nested_set(loaded, entry.path, jax.make_array_from_callback(shape, target, read_shard))
+    return loaded
+
+
+def load_model(
+    path: str | os.PathLike,
+    model_cfg: Mapping[str, Any],
+    *,
+    mesh: Mesh,
+    rules: Any = None,
+    dtype: str | None = None,
+) -> tuple[LanguageModel, dict]:
+    """Load ``path`` with the numerics of a run config's ``config.model`` section: ``(structure, params)``.
+
+    ``param_dtype``, ``dtype``, ``remat`` and ``attention_impl`` come from ``model_cfg`` (an ml_collections
+    ``ConfigDict`` or any mapping; missing keys take :func:`from_pretrained`'s defaults); an explicit ``dtype``
+    overrides the compute dtype (e.g. ``"float32"`` to evaluate exactly). ``model_cfg.revision`` applies when
+    ``path`` is ``model_cfg.path`` itself: a revision names a commit of that repo, not of another model.
+    """
+
+    def get(key: str, default: Any) -> Any:
+        value = model_cfg.get(key, default)
+        return default if value in (None, "") else value
+
+    revision = get("revision", None) if os.fspath(path) == get("path", None) else None
+    model = from_pretrained(
+        path,
+        mesh=mesh,
+        rules=rules,
+        param_dtype=get("param_dtype", "float32"),
+        dtype=dtype or get("dtype", "bfloat16"),
+        remat=get("remat", "none"),
+        attention_impl=get("attention_impl", "xla"),
+        revision=revision,
+    )
+    return split_model(model)
+
+
+def _has_tokenizer_files(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in _TOKENIZER_FILES) or any(
+        next(model_dir.glob(pattern), None) is not None for pattern in _TOKENIZER_GLOBS
+    )
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, label: str = "config.model.tokenizer"
+) -> Any:
+    """The Hugging Face tokenizer saved in a directory or Hub repo (never with remote code).
+
+    ``label`` names the setting that chose ``name_or_path``; a directory without tokenizer files and any
+    failure to load one raise :class:`CheckpointError` naming the directory and telling to set ``label``.
+    """
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(name_or_path, revision=revision)
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if not _has_tokenizer_files(model_dir):
+        raise CheckpointError(
+            f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json or "
+            f"vocabulary files); set {label} to a directory or Hub id that has them"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, JSON, sentencepiece errors)
+        raise CheckpointError(
+            f"could not load the tokenizer in {model_dir} ({type(e).__name__}: {e}); set {label} to a directory "
+            "or Hub id with a working tokenizer"
+        ) from e
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -374,25 +425,17 @@ def save_pretrained(
     np_dtype = np.dtype(dtype_name)
     out = Path(out_dir)
     writer = jax.process_index() == 0
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) if writer else None
+    tmp = None
     if writer:
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        part, current, size, total = 0, {}, 0, 0
-        for name, tensor in _export_tensors(model, np_dtype):
-            if current and size + tensor.nbytes > max_shard_bytes:
-                _write_part(tmp, part, current)
-                part, current, size = part + 1, {}, 0
-            if writer:  # other processes only take part in the gathers
-                current[name] = np.ascontiguousarray(tensor)
-            size += tensor.nbytes
-            total += tensor.nbytes
+        _write_weights(model, tmp, np_dtype, max_shard_bytes)
         if writer:
-            _write_part(tmp, part, current)
-            _name_shards(tmp, total)
             (tmp / "config.json").write_text(json.dumps(config.to_hf(_dtype_name(np_dtype)), indent=2, sort_keys=True))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            _apply_umask(tmp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -400,6 +443,51 @@ def save_pretrained(
         if writer and tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_weights(model: nnx.Module, tmp: Path | None, dtype: np.dtype, max_shard_bytes: int) -> None:
+    """Safetensors files of at most ``max_shard_bytes`` (and their index) in ``tmp``; ``None`` on non-writers,
+    which only take part in the gathers."""
+    part, current, size, total = 0, {}, 0, 0
+    for name, tensor in _export_tensors(model, dtype):
+        if current and size + tensor.nbytes > max_shard_bytes:
+            _write_part(tmp, part, current)
+            part, current, size = part + 1, {}, 0
+        if tmp is not None:
+            current[name] = np.ascontiguousarray(tensor)
+        size += tensor.nbytes
+        total += tensor.nbytes
+    if tmp is not None:
+        _write_part(tmp, part, current)
+        _name_shards(tmp, total)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` alone must set one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the permissions a plain ``mkdir``/``open`` would have.
+
+    ``tempfile.mkdtemp`` creates a 0700 directory (and libraries may write 0600 temp files), which would make
+    an export unreadable to teammates on a shared filesystem.
+    """
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            Path(dirpath, d).chmod(0o777 & ~mask)
+        for f in filenames:
+            Path(dirpath, f).chmod(0o666 & ~mask)
 
 
 def _write_part(tmp: Path | None, part: int, tensors: dict[str, np.ndarray]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.models.precision import matmul_precision
 from jaxunlearn.sharding import constrain
 
 Array = jax.Array
@@ -60,7 +61,14 @@ def map_sequence_chunks(fn: Callable[..., Any], chunk_size: int, *arrays: Array)
 
 
 def _logits(hidden: Array, head: Array) -> Array:
-    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    # The same precision rule as the model's layers: an fp32 run projects in full fp32 on TPU/GPU too.
+    logits = jnp.einsum(
+        "bte,ev->btv",
+        hidden,
+        head.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+        precision=matmul_precision(hidden.dtype),
+    )
     return constrain(logits, ("batch", "length", "vocab"))
 
 

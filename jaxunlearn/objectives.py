@@ -2,15 +2,20 @@
 
 Every objective has the signature ``(params, ref_params, batch, rng, ctx) -> (loss, metrics)``:
 
-* ``params``: the trainable parameters; ``ref_params``: the frozen original model (``None`` unless the method
-  declares ``needs_reference``);
+* ``params``: the trainable parameters; ``ref_params``: the frozen original model (``None`` unless the method's
+  :class:`Needs` say ``reference``);
 * ``batch``: ``{"forget": split, "retain": split}`` where a split is ``{"tokens", "mask", "chunk_id"}`` with
-  ``[batch, length]`` right-padded arrays (``retain`` only for methods declaring ``needs_retain``);
-* ``rng``: a per-step PRNG key; ``ctx``: the model functions and the method's hyper-parameters.
+  ``[batch, length]`` right-padded arrays (``retain`` only when the :class:`Needs` say ``retain``);
+* ``rng``: a per-step PRNG key; ``ctx``: the model functions, the method's hyper-parameters and run constants.
+
+A method declares what it reads as a function of its hyper-parameters (``register(..., needs=...)``): e.g. NPO
+reads retain chunks only with ``retain_weight > 0``. Data preparation, the train step and the compute
+accounting all follow that one answer, so a term is never silently dropped for lack of data.
 
 Normalisation follows the official code: a *per-sequence token mean* of the per-token quantity over the
-sequence's valid positions, then the *mean over sequences*; padding never counts. The loss is minimised, so
-ascent terms enter with a minus sign. Adding a method means adding one function here and one config file.
+sequence's valid positions, then the *mean over sequences that have a target* (a chunk with nothing to score
+does not count as a zero); padding never counts. The loss is minimised, so ascent terms enter with a minus
+sign. Adding a method means adding one function here and one config file.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxunlearn import losses
 from jaxunlearn.models import LanguageModel
@@ -34,26 +40,49 @@ _RANDOM_LABEL_STREAM = 0x5EED
 
 
 @dataclasses.dataclass(frozen=True)
+class Needs:
+    """What one run of a method reads, decided from its resolved hyper-parameters.
+
+    Data preparation (which splits to load), the train step (which arrays it receives) and the compute
+    accounting (how many forward passes a step costs) all read this one answer.
+    """
+
+    retain: bool = False  # retain chunks in every step (as many as forget chunks)
+    reference: bool = False  # the frozen original model
+    reference_forwards: int = 0  # reference-model forward passes per forget chunk of a step
+    extras: frozenset[str] = frozenset()  # run constants from EXTRAS, e.g. "label_ids"
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     loss: Objective
-    needs_retain: bool
-    needs_reference: bool
-    hparams: Mapping[str, Any]
+    hparams: Mapping[str, Any]  # defaults, overridable as config.method.<name>
+    decide: Callable[[Mapping[str, Any]], Needs]
     summary: str
+
+    def needs(self, hparams: Mapping[str, Any] | None = None) -> Needs:
+        """This method's inputs under ``hparams`` (the defaults merged with the given values)."""
+        return self.decide({**self.hparams, **(hparams or {})})
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs_retain: bool = False, needs_reference: bool = False, **hparams: Any):
-    """Register an objective under ``name`` with its default hyper-parameters (overridable in config)."""
+def register(name: str, *, needs: Needs | Callable[[Mapping[str, Any]], Needs] = Needs(), **hparams: Any):
+    """Register an objective under ``name`` with its default hyper-parameters (overridable in config).
+
+    ``needs`` is a :class:`Needs` or a function of the hyper-parameters returning one.
+    """
+
+    def decide(hp: Mapping[str, Any]) -> Needs:
+        return needs(hp) if callable(needs) else needs
 
     def decorate(fn: Objective) -> Objective:
         if name in METHODS:
             raise ValueError(f"unlearning method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, needs_retain, needs_reference, dict(hparams), summary)
+        METHODS[name] = Method(name, fn, dict(hparams), decide, summary)
         return fn
 
     return decorate
@@ -65,6 +94,29 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def method_hparams(method_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters of a ``config.method`` section (everything but ``name``), defaults filled in."""
+    method = get_method(method_config["name"])
+    return {**method.hparams, **{k: v for k, v in method_config.items() if k != "name"}}
+
+
+def resolve_needs(method_config: Mapping[str, Any]) -> Needs:
+    """What the method of a ``config.method`` section needs under its hyper-parameters."""
+    return get_method(method_config["name"]).needs(method_hparams(method_config))
+
+
+def non_special_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
+    """The tokenizer's ids that are not special tokens (and fit the model's vocabulary)."""
+    special = set(tokenizer.all_special_ids)
+    return np.asarray([i for i in range(min(len(tokenizer), vocab_size)) if i not in special], dtype=np.int32)
+
+
+# Run constants a method may ask for in ``Needs.extras``: name -> f(tokenizer, model config).
+EXTRAS: dict[str, Callable[[Any, Any], Any]] = {
+    "label_ids": lambda tokenizer, model_config: non_special_ids(tokenizer, model_config.vocab_size),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What objectives need besides arrays: model functions, hyper-parameters and run constants."""
@@ -72,9 +124,26 @@ class Context:
     model: LanguageModel
     hparams: Mapping[str, Any]
     seed: int = 0
-    # Token ids random labels are drawn from (the tokenizer's vocabulary minus its special tokens).
-    label_ids: Any = None
+    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     chunk_size: int = 1024
+
+    @classmethod
+    def for_run(
+        cls, model: LanguageModel, method_config: Mapping[str, Any], *, seed: int, tokenizer: Any, chunk_size: int
+    ) -> Context:
+        """The context of a run: resolved hyper-parameters and the extras its method needs."""
+        needs = resolve_needs(method_config)
+        extras = {name: EXTRAS[name](tokenizer, model.config) for name in sorted(needs.extras)}
+        return cls(model, method_hparams(method_config), seed=seed, extras=extras, chunk_size=chunk_size)
+
+    def split(self, batch: Mapping[str, Split], name: str) -> Split:
+        """``batch[name]``, or an error saying which term's data is missing (a method declared it)."""
+        if name not in batch:
+            raise ValueError(
+                f"the objective needs {name!r} chunks but the batch has only {sorted(batch)}: its method's "
+                "Needs and its loss disagree"
+            )
+        return batch[name]
 
     def nll(self, params: dict, split: Split, targets: Array | None = None) -> Array:
         """Per-sequence mean NLL ``[batch]`` of ``targets`` (default: the true next tokens)."""
@@ -83,6 +152,10 @@ class Context:
         targets = true_targets if targets is None else targets
         logp = losses.token_logprobs(hidden, self.model.head(params), targets, chunk_size=self.chunk_size)
         return losses.sequence_mean(-logp, target_mask)
+
+    def mean_nll(self, params: dict, split: Split, targets: Array | None = None) -> Array:
+        """The mean over sequences of :meth:`nll`, counting only sequences that have a target."""
+        return mean_over_sequences(self.nll(params, split, targets), has_target(split))
 
     def kl_from_reference(self, params: dict, ref_params: dict, split: Split) -> Array:
         """Per-sequence mean ``KL(p_ref || p)`` ``[batch]`` over the non-padding positions."""
@@ -97,25 +170,64 @@ class Context:
         )
         return losses.sequence_mean(kl, split["mask"])
 
+    def mean_kl(self, params: dict, ref_params: dict, split: Split) -> Array:
+        """The mean over non-empty sequences of :meth:`kl_from_reference`."""
+        return mean_over_sequences(self.kl_from_reference(params, ref_params, split), split["mask"].any(-1))
+
+
+def mean_over_sequences(values: Array, valid: Array) -> Array:
+    """Mean of per-sequence ``values`` over the sequences marked ``valid`` (0 when none is).
+
+    A chunk with nothing to score (a single token has no next-token target) must not count as a zero.
+    """
+    weights = valid.astype(values.dtype)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def has_target(split: Split) -> Array:
+    """``[batch]`` bool: the sequence has at least one next-token target (two real tokens)."""
+    return losses.next_token_targets(split["tokens"], split["mask"])[1].any(-1)
+
 
 # --- the paper's methods ----------------------------------------------------------------------------------
 
 
-def ascent_term(seq_nll: Array, ctx: Context) -> Array:
+def ascent_term(seq_nll: Array, valid: Array, ctx: Context) -> Array:
     """The forget term gradient ascent maximises: the mean over chunks of the per-chunk NLL, each capped at
     ``forget_nll_cap`` nats when that is > 0 (0, the default, is the paper's uncapped ascent).
 
     A chunk whose NLL is above the cap gets no ascent gradient, so the ascent cannot run away on chunks that
     already look unseen while others are still memorised; retain descent keeps working meanwhile."""
     cap = ctx.hparams.get("forget_nll_cap", 0.0)
-    return jnp.mean(jnp.minimum(seq_nll, cap) if cap > 0 else seq_nll)
+    return mean_over_sequences(jnp.minimum(seq_nll, cap) if cap > 0 else seq_nll, valid)
+
+
+def _with_retain_term(loss: Array, metrics: dict, name: str, value: Callable[[], Array], ctx: Context):
+    """Add ``retain_weight x value()`` when the weight is > 0 (a zero weight drops the term and its data)."""
+    weight = ctx.hparams["retain_weight"]
+    if not weight:
+        return loss, metrics
+    term = value()
+    return loss + weight * term, {**metrics, name: term}
+
+
+def _retain_needs(reference: bool) -> Callable[[Mapping[str, Any]], Needs]:
+    """Retain chunks when ``retain_weight`` > 0; a reference forward on them for a KL term (``reference``)."""
+
+    def decide(hp: Mapping[str, Any]) -> Needs:
+        retain = hp["retain_weight"] > 0
+        uses_reference = reference and retain
+        return Needs(retain=retain, reference=uses_reference, reference_forwards=int(uses_reference))
+
+    return decide
 
 
 @register("ga", forget_nll_cap=0.0)
 def gradient_ascent(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent: maximise the forget chunks' NLL (minimise its negation)."""
-    forget_nll = ctx.nll(params, batch["forget"])
-    return -ascent_term(forget_nll, ctx), {"forget_nll": jnp.mean(forget_nll)}
+    forget = ctx.split(batch, "forget")
+    forget_nll, valid = ctx.nll(params, forget), has_target(forget)
+    return -ascent_term(forget_nll, valid, ctx), {"forget_nll": mean_over_sequences(forget_nll, valid)}
 
 
 def random_labels(chunk_ids: Array, length: int, seed: int, label_ids: Array) -> Array:
@@ -130,13 +242,14 @@ def random_labels(chunk_ids: Array, length: int, seed: int, label_ids: Array) ->
     return jax.vmap(one)(chunk_ids)
 
 
-@register("random_label")
+@register("random_label", needs=Needs(extras=frozenset({"label_ids"})))
 def random_label(params, ref_params, batch, rng, ctx: Context):
     """Fine-tune forget chunks on labels drawn uniformly from the vocabulary, fixed per chunk."""
-    forget = batch["forget"]
-    labels = random_labels(forget["chunk_id"], forget["tokens"].shape[1], ctx.seed, jnp.asarray(ctx.label_ids))
-    label_nll = ctx.nll(params, forget, targets=labels)
-    return jnp.mean(label_nll), {"label_nll": jnp.mean(label_nll)}
+    forget = ctx.split(batch, "forget")
+    label_ids = jnp.asarray(ctx.extras["label_ids"])
+    labels = random_labels(forget["chunk_id"], forget["tokens"].shape[1], ctx.seed, label_ids)
+    label_nll = ctx.mean_nll(params, forget, targets=labels)
+    return label_nll, {"label_nll": label_nll}
 
 
 def adversarial_labels(params: dict, split: Split, ctx: Context) -> Array:
@@ -147,59 +260,70 @@ def adversarial_labels(params: dict, split: Split, ctx: Context) -> Array:
     return jax.lax.stop_gradient(labels)
 
 
-@register("adversarial", needs_reference=True)
+@register("adversarial", needs=Needs(reference=True, reference_forwards=1))
 def adversarial(params, ref_params, batch, rng, ctx: Context):
     """Fine-tune forget chunks on the original model's best wrong next token (adversarial samples)."""
-    forget = batch["forget"]
-    label_nll = ctx.nll(params, forget, targets=adversarial_labels(ref_params, forget, ctx))
-    return jnp.mean(label_nll), {"label_nll": jnp.mean(label_nll)}
+    forget = ctx.split(batch, "forget")
+    label_nll = ctx.mean_nll(params, forget, targets=adversarial_labels(ref_params, forget, ctx))
+    return label_nll, {"label_nll": label_nll}
 
 
-@register("ga_gd", needs_retain=True, forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
+@register("ga_gd", needs=_retain_needs(reference=False), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_gd(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus gradient descent on retain chunks."""
-    forget_nll = ctx.nll(params, batch["forget"])
-    retain_nll = jnp.mean(ctx.nll(params, batch["retain"]))
-    loss = -ctx.hparams["forget_weight"] * ascent_term(forget_nll, ctx) + ctx.hparams["retain_weight"] * retain_nll
-    return loss, {"forget_nll": jnp.mean(forget_nll), "retain_nll": retain_nll}
+    loss, metrics = gradient_ascent(params, ref_params, batch, rng, ctx)
+    loss = ctx.hparams["forget_weight"] * loss
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: ctx.mean_nll(params, ctx.split(batch, "retain")), ctx)
 
 
-@register("ga_kl", needs_retain=True, needs_reference=True, forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
+@register("ga_kl", needs=_retain_needs(reference=True), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_kl(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus KL(original || current) on retain chunks."""
-    forget_nll = ctx.nll(params, batch["forget"])
-    retain_kl = jnp.mean(ctx.kl_from_reference(params, ref_params, batch["retain"]))
-    loss = -ctx.hparams["forget_weight"] * ascent_term(forget_nll, ctx) + ctx.hparams["retain_weight"] * retain_kl
-    return loss, {"forget_nll": jnp.mean(forget_nll), "retain_kl": retain_kl}
+    loss, metrics = gradient_ascent(params, ref_params, batch, rng, ctx)
+    loss = ctx.hparams["forget_weight"] * loss
+    retain_kl = lambda: ctx.mean_kl(params, ref_params, ctx.split(batch, "retain"))  # noqa: E731
+    return _with_retain_term(loss, metrics, "retain_kl", retain_kl, ctx)
 
 
 # --- beyond the paper ---------------------------------------------------------------------------------------
 
 
-@register("npo", needs_reference=True, beta=0.1, retain_weight=0.0)
-def negative_preference_optimization(params, ref_params, batch, rng, ctx: Context):
-    """NPO (Zhang et al. 2024): ``-(2/beta) log sigmoid(-beta (log p(x) - log p_ref(x)))`` on forget chunks,
-    with sequence log-likelihoods summed over tokens; plus ``retain_weight`` x KL on retain chunks when > 0."""
-    forget = batch["forget"]
+def _npo_needs(retain_kl: bool) -> Callable[[Mapping[str, Any]], Needs]:
+    """NPO's reference forward on forget chunks; retain chunks when ``retain_weight`` > 0, with one more reference
+    forward on them for a KL retain term (``retain_kl``)."""
+
+    def decide(hp: Mapping[str, Any]) -> Needs:
+        retain = hp["retain_weight"] > 0
+        return Needs(retain=retain, reference=True, reference_forwards=1 + int(retain and retain_kl))
+
+    return decide
+
+
+def npo_term(params: dict, ref_params: dict, forget: Split, ctx: Context) -> tuple[Array, dict[str, Array]]:
+    """``-(2/beta) log sigmoid(-beta (log p(x) - log p_ref(x)))`` averaged over forget chunks, with sequence
+    log-likelihoods summed over tokens."""
     _, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    valid = target_mask.any(-1)
     n_tokens = jnp.maximum(jnp.sum(target_mask, axis=-1), 1)
     logp = -ctx.nll(params, forget) * n_tokens
     ref_logp = jax.lax.stop_gradient(-ctx.nll(ref_params, forget) * n_tokens)
     beta = ctx.hparams["beta"]
-    npo = jnp.mean(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * (logp - ref_logp)))
-    metrics = {"npo": npo, "forget_nll": jnp.mean(-logp / n_tokens)}
-    loss = npo
-    if ctx.hparams["retain_weight"] and "retain" in batch:
-        retain_kl = jnp.mean(ctx.kl_from_reference(params, ref_params, batch["retain"]))
-        loss = loss + ctx.hparams["retain_weight"] * retain_kl
-        metrics["retain_kl"] = retain_kl
-    return loss, metrics
+    npo = mean_over_sequences(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * (logp - ref_logp)), valid)
+    return npo, {"npo": npo, "forget_nll": mean_over_sequences(-logp / n_tokens, valid)}
 
 
-@register("npo_gd", needs_retain=True, needs_reference=True, beta=0.1, forget_weight=1.0, retain_weight=1.0)
+@register("npo", needs=_npo_needs(retain_kl=True), beta=0.1, retain_weight=0.0)
+def negative_preference_optimization(params, ref_params, batch, rng, ctx: Context):
+    """NPO (Zhang et al. 2024) on forget chunks, plus ``retain_weight`` x KL(original || current) on retain
+    chunks when > 0."""
+    loss, metrics = npo_term(params, ref_params, ctx.split(batch, "forget"), ctx)
+    retain_kl = lambda: ctx.mean_kl(params, ref_params, ctx.split(batch, "retain"))  # noqa: E731
+    return _with_retain_term(loss, metrics, "retain_kl", retain_kl, ctx)
+
+
+@register("npo_gd", needs=_npo_needs(retain_kl=False), beta=0.1, forget_weight=1.0, retain_weight=1.0)
 def npo_gd(params, ref_params, batch, rng, ctx: Context):
     """NPO on forget chunks plus gradient descent on retain chunks (open-unlearning's and MUSE's NPO_GDR)."""
-    npo, metrics = negative_preference_optimization(params, ref_params, {"forget": batch["forget"]}, rng, ctx)
-    retain_nll = jnp.mean(ctx.nll(params, batch["retain"]))
-    loss = ctx.hparams["forget_weight"] * npo + ctx.hparams["retain_weight"] * retain_nll
-    return loss, {**metrics, "retain_nll": retain_nll}
+    npo, metrics = npo_term(params, ref_params, ctx.split(batch, "forget"), ctx)
+    loss = ctx.hparams["forget_weight"] * npo
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: ctx.mean_nll(params, ctx.split(batch, "retain")), ctx)

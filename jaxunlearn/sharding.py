@@ -164,6 +164,17 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def batch_ways(mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None) -> int:
+    """How many ways the ``batch`` logical axis is split on ``mesh`` under ``rules`` (default: data x fsdp).
+
+    Batch sizes must be multiples of this; it is read from the rules table, never spelled out by callers.
+    """
+    table = dict(normalize_rules(rules))
+    target = table.get("batch")
+    targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return math.prod(mesh.shape[t] for t in targets)
+
+
 def named_sharding(
     axes: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None
 ) -> NamedSharding:

@@ -3,8 +3,8 @@
 State is a dict ``{"params", "opt_state", "step"}``. One call of the step consumes one optimizer step's worth
 of data, ``[grad_accum_steps, micro_batch_size, length]`` per split, scanning over micro-batches so memory is
 that of one micro-batch; gradients are averaged in fp32. A step whose loss or gradient norm is not finite
-returns the *unchanged* state with ``finite=False``: the caller stops, and nothing non-finite is ever
-checkpointed.
+(or whose updated parameters are not finite) returns the *unchanged* state with ``finite=False``: the caller
+stops, and nothing non-finite is ever checkpointed.
 """
 
 from __future__ import annotations
@@ -79,13 +79,18 @@ def init_state(params: dict, tx: optax.GradientTransformation, shardings: State)
 
 
 def batch_shardings(batch: Any, mesh: Mesh, rules: Any = None) -> Any:
-    """``[accum, micro_batch, ...]`` arrays: the micro-batch axis over ``batch`` (data x fsdp)."""
+    """``[accum, micro_batch, ...]`` arrays: the micro-batch axis over the ``batch`` logical axis's mesh axes."""
 
     def one(x: Any) -> NamedSharding:
         axes = (None, "batch") + ("length",) * (x.ndim - 2)
         return sharding.named_sharding(axes, sharding.normalize_rules(rules), mesh, x.shape)
 
     return jax.tree.map(one, batch)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array of ``tree`` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_train_step(
@@ -123,10 +128,13 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
         loss = loss_sum / accum
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        new_params = optax.apply_updates(params, updates)
+        # A finite loss and gradient can still give non-finite parameters (an infinite learning rate, an
+        # overflowing moment): such a step is never applied, saved or exported.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {k: v / accum for k, v in metric_sums.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)

@@ -1,5 +1,6 @@
 """The command line end to end: every paper config, config errors, hard-kill resume."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from safetensors.numpy import load_file
 from tests.tiny_models import write_tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
+CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]  # the paper's
+BEYOND = ["npo", "npo_gd"]
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +60,49 @@ EXPECTED_METRICS = {
     "ga_kl": {"forget_nll", "retain_kl"},
     "ga_gd_general": {"forget_nll", "retain_nll"},
     "ga_kl_general": {"forget_nll", "retain_kl"},
+    "npo": {"npo", "forget_nll"},
+    "npo_gd": {"npo", "forget_nll", "retain_nll"},
 }
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_each_paper_config_runs_end_to_end(setup, tmp_path, config):
+@pytest.mark.parametrize("config", CONFIGS + BEYOND)
+def test_each_config_runs_end_to_end(setup, tmp_path, config):
     result = run_cli(setup, config, tmp_path / "run", "--config.train.max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "completed" and record["steps"] == 2
     assert record["method"] == config.replace("_general", "")
-    assert record["environment"]["versions"]["jax"]
+    assert record["environment"]["versions"]["jax"] == importlib.metadata.version("jax")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
-    assert EXPECTED_METRICS[config] | {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(lines[-1])
+    assert EXPECTED_METRICS[config] | {"loss", "grad_norm", "lr", "tokens_per_s"} == set(lines[-1]) - {"step", "split"}
+    trains_retain = bool(EXPECTED_METRICS[config] & {"retain_nll", "retain_kl"})
+    assert (record["data"]["retain_chunks"] > 0) == trains_retain == record["needs"]["retain"]
     assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert "unlearned model:" in result.stdout
+
+
+def test_npo_with_a_retain_weight_trains_its_kl_term_and_refuses_a_missing_retain_set(setup, tmp_path):
+    result = run_cli(setup, "npo", tmp_path / "run", "--config.train.max_steps=3", "--config.method.retain_weight=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["needs"]["retain"] and record["needs"]["reference_forwards"] == 2
+    assert record["data"]["retain_chunks"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["retain_kl"] > 0  # the KL term really ran (step 1 has lr 0, step 2 moved the model)
+    assert all(x["loss"] == pytest.approx(x["npo"] + 0.5 * x["retain_kl"], rel=1e-5) for x in lines)
+
+    missing = run_cli(
+        setup,
+        "npo",
+        tmp_path / "missing",
+        "--config.method.retain_weight=0.5",
+        "--config.data.retain.path=",
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "config.data.retain.path='': method npo (beta=0.1, retain_weight=0.5) trains a retain term" in missing.stderr
+    assert not (tmp_path / "missing").exists()
 
 
 def test_oracle_of_another_architecture_is_refused_before_compute(setup, tmp_path):
@@ -126,6 +154,8 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
     resumed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming ga_gd from step 2 of 4" in resumed.stderr
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # step 3 of the killed run is dropped, not repeated
 
     a = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "hf_model" / "model.safetensors")
@@ -148,10 +178,12 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
 @pytest.mark.parametrize("preset", ["builtin", "arxiv", "github"])
 def test_every_config_file_is_valid_in_every_preset(preset):
     from jaxunlearn.config import validate
+    from jaxunlearn.objectives import METHODS
     from tests.tiny_models import load_config_file
 
     names = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
-    assert set(CONFIGS) <= set(names)
+    # Every registered method has a config file, and every config file names a registered method.
+    assert {load_config_file(n, preset).method.name for n in names} == set(METHODS)
     for name in names:
         config = load_config_file(name, preset)
         if preset != "builtin":  # the paper's presets take the model from the user
@@ -159,3 +191,30 @@ def test_every_config_file_is_valid_in_every_preset(preset):
         validate(config)  # raises ConfigError naming the key
         assert config.method.name == name.replace("_general", "")
         assert config.data.retain.path.startswith("world:general") == (preset == "builtin" and "general" in name)
+
+
+def test_random_kills_then_reruns_end_bit_identical(setup, tmp_path):
+    """SIGKILL at random steps (after the step's checkpoint is complete, or at once, possibly in the middle of an
+    asynchronous save, the final one included), then the same command until it finishes: every trial ends with
+    the uninterrupted run's parameters, bit for bit, and every step logged once."""
+    args = ("--config.train.max_steps=6", "--config.checkpoint.every_steps=2")
+    straight = run_cli(setup, "ga_gd", tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
+    rng = np.random.default_rng(2026)
+    for trial in range(3):
+        run = tmp_path / f"trial{trial}"
+        kills = sorted(rng.choice(np.arange(1, 7), size=1 + trial % 2, replace=False))
+        for step in kills:
+            spec = f"{step}{'!' if rng.random() < 0.5 else ''}"
+            killed = run_cli(setup, "ga_gd", run, *args, env={"JAXUNLEARN_FAULT_KILL_AFTER_STEP": spec})
+            if killed.returncode == 0:  # a resumed run may start past the kill step: nothing to kill
+                continue
+            assert killed.returncode == -9, (spec, killed.stderr[-3000:])
+        final = run_cli(setup, "ga_gd", run, *args)
+        assert final.returncode == 0, final.stderr[-3000:]
+        got = load_file(run / "hf_model" / "model.safetensors")
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=f"trial {trial}, kills {kills}: {name}")
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4, 5, 6], (trial, kills, steps)

@@ -1,6 +1,9 @@
 """Documents, chunking and its cache, per-step batches: against hand computations."""
 
 import json
+import os
+import re
+import stat
 
 import numpy as np
 import pyarrow as pa
@@ -126,3 +129,34 @@ def test_batches_cover_each_forget_chunk_once_per_epoch_and_are_deterministic():
     np.testing.assert_array_equal(batch["forget"]["chunk_id"].ravel(), b.forget_indices(1))
     with pytest.raises(DataError, match="forget set has 3 chunks but one step takes"):
         StepBatcher(_chunks(3), None, 2, 2, seed=0)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_chunk_cache_permissions_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    (tmp_path / "f.jsonl").write_text(json.dumps({"text": "abcdefgh"}))
+    cache = tmp_path / "shared"
+    old = os.umask(umask)
+    try:
+        load_chunks(_src(tmp_path / "f.jsonl"), CharTokenizer(), 4, min_tokens=2, cache_dir=cache)
+    finally:
+        os.umask(old)
+    (entry,) = (cache / "chunks").iterdir()  # one entry, no temporary file left behind
+    assert entry.suffix == ".npz"
+    assert stat.S_IMODE(entry.stat().st_mode) == file_mode
+    assert stat.S_IMODE((cache / "chunks").stat().st_mode) == dir_mode
+    assert stat.S_IMODE(cache.stat().st_mode) == dir_mode
+
+
+def test_an_unwritable_chunk_cache_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    warnings = []  # captured here: engine.configure_logging stops jaxunlearn's records from reaching caplog
+    monkeypatch.setattr(chunks_module.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    (tmp_path / "f.jsonl").write_text(json.dumps({"text": "abcdefgh"}))
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("")  # cache/chunks cannot be created, even by root
+    chunks = load_chunks(_src(tmp_path / "f.jsonl"), CharTokenizer(), 4, min_tokens=2, cache_dir=not_a_dir)
+    a, b, c, d, e, f, g, h = range(10, 18)  # [1 a b c] [d e f g] [h]: the last is dropped (1 < 2)
+    np.testing.assert_array_equal(chunks.tokens, [[1, a, b, c], [d, e, f, g]])
+    (warning,) = warnings
+    assert re.fullmatch(
+        rf"cannot write the chunk cache {not_a_dir}/chunks/[0-9a-f]{{32}}\.npz \(.+\); continuing without it", warning
+    )

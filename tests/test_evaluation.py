@@ -1,5 +1,6 @@
 """The evaluation loop and metrics against torch forwards, scikit-learn, rouge-score and hand computations."""
 
+import json
 import math
 import zlib
 
@@ -173,3 +174,23 @@ def test_chunked_vocabulary_pass_bounds_memory():
     whole, chunked = temp_bytes(512), temp_bytes(32)
     assert whole >= full_logits  # one chunk = the whole sequence: logits materialised
     assert chunked < full_logits and chunked < whole / 3  # less than a single [batch, length, vocab] array
+
+
+def test_result_cache_verifies_what_it_reads(tmp_path, caplog):
+    from jaxunlearn.evaluation.runner import ResultCache
+
+    cache = ResultCache(tmp_path)
+    value = {"perplexity": {"forget": {"ppl": 62.06}}, "list": [1, 2.5]}
+    cache.write("original", "key-1", value)
+    assert cache.read("original", "key-1") == value
+    assert cache.read("original", "key-2") is None  # another key: another file, absent
+    path = cache.path("original", "key-1")
+    entry = json.loads(path.read_text())
+    entry["value"]["perplexity"]["forget"]["ppl"] = 1.0
+    path.write_text(json.dumps(entry))  # edited: the checksum no longer matches
+    caplog.set_level("WARNING", logger="jaxunlearn")
+    assert cache.read("original", "key-1") is None
+    path.write_text(path.read_text()[:40])  # truncated
+    assert cache.read("original", "key-1") is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all(str(path) in m for m in messages)

@@ -1,6 +1,8 @@
 """Export to Hugging Face format: transformers loads it and gets our logits; re-import is exact."""
 
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,27 @@ def test_interrupted_export_leaves_previous_checkpoint_intact(tmp_path, one_devi
         save_pretrained(model, tmp_path / "export")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "src"]  # no temporary directory left
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then restore it."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(
+    ("mask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)], ids=["umask022", "umask077"]
+)
+def test_export_permissions_follow_the_umask(tmp_path, one_device, umask, mask, dir_mode, file_mode):
+    # A teammate on a shared filesystem must be able to read an export made under umask 022.
+    save_hf_model("llama_gqa_tied", tmp_path / "src")
+    model = from_pretrained(tmp_path / "src", mesh=one_device, dtype="float32")
+    umask(mask)
+    out = save_pretrained(model, tmp_path / "runs" / "hf_model", tokenizer=make_tokenizer(), max_shard_bytes=20_000)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    files = list(out.rglob("*"))
+    assert len(files) > 4 and "model.safetensors.index.json" in {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(file_mode) for p in files}
+    assert stat.S_IMODE((tmp_path / "runs").stat().st_mode) == dir_mode  # a parent created for the export

@@ -1,5 +1,6 @@
 """KV-cached greedy generation against uncached argmax decoding and transformers' greedy generate."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from jaxunlearn import sharding
 from jaxunlearn.generation import generate
 from jaxunlearn.hf_checkpoint import from_pretrained
-from jaxunlearn.models import split_model
+from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
 from tests.tiny_models import save_hf_model
 
 
@@ -58,3 +59,26 @@ def test_sharded_generation_equals_one_device(model):
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     s_lm, s_params = split_model(from_pretrained(path, mesh=mesh, dtype="float32"))
     np.testing.assert_array_equal(generate(s_lm, s_params, PROMPTS, max_new_tokens=6, mesh=mesh), ref)
+
+
+def test_batch_is_split_as_the_rules_say(monkeypatch):
+    # Rules that put the batch on every mesh axis: 8 ways on a fsdp=4 x tensor=2 mesh, not data x fsdp = 4.
+    config = ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8
+    )
+    lm, params = split_model(init_model(config.replace(dtype="float32"), seed=1, mesh=sharding.single_device_mesh()))
+    prompts = np.random.default_rng(1).integers(0, 64, (5, 4))
+    ref = generate(lm, params, prompts, max_new_tokens=3)
+
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    rules = [("batch", ("data", "fsdp", "tensor"))] + [r for r in sharding.DEFAULT_RULES if r[0] != "batch"]
+    placed = []
+    original = sharding.host_to_global
+    monkeypatch.setattr(
+        sharding, "host_to_global", lambda tree, shardings: placed.append(original(tree, shardings)) or placed[-1]
+    )
+    sharded = jax.device_put(params, param_shardings(lm.config, mesh))
+    out = generate(lm, sharded, prompts, max_new_tokens=3, mesh=mesh, rules=rules, batch_size=2)
+    np.testing.assert_array_equal(out, ref)
+    batch = placed[0][0]
+    assert batch.shape[0] == 8 and batch.sharding.shard_shape(batch.shape)[0] == 1  # one row per device

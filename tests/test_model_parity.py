@@ -1,14 +1,17 @@
 """The Flax decoder against transformers (torch, CPU, fp32) on the same tiny random weights."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import from_pretrained
-from jaxunlearn.models import ModelConfig, abstract_model
+from jaxunlearn import hf_checkpoint, losses, sharding
+from jaxunlearn.hf_checkpoint import from_pretrained, load_model
+from jaxunlearn.models import ModelConfig, abstract_model, split_model
 from tests.tiny_models import VARIANTS, make_hf_model, padded_batch, save_hf_model, torch_logits
 
 
@@ -105,3 +108,84 @@ def test_param_count_matches_transformers():
         hf_model = make_hf_model(variant)
         config = ModelConfig.from_hf(hf_model.config.to_dict())
         assert config.num_params == sum(p.numel() for p in hf_model.parameters()), variant
+
+
+def test_with_dtype_computes_in_fp32_exactly_as_an_fp32_model(tmp_path, one_device):
+    save_hf_model("llama_gqa_tied", tmp_path)
+    bf16_lm, params = split_model(from_pretrained(tmp_path, mesh=one_device, dtype="bfloat16"))
+    fp32_lm, fp32_params = split_model(from_pretrained(tmp_path, mesh=one_device, dtype="float32"))
+    tokens, mask = (jnp.asarray(a) for a in padded_batch())
+    lm = bf16_lm.with_dtype("float32")
+    assert lm.config == fp32_lm.config and bf16_lm.config.dtype == "bfloat16"
+    assert jax.tree.structure(nnx.State(params)) == jax.tree.structure(nnx.State(fp32_params))
+    ours = np.asarray(lm.logits(params, tokens, mask))
+    np.testing.assert_array_equal(ours, np.asarray(fp32_lm.logits(fp32_params, tokens, mask)))
+    # ... and the bf16 model really computed something else.
+    assert not np.array_equal(ours, np.asarray(bf16_lm.logits(params, tokens, mask)))
+
+
+def _model_section(**changes):
+    section = dict(
+        path="",
+        tokenizer="",
+        revision="",
+        param_dtype="float32",
+        dtype="bfloat16",
+        reference_dtype="",
+        remat="none",
+        attention_impl="xla",
+    )
+    return ml_collections.ConfigDict({**section, **changes})
+
+
+def test_load_model_takes_numerics_from_the_model_section(tmp_path, one_device):
+    save_hf_model("mistral_sliding_window", tmp_path)
+    cfg = _model_section(
+        path=str(tmp_path), param_dtype="bfloat16", remat="dots", attention_impl="dot_product_attention"
+    )
+    lm, params = load_model(tmp_path, cfg, mesh=one_device)
+    assert (lm.config.param_dtype, lm.config.dtype, lm.config.remat) == ("bfloat16", "bfloat16", "dots")
+    assert lm.config.attention_impl == "dot_product_attention"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    lm32, params32 = load_model(tmp_path, cfg, mesh=one_device, dtype="float32")  # explicit compute dtype wins
+    assert lm32.config.dtype == "float32" and lm32.config.param_dtype == "bfloat16"
+
+
+def test_load_model_applies_the_revision_to_its_own_model_only(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(hf_checkpoint, "from_pretrained", lambda path, **kw: seen.append(kw["revision"]))
+    monkeypatch.setattr(hf_checkpoint, "split_model", lambda model: (None, None))
+    cfg = _model_section(path="acme/model", revision="v1.0")
+    load_model("acme/model", cfg, mesh=None)
+    load_model("acme/oracle", cfg, mesh=None)  # another repo: the model's revision names none of its commits
+    load_model("acme/model", _model_section(path="acme/model"), mesh=None)
+    assert seen == ["v1.0", None, None]
+
+
+def _dot_precisions(fn, *args) -> set[str]:
+    text = jax.jit(fn).lower(*args).as_text()
+    found = re.findall(r"stablehlo.dot_general.*precision = \[(\w+), (\w+)\]", text)
+    assert found, "no dot_general in the lowered program"
+    return {p for pair in found for p in pair}
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", {"HIGHEST"}), ("bfloat16", {"DEFAULT"})])
+def test_one_matmul_precision_rule_for_layers_and_vocabulary_projection(dtype, expected):
+    # fp32 compute must not silently run bf16/TF32 passes on TPU/GPU: every matmul, including the losses'
+    # chunked vocabulary projection, asks for HIGHEST; bf16 compute keeps the fast default.
+    config = ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8
+    )
+    config = config.replace(dtype=dtype)
+    graphdef, state = nnx.split(abstract_model(config))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    assert _dot_precisions(lambda s: nnx.merge(graphdef, s)(tokens), state) == expected
+    hidden = jax.ShapeDtypeStruct((2, 8, 16), jnp.dtype(dtype))
+    head = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+    for fn in (
+        lambda h, w: losses.token_logprobs(h, w, tokens, chunk_size=4),
+        lambda h, w: losses.token_kl(h, w, h, w, chunk_size=4),
+        lambda h, w: losses.top_token_excluding(h, w, tokens),
+        lambda h, w: losses.vocabulary_stats(h, w, tokens),
+    ):
+        assert _dot_precisions(fn, hidden, head) == expected

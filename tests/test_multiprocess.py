@@ -59,7 +59,7 @@ def test_two_processes_equal_one_process(tmp_path):
         "--config.data.general.path=",
         "--config.data.eval_retain.path=",
         "--config.evaluation.oracle_model=",
-        "--config.evaluation.verbatim_max_chunks=4",
+        "--config.evaluation.verbatim.max_chunks=4",
     ]
     base_env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     one = subprocess.run(

@@ -44,7 +44,7 @@ def _jax_value_and_grads(name, lm, params, ref_params, hparams=None):
         lm,
         hparams={**method.hparams, **(hparams or {})},
         seed=5,
-        label_ids=np.arange(3, VOCAB, dtype=np.int32),
+        extras={"label_ids": np.arange(3, VOCAB, dtype=np.int32)},
         chunk_size=5,
     )
     batch = jax.tree.map(jnp.asarray, BATCH)
@@ -182,7 +182,9 @@ def test_random_label(models):
     lm, params, ref_params, current, _ = models
     value, _, grads, ctx = _jax_value_and_grads("random_label", lm, params, ref_params)
     forget = BATCH["forget"]
-    labels = np.asarray(random_labels(jnp.asarray(forget["chunk_id"]), 12, ctx.seed, jnp.asarray(ctx.label_ids)))
+    labels = np.asarray(
+        random_labels(jnp.asarray(forget["chunk_id"]), 12, ctx.seed, jnp.asarray(ctx.extras["label_ids"]))
+    )
     model = _torch_model(current)
     loss = _torch_seq_nll(model, forget, labels=labels).mean()
     loss.backward()
@@ -272,3 +274,61 @@ def test_npo_gd(models):
     assert abs(value - loss.item()) < 1e-4 * max(1.0, abs(loss.item()))
     assert abs(metrics["retain_nll"] - retain.item()) < 1e-5
     _compare_grads(lm, grads, model)
+
+
+# --- what each method reads, decided from its hyper-parameters ---------------------------------------------
+
+# (method, hyper-parameters) -> (retain, reference, reference forwards per forget chunk, extras), by hand.
+EXPECTED_NEEDS = [
+    ("ga", {}, (False, False, 0, set())),
+    ("random_label", {}, (False, False, 0, {"label_ids"})),
+    ("adversarial", {}, (False, True, 1, set())),
+    ("ga_gd", {}, (True, False, 0, set())),
+    ("ga_gd", {"retain_weight": 0.0}, (False, False, 0, set())),  # plain GA: no retain data loaded
+    ("ga_kl", {}, (True, True, 1, set())),
+    ("ga_kl", {"retain_weight": 0.0}, (False, False, 0, set())),
+    ("npo", {}, (False, True, 1, set())),
+    ("npo", {"retain_weight": 0.5}, (True, True, 2, set())),  # + the KL term's reference forward
+    ("npo_gd", {}, (True, True, 1, set())),
+    ("npo_gd", {"retain_weight": 0.0}, (False, True, 1, set())),
+]
+
+
+@pytest.mark.parametrize("name, hparams, expected", EXPECTED_NEEDS)
+def test_methods_decide_their_inputs_from_their_hyper_parameters(name, hparams, expected):
+    from jaxunlearn.config import base_config
+    from jaxunlearn.objectives import resolve_needs
+
+    config = base_config(name, preset="arxiv")
+    for key, value in hparams.items():
+        config.method[key] = value
+    needs = resolve_needs(config.method)
+    assert (needs.retain, needs.reference, needs.reference_forwards, set(needs.extras)) == expected
+
+
+def test_a_declared_term_without_its_data_is_an_error_not_a_silent_skip(models):
+    lm, params, ref_params, _, _ = models
+    method = get_method("npo")
+    ctx = Context(lm, hparams={**method.hparams, "retain_weight": 0.5})
+    batch = {"forget": jax.tree.map(jnp.asarray, BATCH["forget"])}  # no retain chunks
+    with pytest.raises(ValueError, match="needs 'retain' chunks but the batch has only \\['forget'\\]"):
+        method.loss(params, ref_params, batch, jax.random.key(0), ctx)
+
+
+def test_a_chunk_without_a_target_does_not_dilute_the_mean(models):
+    """A one-token chunk has no next-token target: the GA and GA+GD means are over the chunks that have one
+    (torch: the per-sequence means of the other rows), not a zero averaged in."""
+    lm, params, ref_params, current, _ = models
+    one_token = {k: v.copy() for k, v in BATCH["forget"].items()}
+    one_token["mask"][2] = 0
+    one_token["mask"][2, 0] = 1
+    batch = {"forget": one_token, "retain": BATCH["retain"]}
+    for name, hp in (("ga", {}), ("ga_gd", {"forget_weight": 1.0, "retain_weight": 1.0})):
+        method = get_method(name)
+        ctx = Context(lm, hparams={**method.hparams, **hp})
+        value, metrics = method.loss(params, ref_params, jax.tree.map(jnp.asarray, batch), jax.random.key(0), ctx)
+        with torch.no_grad():
+            forget = _torch_seq_nll(current, one_token)[:2].mean().item()  # rows 0 and 1 have targets
+            retain = _torch_seq_nll(current, BATCH["retain"]).mean().item() if name == "ga_gd" else 0.0
+        assert float(value) == pytest.approx(-forget + retain, abs=1e-5)
+        assert float(metrics["forget_nll"]) == pytest.approx(forget, abs=1e-5)

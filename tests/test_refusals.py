@@ -1,7 +1,9 @@
 """Every refusal of the checkpoint loader says what is wrong and names the culprit."""
 
 import json
+import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ from safetensors.numpy import load_file, save_file
 
 import jaxunlearn.hf_checkpoint as hfc
 from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import CheckpointError, from_pretrained
+from jaxunlearn.hf_checkpoint import CheckpointError, from_pretrained, load_tokenizer
 from jaxunlearn.models import UnsupportedModelError
-from tests.tiny_models import save_hf_model
+from tests.tiny_models import make_tokenizer, save_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,79 @@ def test_hub_id_resolves_from_the_offline_cache(source, tmp_path):
     assert hfc.resolve_model_dir("acme/tiny-llama", cache_dir=str(tmp_path)) == repo / "snapshots" / commit
     model = from_pretrained("acme/tiny-llama", cache_dir=str(tmp_path), mesh=sharding.single_device_mesh())
     assert model.config.num_layers == 3
+
+
+def _header_size(path):
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_truncated_safetensors_is_named(ckpt, where):
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + _header_size(weights)
+    cut = (header_end + len(data)) // 2 if where == "data" else header_end // 2
+    weights.write_bytes(data[:cut])
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(weights)) + " is not a readable safetensors file .*truncated"
+    ):
+        _load(ckpt)
+
+
+def test_truncated_shard_of_an_indexed_checkpoint_is_named(ckpt):
+    # With an index the shards are opened only when their tensors are read.
+    tensors = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, ckpt / fname)
+    weight_map = {k: fname for fname, keys in shards.items() for k in keys}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    second = ckpt / "model-00002-of-00002.safetensors"
+    second.write_bytes(second.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=re.escape(f"{second} is not a readable safetensors file")):
+        _load(ckpt)
+
+
+def _write_raw_safetensors(path, tensors, dtypes):
+    """A safetensors file written byte by byte, so a tensor can carry a dtype numpy cannot hold."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        blob = array.tobytes() if name not in dtypes else bytes(array.size)  # 1-byte dtypes only
+        header[name] = {
+            "dtype": dtypes.get(name, "F32"),
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_unreadable_tensor_is_named_with_its_file(ckpt):
+    tensors = load_file(ckpt / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    _write_raw_safetensors(ckpt / "model.safetensors", tensors, {name: "F8_E8M0"})  # numpy has no such dtype
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt / 'model.safetensors'}: cannot read tensor {name}")):
+        _load(ckpt)
+
+
+def test_model_without_tokenizer_files_says_which_setting_to_change(ckpt):
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(ckpt)) + " has no tokenizer files .* set config.model.tokenizer to"
+    ):
+        load_tokenizer(ckpt)
+    with pytest.raises(CheckpointError, match="set --tokenizer to a directory or Hub id"):
+        load_tokenizer(ckpt, label="--tokenizer")
+
+
+def test_broken_tokenizer_is_a_checkpoint_error_naming_the_directory(ckpt):
+    make_tokenizer().save_pretrained(ckpt)
+    assert len(load_tokenizer(ckpt)) > 0
+    (ckpt / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match=re.escape(f"could not load the tokenizer in {ckpt}")):
+        load_tokenizer(ckpt)

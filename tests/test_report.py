@@ -1,5 +1,6 @@
 """Evaluation inside unlearning runs: the report, the stopping rule, compute accounting, the evaluate CLI."""
 
+import importlib.metadata
 import json
 import math
 import os
@@ -54,11 +55,18 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
         report["models"]["unlearned"]["perplexity"]["forget"]["ppl"]
         - report["models"]["original"]["perplexity"]["forget"]["ppl"]
     )
-    assert report["stamp"]["method"] == "ga_gd" and report["stamp"]["versions"]["jax"]
+    assert report["stamp"]["method"] == "ga_gd"
+    assert report["stamp"]["versions"]["jax"] == importlib.metadata.version("jax")
     for plot in ("perplexity_history.png", "roc.png"):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
     assert "## Membership inference" in md and "| forget |" in md
+    header = md.split("\n## ")[0]
+    assert "{'" not in header and "[" not in header  # readable values, not Python reprs
+    assert "- **method**: ga_gd (forget_nll_cap=0, forget_weight=1, retain_weight=1)" in header
+    assert "- **optimizer**: AdamW, lr 0.001 (cosine" in header
+    data = next(line for line in header.splitlines() if line.startswith("- **data**"))
+    assert f"forget: {finished_run[1]['forget']}" in data and f"approximate: {finished_run[1]['approximate']}" in data
     assert record["report"] == str(run / "report.md")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["split"] == "eval"] == [2]
@@ -70,9 +78,18 @@ def test_compute_accounting(finished_run):
     compute = report["compute"]
     hf = json.loads((finished_run[1]["model"] / "config.json").read_text())
     mc = ModelConfig.from_hf(hf)
-    # by hand: 4 steps x 8 forget + 8 retain chunks x 32 tokens, 6N + 6 L T H D per trained token
-    n = mc.num_params - mc.vocab_size * mc.hidden_size + mc.vocab_size * mc.hidden_size  # tied head multiplies
-    per_token = 6 * n + 6 * mc.num_layers * 32 * mc.num_heads * mc.head_dim
+    # by hand: 4 steps x 8 forget + 8 retain chunks x 32 tokens, 6N + 6 L T H D per trained token, with N the
+    # parameters transformers counts (a tied embedding once) minus the embedding lookup plus the tied head
+    import transformers
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(finished_run[1]["model"])
+    embedding = torch_model.get_input_embeddings().weight.numel()
+    assert (
+        hf["tie_word_embeddings"]
+        and torch_model.get_output_embeddings().weight is torch_model.get_input_embeddings().weight
+    )
+    n = sum(p.numel() for p in torch_model.parameters()) - embedding + embedding
+    per_token = 6 * n + 6 * hf["num_hidden_layers"] * 32 * hf["hidden_size"]  # heads x head_dim = hidden size
     expected = 4 * 16 * 32 * per_token
     assert compute["unlearning_flops"] == pytest.approx(expected)
     assert compute["retraining_over_unlearning"] == pytest.approx(3e12 * per_token / expected)
@@ -84,7 +101,7 @@ def test_stopping_rule_stops_at_the_target_and_stays_stopped(tmp_path):
     config = tiny_run_config(setup, "ga", tmp_path / "cache", train__max_steps=20, optim__lr=3e-3)
     config.evaluation.every_steps = 1
     config.evaluation.stop_approx_multiple = 1.05
-    config.evaluation.verbatim_max_chunks = 0
+    config.evaluation.verbatim.max_chunks = 0
     record = unlearn(config, tmp_path / "run")
     stopped = record["stopped"]
     assert stopped is not None and stopped["step"] < 20
@@ -121,9 +138,9 @@ def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
         "--config.data.max_length=32",
         f"--config.data.cache_dir={root / 'cache'}",
         "--config.model.dtype=float32",
-        "--config.evaluation.verbatim_prompt_tokens=8",
-        "--config.evaluation.verbatim_new_tokens=8",
-        "--config.evaluation.verbatim_max_chunks=16",
+        "--config.evaluation.verbatim.prompt_tokens=8",
+        "--config.evaluation.verbatim.new_tokens=8",
+        "--config.evaluation.verbatim.max_chunks=16",
         "--config.mesh.fsdp=1",
     ]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
@@ -144,10 +161,13 @@ def test_only_process_zero_writes_the_report(finished_run, tmp_path, monkeypatch
     from jaxunlearn.evaluation.report import write_report
 
     report = json.loads((finished_run[0] / "run" / "report.json").read_text())
+    kwargs = dict(
+        stamp=report["stamp"], results=report["models"], metrics=report["metrics"], options=report["evaluation"]
+    )
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    returned = write_report(tmp_path / "other", stamp=report["stamp"], models=report["models"])
+    returned = write_report(tmp_path / "other", **kwargs)
     assert returned["models"] == report["models"]
     assert not (tmp_path / "other").exists()
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    write_report(tmp_path / "zero", stamp=report["stamp"], models=report["models"])
+    write_report(tmp_path / "zero", **kwargs)
     assert json.loads((tmp_path / "zero" / "report.json").read_text())["models"] == report["models"]

@@ -85,7 +85,7 @@ def _run_steps(checkpoint, mesh, method_name, steps, batches, sgd=False):
         tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
     p_sh = param_shardings(lm.config, mesh)
     s_sh = state_shardings(tx, p_sh, mesh)
-    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)(params) if method.needs_reference else None
+    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)(params) if method.needs().reference else None
     state = init_state(params, tx, s_sh)
     ctx = Context(lm, hparams=method.hparams, chunk_size=5)
     b_sh = batch_shardings(batches[0], mesh)
@@ -176,7 +176,12 @@ def test_run_record_metrics_and_tensorboard(tmp_path):
     record = unlearn(config, tmp_path / "run")
     assert record["status"] == "completed"
     assert record["environment"]["mesh"]["shape"] == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert record["dtypes"] == {"param": "float32", "compute": "float32", "reference": "float32"}
+    assert record["dtypes"] == {
+        "param": "float32",
+        "compute": "float32",
+        "reference": "float32",
+        "evaluation": "float32",
+    }
     assert record["config"]["optim"]["lr"] == 1e-3 and record["seed"] == 42
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     tb = _tensorboard_scalars(tmp_path / "run" / "tensorboard")

@@ -164,9 +164,9 @@ def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **trai
     config.data.general.path = str(setup["general"])
     for split in ("forget", "retain", "approximate", "general"):
         config.data[split].name = ""
-    config.evaluation.verbatim_prompt_tokens = 8
-    config.evaluation.verbatim_new_tokens = 8
-    config.evaluation.verbatim_max_chunks = 16
+    config.evaluation.verbatim.prompt_tokens = 8
+    config.evaluation.verbatim.new_tokens = 8
+    config.evaluation.verbatim.max_chunks = 16
     config.data.max_length = 32
     config.data.cache_dir = str(cache_dir)
     config.optim.lr = 1e-3

@@ -6,17 +6,19 @@ tokens are dropped; the rest are right-padded with a mask. Documents are never p
 
 Chunks are cached under ``<cache_dir>/chunks/<key>.npz``, where the key hashes the tokenizer, the documents'
 content, ``max_length``, ``min_tokens`` and ``add_special_tokens``: a re-run skips tokenisation, and any change
-to one of them builds a new entry. Cache files are plain arrays (``allow_pickle=False``) written atomically.
+to one of them builds a new entry. Cache files are plain arrays (``allow_pickle=False``) written atomically,
+with the permissions the umask gives (0644 under the usual 022), so a shared cache directory works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +130,7 @@ def _read_cache(path: Path, key: str) -> Chunks | None:
         if not (len(chunks.tokens) == len(chunks.lengths) == len(chunks.doc_index)):
             raise ValueError("inconsistent array lengths")
         return chunks
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry yet (the write below says why, if it fails)
         return None
     except Exception as e:  # truncated or corrupted file: rebuild it
         log.warning("ignoring unreadable chunk cache %s (%s); rebuilding", path, e)
@@ -136,22 +138,26 @@ def _read_cache(path: Path, key: str) -> Chunks | None:
 
 
 def _write_cache(path: Path, key: str, chunks: Chunks) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
+    """Write atomically, readable as the umask allows (a shared cache), or warn: the cache only saves time."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        np.savez(
-            tmp,
-            key=np.frombuffer(key.encode(), dtype=np.uint8),
-            tokens=chunks.tokens,
-            lengths=chunks.lengths,
-            doc_index=chunks.doc_index,
-            num_documents=np.asarray(chunks.num_documents),
-        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open applies the umask to 0o666 (0644 under 022); tempfile.mkstemp would make the file 0600.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            np.savez(
+                f,
+                key=np.frombuffer(key.encode(), dtype=np.uint8),
+                tokens=chunks.tokens,
+                lengths=chunks.lengths,
+                doc_index=chunks.doc_index,
+                num_documents=np.asarray(chunks.num_documents),
+            )
         os.replace(tmp, path)
+    except OSError as e:  # read-only or full disk, a teammate's directory: run on without caching
+        log.warning("cannot write the chunk cache %s (%s); continuing without it", path, e)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with contextlib.suppress(OSError):  # nothing to remove, or no directory to remove it from
+            tmp.unlink(missing_ok=True)
 
 
 def load_chunks(

@@ -3,20 +3,26 @@
 A split is described by ``path`` (local files or directories, comma-separated, or a Hub dataset id), ``name`` (the dataset
 configuration, e.g. ``arxiv``), ``split`` (e.g. ``forget``), ``column`` (default: ``text``, else ``content``)
 and ``max_documents`` (0 = all). Local files: ``.jsonl``/``.json`` (one document per record), ``.parquet``
-(one per row) and ``.txt`` (one per file); a directory contributes all of those inside it, in sorted order.
+(one per row) and ``.txt`` (one per file), all UTF-8; a directory contributes all of those inside it, in sorted
+order. A directory laid out as a Hugging Face dataset (a ``README.md`` whose front matter lists ``configs``), or
+any directory given with a ``name`` or ``split``, is read by ``datasets.load_dataset(dir, name, split=split)``
+like the Hub id: only that split's files. A single local file ignores ``name`` and ``split``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 TEXT_COLUMNS = ("text", "content")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+# Files of a Hugging Face dataset directory that are checked for UTF-8 text before datasets reads them.
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv")
 
 
 class DataError(ValueError):
@@ -47,10 +53,15 @@ class DocumentSource:
         paths = self.local_paths
         return bool(paths) and all(p.exists() for p in paths)
 
+    @property
+    def selection(self) -> str:
+        """``[name:split]`` as a dataset reads them (empty: the default configuration and ``train``)."""
+        return f"[{self.name or 'default'}:{self.split or 'train'}]"
+
     def describe(self) -> str:
         if self.is_local:
             return self.path
-        return f"{self.path}[{self.name or 'default'}:{self.split or 'train'}]"
+        return f"{self.path}{self.selection}"
 
 
 def _pick_column(record_keys: list[str], source: DocumentSource, where: str) -> str:
@@ -69,11 +80,30 @@ def _pick_column(record_keys: list[str], source: DocumentSource, where: str) -> 
     )
 
 
+def _read_text(path: Path, source: DocumentSource) -> str:
+    """The file as ``Path.read_text`` gives it (universal newlines), refusing bytes that are not UTF-8 text."""
+    data = path.read_bytes()
+    bad = [data.find(b"\0")]  # a NUL is valid UTF-8 but never text: a binary file (or UTF-16)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.append(e.start)
+    bad = [i for i in bad if i >= 0]
+    if bad:
+        at = min(bad)
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(
+            f"data.{source.label}: {path} is not UTF-8 text: byte 0x{data[at]:02x} at byte offset {at} "
+            f"(line {line}); re-encode the file as UTF-8"
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _records_from_json(path: Path, source: DocumentSource) -> list[str]:
     texts = []
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(path, source).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -81,7 +111,7 @@ def _records_from_json(path: Path, source: DocumentSource) -> list[str]:
                     raise DataError(f"data.{source.label}: {path}:{lineno} is not valid JSON: {e}") from e
     else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path, source))
         except json.JSONDecodeError as e:
             raise DataError(f"data.{source.label}: {path} is not valid JSON: {e}") from e
         rows = data if isinstance(data, list) else [data]
@@ -96,53 +126,161 @@ def _records_from_json(path: Path, source: DocumentSource) -> list[str]:
     return texts
 
 
-def _records_from_parquet(path: Path, source: DocumentSource) -> list[str]:
+@contextlib.contextmanager
+def _parquet_errors(path: Path, source: DocumentSource) -> Iterator[None]:
+    """pyarrow's errors for a damaged file (ArrowInvalid: truncated or not Parquet; OSError: bad pages) as DataError."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"data.{source.label}: {path} is not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def _parquet_columns(path: Path, source: DocumentSource) -> list[str]:
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
-    column = _pick_column(names, source, str(path))
-    return [str(x) for x in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+    with _parquet_errors(path, source):
+        return pq.read_schema(path).names
 
 
-def _local_files(source: DocumentSource) -> list[Path]:
-    files = []
-    for root in source.local_paths:
-        if root.is_dir():
-            files += sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
-        elif root.suffix not in LOCAL_SUFFIXES:
-            raise DataError(f"data.{source.label}: {root} is not one of {', '.join(LOCAL_SUFFIXES)}")
-        else:
-            files.append(root)
-    return files
+def _parquet_table(path: Path, source: DocumentSource, columns: list[str] | None = None) -> Any:
+    import pyarrow.parquet as pq
+
+    with _parquet_errors(path, source):
+        return pq.read_table(path, columns=columns)
+
+
+def _records_from_parquet(path: Path, source: DocumentSource) -> list[str]:
+    column = _pick_column(_parquet_columns(path, source), source, str(path))
+    return [str(x) for x in _parquet_table(path, source, [column]).column(column).to_pylist()]
+
+
+def _has_dataset_configs(root: Path) -> bool:
+    """Whether ``root`` is a Hugging Face dataset directory: its ``README.md`` front matter lists ``configs``."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return False
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    try:
+        return bool(DatasetCard.load(readme).data.get("configs"))
+    except (ValueError, yaml.YAMLError):  # a README that is not a dataset card: a plain directory
+        return False
+
+
+def _local_files(root: Path, source: DocumentSource) -> list[Path]:
+    if root.is_dir():
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    if root.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"data.{source.label}: {root} is not one of {', '.join(LOCAL_SUFFIXES)}")
+    return [root]
+
+
+def _file_documents(path: Path, source: DocumentSource) -> list[str]:
+    if path.suffix in (".jsonl", ".json"):
+        return _records_from_json(path, source)
+    if path.suffix == ".parquet":
+        return _records_from_parquet(path, source)
+    return [_read_text(path, source)]
 
 
 def _local_documents(source: DocumentSource) -> list[str]:
-    files = _local_files(source)
+    roots = source.local_paths
+    datasets_dirs = {r for r in roots if r.is_dir() and (source.name or source.split or _has_dataset_configs(r))}
+    files = {r: _local_files(r, source) for r in roots if r not in datasets_dirs}  # bad suffixes fail first
     docs: list[str] = []
-    for f in files:
-        if f.suffix in (".jsonl", ".json"):
-            docs.extend(_records_from_json(f, source))
-        elif f.suffix == ".parquet":
-            docs.extend(_records_from_parquet(f, source))
+    for root in roots:
+        if root in datasets_dirs:
+            docs.extend(_dataset_documents(source, str(root)))
         else:
-            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+            for f in files[root]:
+                docs.extend(_file_documents(f, source))
     return docs
 
 
-def _hub_documents(source: DocumentSource) -> list[str]:
+def _unreachable(source: DocumentSource, path: str, e: Exception) -> DataError:
+    if Path(path).exists():
+        return DataError(f"data.{source.label}: cannot read the dataset in {path} ({type(e).__name__}: {e})")
+    return DataError(
+        f"data.{source.label}: {path!r} is not a local path and could not be loaded from the Hugging "
+        f"Face Hub ({type(e).__name__}: {e}). Offline machines need a local copy (jsonl/json/parquet/txt, or "
+        "a directory laid out like the Hub dataset) or a populated HF_DATASETS cache."
+    )
+
+
+def _available(path: str, configs: list[str]) -> str:
+    """``config (split, split), ...`` for an error message."""
+    import datasets
+
+    parts = []
+    for config in configs:
+        try:
+            splits = [str(s) for s in datasets.load_dataset_builder(path, config).config.data_files or {}]
+        except Exception:  # listing is best effort: the message still names the configuration
+            splits = []
+        parts.append(f"{config} ({', '.join(splits) or '?'})")
+    return ", ".join(parts)
+
+
+def _selection_error(source: DocumentSource, path: str, problem: str, configs: list[str]) -> DataError:
+    message = f"data.{source.label}: {path} {problem}; it has: {_available(path, configs)}"
+    if configs == ["default"] and Path(path).is_dir():
+        message += f" (a plain directory is read whole when data.{source.label}.name and .split are both empty)"
+    return DataError(message)
+
+
+def _dataset_builder(source: DocumentSource, path: str) -> Any:
+    """The ``datasets`` builder of the configuration ``source.name`` selects; DataError when it selects none."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.name or None, split=source.split or "train")
-    except ValueError as e:  # unknown split / config
-        raise DataError(f"data.{source.label}: cannot load {source.describe()}: {e}") from e
-    except Exception as e:  # offline, unknown dataset, network
-        raise DataError(
-            f"data.{source.label}: {source.path!r} is not a local path and could not be loaded from the Hugging "
-            f"Face Hub ({type(e).__name__}: {e}). Offline machines need a local copy (jsonl/json/parquet/txt) "
-            "or a populated HF_DATASETS cache."
-        ) from e
-    column = _pick_column(list(ds.column_names), source, source.describe())
+        configs = list(datasets.get_dataset_config_names(path))
+    except Exception as e:  # offline, unknown dataset, unreadable card: datasets raises many types
+        raise _unreachable(source, path, e) from e
+    if source.name and source.name not in configs:
+        raise _selection_error(source, path, f"has no configuration {source.name!r}", configs)
+    if not source.name and len(configs) > 1:
+        raise _selection_error(source, path, f"has several configurations: set data.{source.label}.name", configs)
+    try:
+        return datasets.load_dataset_builder(path, source.name or None)
+    except Exception as e:
+        raise _unreachable(source, path, e) from e
+
+
+def _split_files(source: DocumentSource, path: str, builder: Any) -> list[Path]:
+    """The local data files of the selected split, each checked to be readable; DataError for an unknown split."""
+    data_files = builder.config.data_files
+    if data_files is None:  # a prepared dataset from the cache: load_dataset checks the split
+        return []
+    split = source.split or "train"
+    if split not in data_files:
+        problem = f"configuration {builder.config.name!r} has no split {split!r}"
+        raise _selection_error(source, path, problem, [builder.config.name])
+    files = [Path(f) for f in data_files[split] if Path(f).is_file()]  # Hub files are hf:// URLs
+    for f in files:
+        if f.suffix in TEXT_SUFFIXES:
+            _read_text(f, source)
+        elif f.suffix == ".parquet":
+            _parquet_columns(f, source)
+    return files
+
+
+def _dataset_documents(source: DocumentSource, path: str) -> list[str]:
+    """One split of a Hugging Face dataset: a Hub id or a local directory laid out like one."""
+    import datasets
+
+    files = _split_files(source, path, _dataset_builder(source, path))
+    where = f"{path}{source.selection}"
+    try:
+        ds = datasets.load_dataset(path, source.name or None, split=source.split or "train")
+    except Exception as e:  # datasets and pyarrow raise many types for unreadable data
+        for f in files:  # name the culprit when it is a local Parquet file with damaged pages
+            if f.suffix == ".parquet":
+                _parquet_table(f, source)
+        raise DataError(f"data.{source.label}: cannot read {where} ({type(e).__name__}: {e})") from e
+    column = _pick_column(list(ds.column_names), source, where)
     return [str(x) for x in ds[column]]
 
 
@@ -150,7 +288,7 @@ def load_documents(source: DocumentSource) -> list[str]:
     """All documents of one split, in a stable order, truncated to ``max_documents`` when set."""
     if not source.path:
         raise DataError(f"data.{source.label}.path is empty: give a local file/directory or a Hub dataset id")
-    docs = _local_documents(source) if source.is_local else _hub_documents(source)
+    docs = _local_documents(source) if source.is_local else _dataset_documents(source, source.path)
     if source.max_documents:
         docs = docs[: source.max_documents]
     return docs

@@ -38,7 +38,7 @@ class Evaluator:
         self.lm = lm
         self.mesh = mesh or sharding.single_device_mesh()
         self.rules = sharding.normalize_rules(rules)
-        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        ways = sharding.batch_ways(self.mesh, self.rules)
         self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
         self.chunk_size = chunk_size
 

@@ -1,8 +1,12 @@
-"""``report.json`` + ``report.md`` + PNG plots for a run (before/after unlearning) or a single model."""
+"""``report.json`` + ``report.md`` + PNG plots for a run (before/after unlearning) or a single model.
+
+The tables come from the metrics that ran, each rendering its own section (:mod:`jaxunlearn.evaluation.registry`);
+this module writes the header (what was run, on what data, where), the run-level sections (compute, the
+perplexity history) and the files.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,10 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxunlearn.evaluation import metrics as M
+from jaxunlearn.evaluation.registry import ARTIFACTS, get_metric
+from jaxunlearn.evaluation.tables import fmt
 from jaxunlearn.run_record import write_json
-
-KEY_ATTACKS = ("loss", "zlib", "min_k_0.2", "min_k_0.4", "min_k++_0.2", "reference")
 
 
 def _change(before: Any, after: Any) -> Any:
@@ -26,97 +29,69 @@ def _change(before: Any, after: Any) -> Any:
     return None
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
+def _model_line(model: Mapping[str, Any]) -> str:
+    loaded = f", loaded from `{model['path']}`" if model.get("source") not in (None, model.get("path")) else ""
+    name = model.get("source") or model.get("path")
+    return f"{name} ({model.get('model_type')}, {model.get('num_params', 0):,} parameters){loaded}"
 
 
-def _table(models: Mapping[str, Mapping], section: str, label: str, fields: Sequence[tuple[str, str]], digits: int):
-    """Markdown rows: one per key of ``section`` (splits, attacks, tasks), one column per (field, model)."""
-    names = list(models)
-    header = [label] + [f"{title} {n}" for _, title in fields for n in names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in next(iter(models.values()))[section]:
-        if key.startswith("_") or key == "privleak":
-            continue
-        row = [key] + [
-            _fmt(models[n].get(section, {}).get(key, {}).get(field), digits) for field, _ in fields for n in names
-        ]
-        lines.append("| " + " | ".join(row) + " |")
+def _joined(separator: str, sep_kv: str = " ") -> Any:
+    return lambda d, _: separator.join(f"{k}{sep_kv}{v}" for k, v in d.items())
+
+
+# The header's bullet points in order: stamp key -> how to render its value (report.json keeps raw values).
+_HEADER = (
+    ("model", lambda v, _: _model_line(v) if isinstance(v, Mapping) else str(v)),
+    ("method", lambda v, stamp: v + _hparams(stamp.get("hparams"))),
+    ("optimizer", lambda v, _: str(v)),
+    ("stopped", lambda v, _: _stopped(v)),
+    ("data", _joined("; ", ": ")),
+    ("steps", lambda v, _: str(v)),
+    ("seed", lambda v, _: str(v)),
+    ("mesh", _joined(" x ")),
+    ("dtypes", _joined(", ")),
+    ("device", lambda v, _: str(v)),
+    ("versions", _joined(", ")),
+)
+
+
+def _hparams(hparams: Mapping[str, Any] | None) -> str:
+    return f" ({', '.join(f'{k}={fmt(v)}' for k, v in hparams.items())})" if hparams else ""
+
+
+def _header(stamp: Mapping[str, Any]) -> list[str]:
+    """The stamp as bullet points: what ran, on which model and data, how, where, and how it ended."""
+    lines = [f"# jaxunlearn report: {stamp.get('title', '')}".rstrip(), ""]
+    for key, render in _HEADER:
+        if stamp.get(key) is not None and stamp.get(key) != {}:
+            lines.append(f"- **{key}**: {render(stamp[key], stamp)}")
     return lines + [""]
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-    models: Mapping[str, Mapping] = report["models"]  # e.g. {"original": ..., "unlearned": ..., "oracle": ...}
-    names = list(models)
-    stamp = report.get("stamp", {})
-    lines = [f"# jaxunlearn report: {stamp.get('title', '')}".rstrip(), ""]
-    model = stamp.get("model")
-    if isinstance(model, Mapping):
-        lines.append(
-            f"- **model**: {model.get('path')} ({model.get('model_type')}, {model.get('num_params', 0):,} parameters)"
-        )
-    for key in ("method", "seed", "mesh", "dtypes", "device", "steps", "stopped"):
-        if key in stamp:
-            lines.append(f"- **{key}**: {stamp[key]}")
-    if "versions" in stamp:
-        lines.append("- **versions**: " + ", ".join(f"{k} {v}" for k, v in stamp["versions"].items()))
-    lines.append("")
+def _stopped(stopped: Any) -> str:
+    if not isinstance(stopped, Mapping):
+        return str(stopped)
+    measured = f" on {stopped['chunks']} evenly spaced forget chunks" if "chunks" in stopped else ""
+    return (
+        f"by the stopping rule at step {stopped['step']}: forget perplexity {fmt(stopped['forget_ppl'])} >= "
+        f"target {fmt(stopped['target'])}, measured{measured} (evaluation.in_run_max_chunks; the tables below use "
+        "up to evaluation.max_chunks chunks, so their forget perplexity differs)"
+    )
 
-    first = next(iter(models.values()))
-    if "perplexity" in first:
-        lines += [
-            "## Perplexity and next-token accuracy",
-            "",
-            "`ppl`: exp of the mean over chunks of the per-chunk mean NLL (the official definition); "
-            "`ppl_token`: token-weighted.",
-            "",
-        ]
-        lines += _table(models, "perplexity", "split", [("ppl", "ppl"), ("ppl_token", "ppl_token"), ("acc", "acc")], 4)
-    if first.get("mia"):
-        pairs = first["mia"].get("_pairs", {})
-        lines += [
-            "## Membership inference (forget = members, approximate = non-members)",
-            "",
-            f"{pairs.get('members', '?')} member and {pairs.get('nonmembers', '?')} non-member chunks. AUC near "
-            "0.5 means the forget set looks like unseen data; report.json also has `auc_folded` = max(AUC, "
-            "1 - AUC), as the official code reports.",
-            "",
-        ]
-        fields = [("auc", "AUC"), ("tpr@1%fpr", "TPR@1%FPR"), ("tpr@5%fpr", "TPR@5%FPR")]
-        lines += _table(models, "mia", "attack", fields, 3)
-        leak = {n: models[n]["mia"]["privleak"] for n in names if models[n].get("mia", {}).get("privleak")}
-        if leak:
-            lines += [
-                "PrivLeak (MUSE, Min-K% k=0.4, relative to the retrained model): "
-                + ", ".join(f"{n} {_fmt(v['min_k_0.4'], 3)}" for n, v in leak.items()),
-                "",
-            ]
-    if first.get("verbatim"):
-        lines += ["## Verbatim memorisation (greedy continuation of chunk prefixes)", ""]
-        fields = [("exact_match", "exact"), ("rougeL_f1", "ROUGE-L F1"), ("token_match", "token match")]
-        lines += _table(models, "verbatim", "split", fields, 3)
-    if first.get("tasks"):
-        lines += ["## Multiple-choice tasks", ""]
-        lines += _table(models, "tasks", "task", [("acc", "acc"), ("acc_norm", "acc_norm")], 3)
-    if report.get("oracle_distance"):
-        distance = report["oracle_distance"]
-        keys = list(next(iter(distance.values())))
-        lines += [
-            "## Distance to the oracle (exact retrain without the forget set)",
-            "",
-            "| model | " + " | ".join(keys) + " |",
-            "|" + "---|" * (1 + len(keys)),
-        ]
-        lines += [f"| {n} | " + " | ".join(_fmt(d.get(k), 4) for k in keys) + " |" for n, d in distance.items()]
-        lines.append("")
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """report.md: the header, every metric's own section (in the order they ran), compute and plots."""
+    models: Mapping[str, Mapping] = report["models"]  # e.g. {"original": ..., "oracle": ..., "unlearned": ...}
+    lines = _header(report.get("stamp", {}))
+    for name in report.get("metrics", ()):
+        results = {model: metrics[name] for model, metrics in models.items() if metrics.get(name)}
+        if results:
+            metric = get_metric(name)
+            lines += metric.report(results, {**metric.defaults(), **report.get("evaluation", {}).get(name, {})})
     compute = report.get("compute")
     if compute:
         lines += ["## Compute", ""] + [
-            f"- **{k}**: {_fmt(v) if isinstance(v, float) else v}" for k, v in compute.items()
+            f"- **{k}**: {fmt(v) if isinstance(v, float) else v}" for k, v in compute.items()
         ]
         lines.append("")
     if report.get("plots"):
@@ -125,7 +100,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: Path, stop_target: float | None = None) -> Path | None:
-    """Perplexity of every split against the unlearning step (log scale)."""
+    """Perplexity of every split against the unlearning step (log scale); the legend sits outside the axes."""
     if not history:
         return None
     import matplotlib
@@ -133,7 +108,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path, stop_target: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(7.6, 4.0))
     splits = sorted({s for h in history for s in h["perplexity"]})
     steps = [h["step"] for h in history]
     for split in splits:
@@ -143,40 +118,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path, stop_target: 
     ax.set_yscale("log")
     ax.set_xlabel("unlearning step")
     ax.set_ylabel("perplexity")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_roc(scores_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: Path) -> Path | None:
-    """ROC curves of the key attacks, one panel per model (e.g. before / after)."""
-    panels = {name: s for name, s in scores_by_model.items() if s}
-    if not panels:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for ax, (name, scores) in zip(axes[0], panels.items()):
-        for attack in KEY_ATTACKS:
-            if attack not in scores["forget"]:
-                continue
-            member, nonmember = scores["forget"][attack], scores["approximate"][attack]
-            values = np.r_[member, nonmember]
-            labels = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
-            ok = np.isfinite(values)
-            fpr, tpr = M.roc_curve(labels[ok], values[ok])
-            ax.plot(fpr, tpr, label=f"{attack} ({M.auc(fpr, tpr):.2f})")
-        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        ax.set_title(name)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -199,26 +142,37 @@ def summary(report: Mapping[str, Any], attack: str = "min_k_0.4") -> str:
         rows.append((f"{attack} AUC", [models[n].get("mia", {}).get(attack, {}).get("auc") for n in names]))
     width = max([len(label) for label, _ in rows] + [5])
     lines = [" " * width + "".join(f"{n:>12}" for n in names)]
-    lines += [f"{label:<{width}}" + "".join(f"{_fmt(v):>12}" for v in values) for label, values in rows]
+    lines += [f"{label:<{width}}" + "".join(f"{fmt(v):>12}" for v in values) for label, values in rows]
     return "\n".join(lines)
+
+
+def _plots(directory: Path, results: Mapping[str, Mapping[str, Any]], metrics: Sequence[str], history, stop_target):
+    plots = [plot_history(history, directory / "perplexity_history.png", stop_target)]
+    for name in metrics:
+        metric = get_metric(name)
+        artifacts = {m: r[name][ARTIFACTS] for m, r in results.items() if ARTIFACTS in r.get(name, {})}
+        if metric.plot is not None and artifacts:
+            plots.append(metric.plot(artifacts, directory))
+    return [p for p in plots if p]
 
 
 def write_report(
     directory: str | Path,
     *,
     stamp: Mapping[str, Any],
-    models: Mapping[str, Mapping[str, Any]],
-    scores: Mapping[str, Any] | None = None,
+    results: Mapping[str, Mapping[str, Any]],
+    metrics: Sequence[str],
+    options: Mapping[str, Any] | None = None,
     history: Sequence[Mapping[str, Any]] = (),
     compute: Mapping[str, Any] | None = None,
-    oracle_distance: Mapping[str, Mapping[str, float]] | None = None,
     stop_target: float | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and plots into ``directory``; return the report dict.
 
-    ``models`` maps a column name (``original``, ``unlearned``, ``oracle`` or just ``model``) to the metrics
-    of :func:`~jaxunlearn.evaluation.suite.evaluate_model`. With ``original`` and ``unlearned`` the report
-    also holds their difference (``change``).
+    ``results`` maps a column name (``original``, ``unlearned``, ``oracle`` or just ``model``) to its metrics
+    (``{metric name: result}``, artifacts included; report.json leaves them out). ``metrics`` lists the metric
+    names in report order and ``options`` their options. With ``original`` and ``unlearned`` the report also
+    holds their difference (``change``).
     """
     directory = Path(directory)
     # Every process holds the same report; only process 0 writes it (concurrent writers would race).
@@ -226,25 +180,22 @@ def write_report(
     plots = []
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
-        plots = [
-            p
-            for p in (
-                plot_history(history, directory / "perplexity_history.png", stop_target),
-                plot_roc(scores or {}, directory / "roc.png"),
-            )
-            if p
-        ]
-    report: dict[str, Any] = {"stamp": dict(stamp), "models": dict(models)}
+        plots = _plots(directory, results, metrics, history, stop_target)
+    models = {m: {k: _strip(v) for k, v in r.items()} for m, r in results.items()}
+    report: dict[str, Any] = {"stamp": dict(stamp), "models": models, "metrics": list(metrics)}
+    report["evaluation"] = dict(options or {})
     if "original" in models and "unlearned" in models:
         report["change"] = _change(models["original"], models["unlearned"])
     if history:
         report["history"] = list(history)
     if compute:
         report["compute"] = dict(compute)
-    if oracle_distance:
-        report["oracle_distance"] = dict(oracle_distance)
     report["plots"] = [str(p) for p in plots]
     if writer:
         write_json(directory / "report.json", report)
         (directory / "report.md").write_text(markdown(report))
     return report
+
+
+def _strip(result: Any) -> Any:
+    return {k: v for k, v in result.items() if k != ARTIFACTS} if isinstance(result, Mapping) else result

@@ -109,7 +109,7 @@ def summarise(report: dict) -> dict[str, Any]:
     row["forget_ppl_vs_reference"] = row["forget_ppl"] / reference_ppl
     row["auc_vs_reference"] = row["auc"] - reference_auc
     if oracle:
-        distance = report["oracle_distance"]["unlearned"]
+        distance = report["models"]["unlearned"]["oracle_distance"]
         row.update(kl_forget=distance["kl_forget"], kl_retain=distance.get("kl_retain", math.nan))
     row["score"] = (
         abs(math.log(row["forget_ppl_vs_reference"]))
@@ -166,7 +166,28 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+COLUMNS = (
+    "variant",
+    "lr",
+    "steps",
+    "forget_ppl",
+    "approximate_ppl",
+    "retain_ppl",
+    "general_ppl",
+    "auc",
+    "loss_auc",
+    "verbatim_rougeL",
+    "forget_ppl_vs_reference",
+    "auc_vs_reference",
+    "kl_forget",
+    "kl_retain",
+    "retrain_over_unlearn",
+    "score",
+)
+
+
 def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) -> dict[str, Any]:
+    """``compare.json``, ``compare.md`` and ``compare.png`` from every run's row and one run's report."""
     best_by_variant = {}
     for row in rows:
         if row["variant"] not in best_by_variant or row["score"] < best_by_variant[row["variant"]]["score"]:
@@ -186,61 +207,37 @@ def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) 
         "targets": [dict(target=t, value=v, met=m) for t, v, m in targets(reference, best)],
     }
     (directory / "compare.json").write_text(json.dumps(result, indent=2))
-    cols = [
-        "variant",
-        "lr",
-        "steps",
-        "forget_ppl",
-        "approximate_ppl",
-        "retain_ppl",
-        "general_ppl",
-        "auc",
-        "loss_auc",
-        "verbatim_rougeL",
-        "forget_ppl_vs_reference",
-        "auc_vs_reference",
-        "kl_forget",
-        "kl_retain",
-        "retrain_over_unlearn",
-        "score",
-    ]
-    lines = ["# Unlearning methods compared", ""]
-    lines.append(
-        f"Original model: forget ppl {result['original']['forget']:.4g}, approximate {result['original']['approximate']:.4g}, "
-        f"retain {result['original']['retain']:.4g}, general {result['original']['general']:.4g}; "
-        f"Min-K% (k=0.4) AUC {result['original_auc']:.3f}."
-    )
-    if result["oracle"]:
-        lines.append(
-            f"Oracle (retrained without the forget set): forget ppl {result['oracle']['forget']:.4g}, approximate "
-            f"{result['oracle']['approximate']:.4g}, retain {result['oracle']['retain']:.4g}, general "
-            f"{result['oracle']['general']:.4g}; Min-K% AUC {result['oracle_auc']:.3f}."
-        )
-    lines += [
-        "",
-        "## Best learning rate per method (lower score = closer to the oracle)",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    for row in sorted(best_by_variant.values(), key=lambda r: r["score"]):
-        lines.append("| " + " | ".join(_fmt(row.get(c, math.nan)) for c in cols) + " |")
-    lines += [
-        "",
-        f"Best: **{best['variant']}** at lr {best['lr']:.3g}.",
-        "",
-        "## Targets",
-        "",
-        "| target | value | met |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {t['target']} | {t['value']} | {_fmt(t['met'])} |" for t in result["targets"]]
-    lines += ["", "## Every run", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, math.nan)) for c in cols) + " |" for r in rows]
-    lines += ["", "![comparison](compare.png)", ""]
-    (directory / "compare.md").write_text("\n".join(lines))
+    (directory / "compare.md").write_text(_markdown(result, rows, best_by_variant, best))
     _plot(directory / "compare.png", best_by_variant, result)
     return result
+
+
+def _table_rows(rows) -> list[str]:
+    return ["| " + " | ".join(_fmt(r.get(c, math.nan)) for c in COLUMNS) + " |" for r in rows]
+
+
+def _markdown(result: dict, rows: list[dict], best_by_variant: dict, best: dict) -> str:
+    header = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    o = result["original"]
+    lines = ["# Unlearning methods compared", ""]
+    lines.append(
+        f"Original model: forget ppl {o['forget']:.4g}, approximate {o['approximate']:.4g}, "
+        f"retain {o['retain']:.4g}, general {o['general']:.4g}; Min-K% (k=0.4) AUC {result['original_auc']:.3f}."
+    )
+    if result["oracle"]:
+        r = result["oracle"]
+        lines.append(
+            f"Oracle (retrained without the forget set): forget ppl {r['forget']:.4g}, approximate "
+            f"{r['approximate']:.4g}, retain {r['retain']:.4g}, general {r['general']:.4g}; Min-K% AUC "
+            f"{result['oracle_auc']:.3f}."
+        )
+    lines += ["", "## Best learning rate per method (lower score = closer to the oracle)", "", *header]
+    lines += _table_rows(sorted(best_by_variant.values(), key=lambda r: r["score"]))
+    lines += ["", f"Best: **{best['variant']}** at lr {best['lr']:.3g}.", "", "## Targets", ""]
+    lines += ["| target | value | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {_fmt(t['met'])} |" for t in result["targets"]]
+    lines += ["", "## Every run", "", *header, *_table_rows(rows), "", "![comparison](compare.png)", ""]
+    return "\n".join(lines)
 
 
 def _plot(path: Path, best: dict[str, dict], result: dict) -> None:

@@ -1,14 +1,14 @@
 """Model families and sharded construction.
 
-Every supported Hugging Face ``model_type`` maps to one architecture module exposing ``Transformer`` (an NNX
-module) and ``hf_tensors(config)`` (the checkpoint name table). Adding a family means adding one such module
-and one line in ``FAMILIES``.
+Every supported Hugging Face ``model_type`` is a :class:`~jaxunlearn.models.registry.Family` object in a
+registry: it reads and writes its ``config.json``, counts its parameters and FLOPs, maps its parameters to HF
+tensors, builds its NNX module and its KV cache. Adding a family means adding one module with a
+``@register_family`` class and importing it below.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -16,33 +16,40 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxunlearn import sharding
-from jaxunlearn.models import llama
-from jaxunlearn.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
-
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama}
-assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
+from jaxunlearn.models import llama  # noqa: F401  (registers llama, mistral, qwen2)
+from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.registry import (
+    Family,
+    UnsupportedModelError,
+    get_family,
+    register_family,
+    supported_model_types,
+)
 
 __all__ = [
-    "FAMILIES",
+    "Family",
     "LanguageModel",
     "ModelConfig",
     "UnsupportedModelError",
     "abstract_model",
     "family",
+    "get_family",
     "init_model",
     "param_shardings",
+    "register_family",
     "split_model",
+    "supported_model_types",
 ]
 
 
-def family(config: ModelConfig) -> ModuleType:
-    """The architecture module implementing ``config.model_type``."""
-    return FAMILIES[config.model_type]
+def family(config: ModelConfig) -> Family:
+    """The family object implementing ``config.model_type``."""
+    return get_family(config.model_type)
 
 
 def abstract_model(config: ModelConfig) -> nnx.Module:
     """The model with ``jax.ShapeDtypeStruct`` leaves: shapes, dtypes and axes without allocating anything."""
-    return nnx.eval_shape(lambda: family(config).Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: family(config).module(config, rngs=nnx.Rngs(0)))
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules=None) -> nnx.Module:
@@ -57,7 +64,7 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, 
 
     @jax.jit
     def create():
-        state = nnx.state(family(config).Transformer(config, rngs=nnx.Rngs(seed)))
+        state = nnx.state(family(config).module(config, rngs=nnx.Rngs(seed)))
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, create())
@@ -75,9 +82,11 @@ class LanguageModel:
     config: ModelConfig
 
     def bind(self, params: dict) -> nnx.Module:
+        """The NNX module with ``params`` as its parameters."""
         return nnx.merge(self.graphdef, params)
 
     def hidden_states(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype."""
         return self.bind(params).hidden_states(tokens, mask)
 
     def head(self, params: dict) -> jax.Array:
@@ -85,7 +94,17 @@ class LanguageModel:
         return self.bind(params).head_kernel()
 
     def logits(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """fp32 logits ``[batch, length, vocab]``."""
         return self.bind(params)(tokens, mask)
+
+    def with_dtype(self, dtype: str) -> LanguageModel:
+        """The same model computing in ``dtype`` (e.g. ``"float32"`` to evaluate a bf16-compute model exactly).
+
+        The parameter structure, and so the params dict, is unchanged; only the compute dtype differs.
+        """
+        config = self.config.replace(dtype=dtype)
+        graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
+        return LanguageModel(graphdef, config)
 
 
 def split_model(model: nnx.Module) -> tuple[LanguageModel, dict]:

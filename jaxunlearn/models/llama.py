@@ -1,9 +1,10 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3 (Yi, TinyLlama, SmolLM), Mistral and Qwen2.
 
 One file, top to bottom: RMSNorm, attention (GQA/MQA, RoPE, causal + sliding-window + padding mask), SwiGLU
-MLP, the decoder layer, the stacked-and-scanned decoder, and the table that maps each parameter to its Hugging
-Face tensor. The three families differ only in configuration (biases, tied embeddings, sliding windows, RoPE
-scaling), read from ``config.json`` by :class:`~jaxunlearn.models.config.ModelConfig`.
+MLP, the decoder layer, the stacked-and-scanned decoder, and the three families. They share the module and
+differ only in what their ``config.json`` means (biases, tied embeddings, sliding windows, RoPE scaling):
+:class:`LlamaFamily` implements everything, :class:`MistralFamily` and :class:`Qwen2Family` override only
+their biases and windows.
 
 Every parameter carries logical axis names in its ``axes`` metadata and every large activation is pinned by
 logical names through :func:`jaxunlearn.sharding.constrain`; mesh axes never appear here.
@@ -11,15 +12,19 @@ logical names through :func:`jaxunlearn.sharding.constrain`; mesh axes never app
 
 from __future__ import annotations
 
-import dataclasses
-from typing import NamedTuple
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxunlearn.models.config import NO_WINDOW, ModelConfig
-from jaxunlearn.models.rope import apply_rotary, inverse_frequencies
+from jaxunlearn.models.layouts import HFTensor
+from jaxunlearn.models.precision import matmul_precision
+from jaxunlearn.models.registry import Family, UnsupportedModelError, register_family, required
+from jaxunlearn.models.rope import apply_rotary, inverse_frequencies, rope_from_hf, rope_to_hf
 from jaxunlearn.sharding import constrain
 
 Array = jax.Array
@@ -53,11 +58,6 @@ class KVCache(NamedTuple):
             valid=jnp.zeros((batch, slots), bool),
             index=jnp.zeros((), jnp.int32),
         )
-
-
-def _precision(dtype: jnp.dtype) -> jax.lax.Precision:
-    # fp32 compute means fp32 matmuls, also on TPU/GPU where the default would silently use bf16/TF32 passes.
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _param(
@@ -105,7 +105,9 @@ class Attention(nnx.Module):
 
     def _project(self, x: Array, name: str) -> Array:
         dt = x.dtype
-        y = jnp.einsum("bte,ehd->bthd", x, getattr(self, f"{name}_proj")[...].astype(dt), precision=_precision(dt))
+        y = jnp.einsum(
+            "bte,ehd->bthd", x, getattr(self, f"{name}_proj")[...].astype(dt), precision=matmul_precision(dt)
+        )
         if self.config.qkv_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dt)
         return y
@@ -142,7 +144,7 @@ class Attention(nnx.Module):
         else:
             out = dot_product_attention(q, k, v, positions, key_positions, key_valid, window)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt), precision=_precision(dt))
+        y = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt), precision=matmul_precision(dt))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
         return y, new_kv
@@ -161,14 +163,14 @@ def dot_product_attention(
     groups = h // k.shape[2]
     if groups > 1:
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32, precision=_precision(q.dtype)) * (
-        d**-0.5
-    )
+    scores = jnp.einsum(
+        "bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype)
+    ) * (d**-0.5)
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
     mask = (delta >= 0) & (delta < window) & key_valid[:, None, :]
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v, precision=_precision(q.dtype))
+    return jnp.einsum("bhts,bshd->bthd", probs, v, precision=matmul_precision(q.dtype))
 
 
 def _fused_attention(q: Array, k: Array, v: Array, config: ModelConfig) -> Array:
@@ -194,7 +196,7 @@ class MLP(nnx.Module):
             self.down_bias = _param(None, (e,), ("norm",), config, "zeros")
 
     def __call__(self, x: Array) -> Array:
-        dt, prec = x.dtype, _precision(x.dtype)
+        dt, prec = x.dtype, matmul_precision(x.dtype)
         gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt), precision=prec)
         up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt), precision=prec)
         if self.config.mlp_bias:
@@ -321,31 +323,12 @@ class Transformer(nnx.Module):
         """Project hidden states to fp32 vocabulary logits (accumulated in fp32)."""
         w = self.head_kernel().astype(hidden.dtype)
         out = jnp.einsum(
-            "bte,ev->btv", hidden, w, preferred_element_type=jnp.float32, precision=_precision(hidden.dtype)
+            "bte,ev->btv", hidden, w, preferred_element_type=jnp.float32, precision=matmul_precision(hidden.dtype)
         )
         return constrain(out, ("batch", "length", "vocab"))
 
 
 # --- Hugging Face tensor names ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-    """Where one jaxunlearn parameter lives in a Hugging Face checkpoint.
-
-    ``layout`` says how the HF tensor is rearranged: ``same``; ``transpose`` (HF ``[out, in]`` linear ->
-    ``[in, out]``); ``heads_in`` (``[heads*head_dim, embed]`` -> ``[embed, heads, head_dim]``); ``heads_out``
-    (``[embed, heads*head_dim]`` -> ``[heads, head_dim, embed]``); ``heads_bias`` (``[heads*head_dim]`` ->
-    ``[heads, head_dim]``). ``name`` contains ``{layer}`` for stacked per-layer parameters.
-    """
-
-    path: tuple[str, ...]
-    name: str
-    layout: str = "same"
-
-    @property
-    def stacked(self) -> bool:
-        return "{layer}" in self.name
 
 
 def hf_tensors(config: ModelConfig) -> list[HFTensor]:
@@ -371,3 +354,167 @@ def hf_tensors(config: ModelConfig) -> list[HFTensor]:
     if not config.tie_word_embeddings:
         table.append(HFTensor(("lm_head",), "lm_head.weight", "transpose"))
     return table
+
+
+# Buffers some old checkpoints saved next to the weights; they are recomputed from the config.
+_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+# --- families ----------------------------------------------------------------------------------------------
+
+
+@register_family
+class LlamaFamily(Family):
+    """Llama 2/3 (and Yi, TinyLlama, SmolLM): optional attention/MLP biases, no sliding windows."""
+
+    model_type = "llama"
+    architecture = "LlamaForCausalLM"
+
+    def config_from_hf(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only silu)")
+        heads, hidden, layers = (required(hf, k) for k in ("num_attention_heads", "hidden_size", "num_hidden_layers"))
+        rope_theta, rope_scaling = rope_from_hf(hf)
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+        return dict(
+            model_type=self.model_type,
+            vocab_size=required(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=required(hf, "intermediate_size"),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_windows=self.windows_from_hf(hf, layers),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            **self.biases_from_hf(hf),
+        )
+
+    def config_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "architectures": [self.architecture],
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": config.rms_norm_eps,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "initializer_range": config.initializer_range,
+            **rope_to_hf(config),
+            **self.biases_to_hf(config),
+            **self.windows_to_hf(config),
+        }
+
+    def biases_from_hf(self, hf: Mapping[str, Any]) -> dict[str, bool]:
+        """``qkv_bias``/``o_bias``/``mlp_bias``: Llama has q/k/v/o biases with ``attention_bias``, MLP ones with
+        ``mlp_bias`` (as transformers)."""
+        attention_bias = bool(hf.get("attention_bias", False))
+        return dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+
+    def biases_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        """The ``config.json`` keys that make transformers build the biases ``config`` has."""
+        return {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias}
+
+    def windows_from_hf(self, hf: Mapping[str, Any], layers: int) -> tuple[int, ...]:
+        """Per-layer attention windows (``NO_WINDOW``: full causal attention)."""
+        return (NO_WINDOW,) * layers
+
+    def windows_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        """The ``config.json`` keys that describe ``config.sliding_windows``."""
+        return {}
+
+    def num_params(self, config: ModelConfig) -> int:
+        e, m, h, k, d = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        attn = e * h * d * 2 + e * k * d * 2 + (h + 2 * k) * d * config.qkv_bias + e * config.o_bias
+        mlp = 3 * e * m + (2 * m + e) * config.mlp_bias
+        per_layer = attn + mlp + 2 * e
+        head = 0 if config.tie_word_embeddings else e * config.vocab_size
+        return config.vocab_size * e + config.num_layers * per_layer + e + head
+
+    def hf_tensors(self, config: ModelConfig) -> list[HFTensor]:
+        return hf_tensors(config)
+
+    def ignored_hf_tensor(self, config: ModelConfig, name: str) -> bool:
+        # Tied checkpoints sometimes store the head's copy of the embedding; transformers ignores it too.
+        return bool(_IGNORABLE.fullmatch(name)) or (config.tie_word_embeddings and name == "lm_head.weight")
+
+    def module(self, config: ModelConfig, *, rngs: nnx.Rngs) -> Transformer:
+        return Transformer(config, rngs=rngs)
+
+    def init_cache(self, config: ModelConfig, batch: int, slots: int, dtype: Any = None) -> KVCache:
+        return KVCache.empty(config, batch, slots, dtype)
+
+
+@register_family
+class MistralFamily(LlamaFamily):
+    """Mistral: no biases; one sliding window (``sliding_window``) for every layer."""
+
+    model_type = "mistral"
+    architecture = "MistralForCausalLM"
+
+    def biases_from_hf(self, hf: Mapping[str, Any]) -> dict[str, bool]:
+        return dict(qkv_bias=False, o_bias=False, mlp_bias=False)
+
+    def biases_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    def windows_from_hf(self, hf: Mapping[str, Any], layers: int) -> tuple[int, ...]:
+        return ((hf.get("sliding_window") or NO_WINDOW),) * layers
+
+    def windows_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        windows = set(config.sliding_windows) - {NO_WINDOW}
+        return {"sliding_window": windows.pop() if windows else None}
+
+
+@register_family
+class Qwen2Family(LlamaFamily):
+    """Qwen2/2.5: q/k/v biases; sliding windows per layer (``use_sliding_window``, ``layer_types`` or
+    ``max_window_layers``)."""
+
+    model_type = "qwen2"
+    architecture = "Qwen2ForCausalLM"
+
+    def biases_from_hf(self, hf: Mapping[str, Any]) -> dict[str, bool]:
+        return dict(qkv_bias=True, o_bias=False, mlp_bias=False)
+
+    def biases_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    def windows_from_hf(self, hf: Mapping[str, Any], layers: int) -> tuple[int, ...]:
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        types = hf.get("layer_types")
+        if window is None:
+            return (NO_WINDOW,) * layers
+        if types is None:
+            first = hf.get("max_window_layers", layers)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        return tuple(window if t == "sliding_attention" else NO_WINDOW for t in types)
+
+    def windows_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        windows = set(config.sliding_windows) - {NO_WINDOW}
+        hf: dict[str, Any] = {"use_sliding_window": bool(windows)}
+        if windows:
+            hf["sliding_window"] = windows.pop()
+        hf["layer_types"] = [
+            "full_attention" if w == NO_WINDOW else "sliding_attention" for w in config.sliding_windows
+        ]
+        return hf

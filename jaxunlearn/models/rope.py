@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.models.config import ModelConfig, check_rope_type
+
+
+def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """``(rope_theta, rope_scaling)`` of a ``config.json``, for :class:`ModelConfig`.
+
+    Accepts both the transformers 4 (``rope_theta`` + ``rope_scaling``, with ``type`` or ``rope_type``) and 5
+    (``rope_parameters``) forms; ``rope_scaling`` is None for plain RoPE, else the sorted scaling items.
+    """
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    merged = {**scaling, **params}
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("type", None)
+    rope_type = merged.get("rope_type", "default")
+    check_rope_type(rope_type)
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        merged.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    return theta, tuple(sorted(merged.items()))
+
+
+def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The RoPE keys of ``config.json``: transformers 5's ``rope_parameters`` and the 4.x keys kept in sync."""
+    rope: dict[str, Any] = {"rope_type": "default"}
+    if config.rope_scaling:
+        rope = dict(config.rope_scaling)
+    rope["rope_theta"] = config.rope_theta
+    return {
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+    }
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:

@@ -15,19 +15,18 @@ or ``world.cache_dir``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 
 from jaxunlearn.data.chunks import Chunks, default_cache_dir, tokenize_and_chunk
@@ -178,15 +177,24 @@ def verify(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _remove_stale_builds(directory: Path) -> None:
+    """Remove temporary build directories of ``directory`` left by builds that were killed (their process is
+    gone). Called under the cache lock, so no live build of this world can be running elsewhere on this host."""
+    for tmp in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted build", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def ensure_world(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None, *, mesh: Any = None) -> World:
@@ -202,7 +210,9 @@ def ensure_world(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None
         mesh = sharding.make_mesh(devices=jax.local_devices())
     root = world_cache_root(cache_dir) / "worlds"
     directory = root / f"{recipe.name}-{world_key(recipe, corpus)}"
-    with _lock(root / f".{directory.name}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(root / f".{directory.name}.lock"):
+        _remove_stale_builds(directory)
         if directory.exists():
             manifest = verify(directory)
             if manifest is not None:
@@ -245,16 +255,9 @@ def _concat(parts: list[Chunks]) -> Chunks:
 
 
 def _build(recipe: WorldRecipe, corpus: Mapping[str, list[tuple[str, str]]], out: Path, mesh: Any) -> dict[str, Any]:
-    from jaxunlearn.hf_checkpoint import save_pretrained
-    from jaxunlearn.run_record import library_versions
-    from jaxunlearn.world.pretrain import pretrain
-
+    """Data, tokenizer, the target and the oracle into ``out``; returns the manifest (also written there)."""
     t0 = time.perf_counter()
-    (out / "data").mkdir(parents=True)
-    for split, docs in corpus.items():
-        with open(out / "data" / f"{split}.jsonl", "w") as f:
-            for doc_id, text in docs:
-                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    _write_data(corpus, out / "data")
     oracle_docs = corpus["retain"] + corpus["general_retain"]
     tokenizer = train_tokenizer([t for _, t in oracle_docs], recipe.vocab_size)
     tokenizer.save_pretrained(str(out / "tokenizer"))
@@ -271,6 +274,32 @@ def _build(recipe: WorldRecipe, corpus: Mapping[str, list[tuple[str, str]]], out
     }
     vocab = -(-len(tokenizer) // 64) * 64  # padded to a multiple of 64, as checkpoints usually are
     model_config = recipe.model_config(vocab, {"eos": tokenizer.eos_token_id})
+    stats = _pretrain_models(recipe, model_config, chunks, tokenizer, out, mesh)
+    manifest = _manifest(recipe, corpus, chunks, stats, out)
+    manifest["model"] = {"num_params": model_config.num_params, "vocab_size": vocab, "tokenizer_size": len(tokenizer)}
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+    manifest["files"] = {
+        str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write_data(corpus: Mapping[str, list[tuple[str, str]]], directory: Path) -> None:
+    directory.mkdir(parents=True)
+    for split, docs in corpus.items():
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for doc_id, text in docs:
+                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+
+
+def _pretrain_models(
+    recipe: WorldRecipe, model_config: Any, chunks: Mapping[str, Chunks], tokenizer: Any, out: Path, mesh: Any
+) -> dict[str, dict[str, float]]:
+    """Pre-train the target (forget repeated) and the oracle (no forget) with one recipe; save both."""
+    from jaxunlearn.hf_checkpoint import save_pretrained
+    from jaxunlearn.world.pretrain import pretrain
+
     training = {
         "target": _concat([chunks["forget"]] * recipe.forget_repeats + [chunks["retain"], chunks["general_retain"]]),
         "oracle": _concat([chunks["retain"], chunks["general_retain"]]),
@@ -288,15 +317,28 @@ def _build(recipe: WorldRecipe, corpus: Mapping[str, list[tuple[str, str]]], out
             desc=f"pre-training the {name}",
         )
         save_pretrained(model, out / name, tokenizer=tokenizer)
+        s = stats[name]
         log.info(
             "%s: loss %.3f after %d steps (%.0f s, %.0f tokens/s)",
             name,
-            stats[name]["final_loss"],
+            s["final_loss"],
             recipe.steps,
-            stats[name]["seconds"],
-            stats[name]["tokens_per_s"],
+            s["seconds"],
+            s["tokens_per_s"],
         )
-    manifest = {
+    return stats
+
+
+def _manifest(
+    recipe: WorldRecipe,
+    corpus: Mapping[str, list[tuple[str, str]]],
+    chunks: Mapping[str, Chunks],
+    stats: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    from jaxunlearn.run_record import library_versions
+
+    return {
         "format": FORMAT_VERSION,
         "recipe": dataclasses.asdict(recipe),
         "splits": {
@@ -314,13 +356,6 @@ def _build(recipe: WorldRecipe, corpus: Mapping[str, list[tuple[str, str]]], out
             "target": {"forget": recipe.forget_repeats, "retain": 1, "general_retain": 1},
             "oracle": {"retain": 1, "general_retain": 1},
         },
-        "model": {"num_params": model_config.num_params, "vocab_size": vocab, "tokenizer_size": len(tokenizer)},
         "pretraining": stats,
-        "build_seconds": round(time.perf_counter() - t0, 1),
         "versions": library_versions(),
     }
-    manifest["files"] = {
-        str(p.relative_to(out)): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from jaxunlearn import sharding
 from jaxunlearn.data import Chunks, StepBatcher
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
-from jaxunlearn.objectives import Context, Method
+from jaxunlearn.objectives import Context, Method, Needs
 from jaxunlearn.train import (
     batch_shardings,
     compile_train_step,
@@ -30,14 +30,7 @@ def next_token_loss(params, ref_params, batch, rng, ctx: Context):
     return nll, {"nll": nll}
 
 
-PRETRAIN = Method(
-    "pretrain",
-    next_token_loss,
-    needs_retain=False,
-    needs_reference=False,
-    hparams={},
-    summary="next-token pre-training",
-)
+PRETRAIN = Method("pretrain", next_token_loss, hparams={}, decide=lambda hp: Needs(), summary="next-token pre-training")
 
 
 def pretrain(

@@ -1,0 +1,179 @@
+"""A run's directory: one run at a time (a lock), the resume check, and ``run.json``, which always says how the
+run ended (``completed``, ``interrupted``, ``non_finite`` or ``failed`` with the error).
+
+A run that is refused before it starts (bad data, a busy or foreign workdir, ...) leaves the directory as it
+found it: a directory it created is removed again, and nothing in an existing one is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import filelock
+import jax
+
+from jaxunlearn import logs, sharding
+from jaxunlearn.run_record import write_json
+
+LOCK = ".jaxunlearn.lock"
+HOLDER = ".jaxunlearn.lock.json"  # who holds the lock (the lock file itself stays empty)
+EXPORT = "hf_model"
+
+# Settings that may change between a run and its resumption: they do not change the trained parameters.
+RESUMABLE_CHANGES = (
+    "config.mesh.",
+    "config.model.remat",
+    "config.model.attention_impl",
+    "config.data.cache_dir",
+    "config.checkpoint.",
+    "config.train.log_every",
+    "config.distributed",
+    "config.evaluation.enabled",
+    "config.evaluation.batch_size",
+    "config.evaluation.max_chunks",
+    "config.evaluation.dtype",
+    "config.evaluation.metrics",
+    "config.evaluation.oracle_model",
+    "config.evaluation.pretraining_tokens",
+    "config.data.approximate.",
+    "config.data.general.",
+)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir holds a different run, is in use, or cannot receive the run's outputs."""
+
+
+def _flat(d: dict, prefix: str = "config") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def resumable_changes() -> tuple[str, ...]:
+    """:data:`RESUMABLE_CHANGES` and every registered metric's options (``config.evaluation.<metric>.``)."""
+    from jaxunlearn.evaluation.registry import registered
+
+    return RESUMABLE_CHANGES + tuple(f"config.evaluation.{name}." for name in registered())
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ and that matter for the trained parameters (compared as JSON, as checkpoints
+    store them: a tuple equals the list it was saved as)."""
+    a, b = (_flat(json.loads(json.dumps(d, default=str))) for d in (old, new))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in keys if not k.startswith(resumable_changes())]
+
+
+class Workdir:
+    """The directory of one run (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+        self.record: dict[str, Any] | None = None  # run.json, once the run is accepted
+        self._lock: filelock.BaseFileLock | None = None
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[Workdir]:
+        """Hold the workdir for the duration of the run; record how the run ended."""
+        self.check_export_target()
+        existed = self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._acquire()
+            yield self
+        except BaseException as e:
+            if self.record is not None:
+                self.finish(_status(e), error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            elif not existed and jax.process_index() == 0:
+                self._release()
+                shutil.rmtree(self.path, ignore_errors=True)  # refused before it started: leave no trace
+            raise
+        finally:
+            self._release()
+            logs.detach_log_file()
+
+    def check_export_target(self) -> None:
+        """The export replaces ``hf_model/`` as a whole: refuse a link there before any work, not after it."""
+        target = self.path / EXPORT
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise WorkdirError(
+                f"{target} is a {'symbolic link' if target.is_symlink() else 'file'}; the export replaces "
+                f"{EXPORT}/ as a whole and never follows links: remove it or choose another --workdir"
+            )
+
+    def _acquire(self) -> None:
+        """Take the lock (process 0; the decision is shared with every process), or refuse naming the holder."""
+        error = None
+        if jax.process_index() == 0:
+            lock = filelock.FileLock(self.path / LOCK, timeout=0)
+            try:
+                lock.acquire()
+                self._lock = lock
+                write_json(self.path / HOLDER, _holder())
+            except filelock.Timeout:
+                error = f"{self.path} is in use by another jaxunlearn run ({self._holder_text()}); wait for it to end"
+        error = sharding.from_process0(error)
+        if error:
+            raise WorkdirError(error)
+
+    def _holder_text(self) -> str:
+        try:
+            h = json.loads((self.path / HOLDER).read_text())
+            return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def accept(self, record: dict[str, Any]) -> None:
+        """The run goes ahead in this workdir: start ``log.txt`` (with everything logged so far) and ``run.json``."""
+        logs.attach_log_file(self.path)
+        self.record = dict(record, status="running")
+        self._write_record()
+
+    def finish(self, status: str, **fields: Any) -> dict[str, Any]:
+        """Record how the run ended in ``run.json``; returns the record."""
+        assert self.record is not None
+        self.record.update(status=status, **fields)
+        self._write_record()
+        return self.record
+
+    def _write_record(self) -> None:
+        if jax.process_index() == 0:
+            write_json(self.path / "run.json", self.record)
+
+
+def _holder() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _status(error: BaseException) -> str:
+    from jaxunlearn.trainer import NonFiniteError
+
+    if isinstance(error, NonFiniteError):
+        return "non_finite"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"

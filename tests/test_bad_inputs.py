@@ -1,0 +1,125 @@
+"""Bad inputs end in one line naming the culprit and exit status 2, before any work, leaving no workdir behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_cli import REPO, run_cli
+from tests.tiny_models import write_tiny_setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    return {**write_tiny_setup(root), "cache": root / "cache", "root": root}
+
+
+def _refused(result, *fragments):
+    """Exit status 2, exactly one line on stderr, no traceback, every fragment in that line."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("jaxunlearn: error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(errors) == 1, lines
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _main(*args, cwd=REPO):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxunlearn.main", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def test_missing_config_file_and_bad_preset(tmp_path):
+    result = _main("--config=configs/nope.py", f"--workdir={tmp_path / 'run'}")
+    _refused(result, "--config=configs/nope.py: cannot load it", "No such file or directory")
+    result = _main("--config=configs/ga.py:foo", f"--workdir={tmp_path / 'run'}")
+    _refused(result, "--config", "preset 'foo': choose one of builtin, arxiv, github")
+    assert not (tmp_path / "run").exists()
+
+
+def test_undecodable_jsonl_is_refused_with_file_and_offset(setup, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    result = run_cli(setup, "ga", tmp_path / "run", f"--config.data.forget.path={bad}")
+    _refused(result, "data.forget:", str(bad), "not UTF-8", "byte offset 28")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_parquet_is_refused(setup, tmp_path):
+    path = tmp_path / "forget.parquet"
+    pq.write_table(pa.table({"text": ["a document"] * 20}), path)
+    path.write_bytes(path.read_bytes()[:-30])  # footer cut off
+    result = run_cli(setup, "ga", tmp_path / "run", f"--config.data.forget.path={path}")
+    _refused(result, "data.forget:", str(path), "not a readable Parquet file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_safetensors_is_refused_before_any_work(setup, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_cli(setup, "ga", tmp_path / "run", f"--config.model.path={model}")
+    _refused(result, str(weights), "not a readable safetensors file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_without_tokenizer_names_the_config_key(setup, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(setup["model"] / name, model / name)
+    result = run_cli(setup, "ga", tmp_path / "run", f"--config.model.path={model}")
+    _refused(result, str(model), "config.model.tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_infinite_learning_rate_and_one_token_chunks_are_refused(setup, tmp_path):
+    _refused(run_cli(setup, "ga", tmp_path / "run", "--config.optim.lr=inf"), "config.optim.lr=inf", "finite")
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.data.min_chunk_tokens=1")
+    _refused(result, "config.data.min_chunk_tokens=1", "in [2, max_length]")
+    assert not (tmp_path / "run").exists()
+
+
+def test_builtin_preset_with_ones_own_model_is_refused_before_building_anything(setup, tmp_path):
+    env = {**os.environ, "JAXUNLEARN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxunlearn.main",
+            f"--config={REPO / 'configs' / 'ga.py'}",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.model.path={setup['model']}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**env, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=300,
+    )
+    _refused(result, "config.model.path=", "configs/ga_kl.py:arxiv", "config.evaluation.oracle_model")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no world was built
+
+
+def test_export_target_that_is_a_link_is_refused_before_training(setup, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (run / "hf_model").symlink_to(tmp_path / "elsewhere")
+    result = run_cli(setup, "ga", run, "--config.train.max_steps=1")
+    _refused(result, str(run / "hf_model"), "symbolic link")
+    assert sorted(p.name for p in run.iterdir()) == ["hf_model"]  # nothing trained, nothing written
