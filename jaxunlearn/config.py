@@ -224,12 +224,13 @@ def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -
 # --- validation -------------------------------------------------------------------------------------------
 
 
-def _flat(cfg: Any, prefix: str = "config") -> dict[str, Any]:
+def flat_items(cfg: Any, prefix: str = "config") -> dict[str, Any]:
+    """``{"config.section.key": value}`` for every leaf of a ConfigDict."""
     out = {}
     for key, value in cfg.items():
         name = f"{prefix}.{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flat(value, name))
+            out.update(flat_items(value, name))
         else:
             out[name] = value
     return out
@@ -298,8 +299,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.method.name is missing")
     name = config.method.name
     _check(name in METHODS, "config.method.name", name, f"unknown method; known: {', '.join(sorted(METHODS))}")
-    given = _flat(config)
-    _check_keys_and_types(given, _flat(base_config(name)))
+    given = flat_items(config)
+    _check_keys_and_types(given, flat_items(base_config(name)))
     for key, (check, requirement) in RULES.items():
         _check(check(given[key]), key, given[key], requirement)
     _check_method(config)

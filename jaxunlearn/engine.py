@@ -332,20 +332,13 @@ def export(prep: Prepared, wd: Workdir, lm: LanguageModel, params: dict, resume:
     if not config.checkpoint.export:
         return None
     target = wd.path / EXPORT
-    dtype = export_dtype(prep)
+    dtype = hf_checkpoint.export_dtype(prep.model_config, config.checkpoint.export_dtype or None)
     if resume.finished and sharding.from_process0(_exported_dtype(target) == dtype):
         return target
     if not bool(jax.device_get(jax.jit(all_finite)(params))):
         raise NonFiniteError(f"the parameters to export to {target} are not finite; nothing was exported")
     hf_checkpoint.save_pretrained(lm.bind(params), target, tokenizer=prep.tokenizer, dtype=dtype)
     return target
-
-
-def export_dtype(prep: Prepared) -> str:
-    """``checkpoint.export_dtype``, else the source checkpoint's dtype, else the parameter dtype."""
-    source = json.loads(prep.model_config.hf_config_json) if prep.model_config.hf_config_json else {}
-    dtype = prep.config.checkpoint.export_dtype or source.get("dtype") or source.get("torch_dtype")
-    return str(dtype or prep.model_config.param_dtype)
 
 
 def _exported_dtype(target: Path) -> str | None:

@@ -404,6 +404,13 @@ def _export_tensors(model: nnx.Module, dtype: np.dtype) -> Iterator[tuple[str, n
             yield entry.name, to_hf_layout(entry.layout, _to_host(value)).astype(dtype)
 
 
+def export_dtype(config: ModelConfig, dtype: str | None = None) -> str:
+    """The dtype an export writes: ``dtype``, else the source checkpoint's ``dtype``/``torch_dtype``, else the
+    parameter dtype (a numpy name, e.g. ``bfloat16``)."""
+    source = json.loads(config.hf_config_json) if config.hf_config_json else {}
+    return _dtype_name(dtype or source.get("dtype") or source.get("torch_dtype") or config.param_dtype)
+
+
 def save_pretrained(
     model: nnx.Module,
     out_dir: str | os.PathLike,
@@ -420,9 +427,7 @@ def save_pretrained(
     process 0 writes.
     """
     config: ModelConfig = model.config
-    source = json.loads(config.hf_config_json) if config.hf_config_json else {}
-    dtype_name = dtype or source.get("dtype") or source.get("torch_dtype") or config.param_dtype
-    np_dtype = np.dtype(dtype_name)
+    np_dtype = np.dtype(export_dtype(config, dtype))
     out = Path(out_dir)
     writer = jax.process_index() == 0
     tmp = None

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from jaxunlearn import hf_checkpoint, sharding
-from jaxunlearn.config import ConfigError, validate
+from jaxunlearn.config import ConfigError, flat_items, validate
 from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
 from jaxunlearn.models import ModelConfig, param_shardings
 from jaxunlearn.objectives import Needs, resolve_needs
@@ -90,7 +90,8 @@ def model_architecture(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Pa
 
 def check_oracle_architecture(path: str, model_config: ModelConfig) -> None:
     """Before any compute: KL(oracle || model) needs the oracle to share the model's architecture."""
-    oracle = hf_checkpoint.load_config(path).replace(
+    oracle_dir = hf_checkpoint.resolve_model_dir(path)
+    oracle = ModelConfig.from_hf(hf_checkpoint.read_hf_config(oracle_dir)).replace(
         param_dtype=model_config.param_dtype,
         dtype=model_config.dtype,
         remat=model_config.remat,
@@ -98,7 +99,7 @@ def check_oracle_architecture(path: str, model_config: ModelConfig) -> None:
     )
     if oracle.replace(hf_config_json="") != model_config.replace(hf_config_json=""):
         raise ConfigError(f"config.evaluation.oracle_model={path!r}: its architecture differs from config.model.path's")
-    hf_checkpoint.check_checkpoint(hf_checkpoint.resolve_model_dir(path), oracle)
+    hf_checkpoint.check_checkpoint(oracle_dir, oracle)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, model_dir: Path, model_config: ModelConfig) -> Any:
@@ -163,7 +164,7 @@ def resolve_world(config: ml_collections.ConfigDict) -> tuple[ml_collections.Con
     unused = unused_fields(config)
     resolved = copy.deepcopy(config)
     refs = []
-    for key, value in _flat(config).items():
+    for key, value in flat_items(config).items():
         if isinstance(value, str) and value.startswith("world:"):
             if key.startswith(unused):
                 _put(resolved, key, "")
@@ -188,16 +189,6 @@ def unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if not resolve_needs(config.method).retain:
         unused.append("config.data.retain.")
     return tuple(unused)
-
-
-def _flat(config: ml_collections.ConfigDict, prefix: str = "config") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flat(value, f"{prefix}.{key}"))
-        else:
-            out[f"{prefix}.{key}"] = value
-    return out
 
 
 def _put(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

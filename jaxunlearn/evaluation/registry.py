@@ -72,13 +72,14 @@ class EvalContext:
         loop, computed once per split and shared by every metric; another model's with ``evaluator``/``params``.
         """
         if evaluator is not None:
-            return _split_stats(evaluator, params, self.splits[split], self.max_chunks, split)
+            return split_stats(evaluator, params, self.splits[split], self.max_chunks, split)
         if split not in self._stats:
-            self._stats[split] = _split_stats(self.evaluator, self.params, self.splits[split], self.max_chunks, split)
+            self._stats[split] = split_stats(self.evaluator, self.params, self.splits[split], self.max_chunks, split)
         return self._stats[split]
 
 
-def _split_stats(evaluator: Evaluator, params: dict, chunks: Chunks, limit: int, name: str) -> dict:
+def split_stats(evaluator: Evaluator, params: dict, chunks: Chunks, limit: int, name: str) -> dict:
+    """The evaluation loop's statistics of ``limit`` evenly spaced chunks of one split (and their ``index``)."""
     idx = subset(len(chunks), limit)
     out = evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}")
     out["index"] = idx
@@ -160,10 +161,3 @@ def evaluate_model(ctx: EvalContext, metrics: Sequence[tuple[Metric, Mapping[str
         if result is not None:
             ctx.results[metric.name] = result
     return dict(ctx.results)
-
-
-def without_artifacts(results: Mapping[str, Any]) -> dict[str, Any]:
-    """``results`` as report.json holds them: every metric's :data:`ARTIFACTS` removed."""
-    return {
-        k: {a: b for a, b in v.items() if a != ARTIFACTS} if isinstance(v, Mapping) else v for k, v in results.items()
-    }

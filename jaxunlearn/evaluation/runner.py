@@ -21,7 +21,7 @@ from jaxunlearn import hf_checkpoint, sharding
 from jaxunlearn.data.chunks import Chunks
 from jaxunlearn.evaluation import metrics as M
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.evaluation.registry import EvalContext, Metric, Oracle, evaluate_model, get_metric, subset
+from jaxunlearn.evaluation.registry import EvalContext, Metric, Oracle, evaluate_model, get_metric, split_stats
 from jaxunlearn.models import LanguageModel
 from jaxunlearn.run_record import write_json
 
@@ -40,13 +40,7 @@ def selected_metrics(evaluation: ml_collections.ConfigDict) -> list[tuple[Metric
 
 def perplexities(evaluator: Evaluator, params: dict, splits: Mapping[str, Chunks], limit: int) -> dict[str, dict]:
     """Perplexity of every split on its first ``limit`` evenly spaced chunks (in-run history, stopping rule)."""
-    out = {}
-    for name, chunks in splits.items():
-        idx = subset(len(chunks), limit)
-        out[name] = M.perplexity_metrics(
-            evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}")
-        )
-    return out
+    return {name: M.perplexity_metrics(split_stats(evaluator, params, c, limit, name)) for name, c in splits.items()}
 
 
 @dataclasses.dataclass
