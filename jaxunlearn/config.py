@@ -101,6 +101,9 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             epochs=1,
             max_steps=0,  # > 0 overrides epochs
             logits_chunk_size=1024,  # positions per vocabulary-projection chunk in the losses
+            # One forward/backward pass per split (forget, retain) of each micro-batch instead of one for both:
+            # the same gradient and FLOPs, half the activation memory (what makes long chunks fit; see plan).
+            split_passes=False,
             log_every=1,  # metrics.jsonl, and a progress line in log.txt (and on stderr without a terminal)
         )
     )

@@ -35,15 +35,7 @@ from jaxunlearn.models import LanguageModel, abstract_model, param_shardings
 from jaxunlearn.objectives import Context, get_method
 from jaxunlearn.prepare import Prepared, prepare
 from jaxunlearn.run_record import compute_summary, run_record, stamp
-from jaxunlearn.train import (
-    all_finite,
-    batch_shardings,
-    compile_train_step,
-    init_state,
-    make_optimizer,
-    make_train_step,
-    state_shardings,
-)
+from jaxunlearn.train import StepSetup, all_finite, init_state, reference_dtype
 from jaxunlearn.trainer import LoopResult, NonFiniteError, Trainer
 from jaxunlearn.workdir import EXPORT, Workdir, WorkdirError, config_differences
 
@@ -136,7 +128,7 @@ def load_models(prep: Prepared, resume: Resume) -> Models:
     if resume.latest is None or prep.needs.reference or ev.enabled:
         lm, original = load_checkpoint(prep, prep.model_dir)
     if prep.needs.reference and not resume.finished:
-        ref_dtype = jnp.dtype(config.model.reference_dtype or prep.model_config.param_dtype)
+        ref_dtype = reference_dtype(prep.model_config, config.model.reference_dtype)
         cast = jax.jit(
             lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
             out_shardings=param_shardings(prep.model_config, prep.mesh, config.mesh.rules),
@@ -212,13 +204,12 @@ def train(
     rule: StoppingRule | None,
 ) -> LoopResult:
     """The step loop from the resume point to the end (nothing to do for a finished run)."""
-    tx, schedule = make_optimizer(prep.config.optim, prep.total_steps)
-    shardings = state_shardings(tx, param_shardings(prep.model_config, prep.mesh, prep.config.mesh.rules), prep.mesh)
-    state, start = initial_state(prep, resume, models, tx, shardings)
+    setup = StepSetup.for_run(prep.config, prep.model_config, prep.mesh, prep.total_steps)
+    state, start = initial_state(prep, resume, models, setup.tx, setup.shardings)
     if resume.finished:
         log.info("%s already finished at step %d", wd.path, start)
         return LoopResult(state, start, resume.meta.get("stopped"), dict(resume.meta.get("last_metrics", {})), None)
-    trainer = make_trainer(prep, models, tx, schedule, shardings, start)
+    trainer = make_trainer(prep, models, setup, start)
     with (
         MetricWriter(wd.path, resume_step=start) as writer,
         hooks.signal_hook() as on_signal,
@@ -226,8 +217,7 @@ def train(
     ):
         add_default_hooks(trainer, prep, wd, resume, evals, rule, writer, bar, on_signal, start)
         try:
-            with sharding.activation_sharding(prep.mesh, prep.config.mesh.rules):
-                return trainer.run(state, start)
+            return trainer.run(state, start)
         except NonFiniteError as e:
             resume.checkpointer.wait()
             good = resume.checkpointer.latest_step()
@@ -252,16 +242,14 @@ def initial_state(prep: Prepared, resume: Resume, models: Models, tx: Any, shard
     return state, start
 
 
-def make_trainer(prep: Prepared, models: Models, tx: Any, schedule: Any, shardings: Any, start: int) -> Trainer:
+def make_trainer(prep: Prepared, models: Models, setup: StepSetup, start: int) -> Trainer:
     """The compiled train step of the run's method (state donated) in a step loop."""
-    config, mesh = prep.config, prep.mesh
+    config = prep.config
     ctx = Context.for_run(
         models.lm, config.method, seed=config.seed, tokenizer=prep.tokenizer, chunk_size=config.train.logits_chunk_size
     )
-    b_shardings = batch_shardings(prep.batcher.batch(start), mesh, config.mesh.rules)
-    ref_shardings = shardings["params"] if models.reference is not None else None
-    step = make_train_step(get_method(config.method.name), ctx, tx, schedule)
-    step_fn = compile_train_step(step, shardings, ref_shardings, b_shardings, mesh)
+    method = get_method(config.method.name)
+    step_fn, b_shardings = setup.compile(method, ctx, prep.batcher.batch(start), reference=models.reference is not None)
     return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps)
 
 

@@ -39,6 +39,27 @@ def unlearning_step_flops(
     )
 
 
+def recompute_flops_per_step(
+    config: ModelConfig, seq_len: int, chunks_per_step: int, *, retain: bool, logits_chunk_size: int
+) -> float:
+    """FLOPs the backward pass spends recomputing forward work, beyond :func:`unlearning_step_flops`.
+
+    ``config.remat``: ``full`` recomputes every layer's forward; ``dots_no_batch`` recomputes the attention
+    score and value products (their dots have batch dimensions); ``dots`` and ``none`` recompute no matmul.
+    The losses project hidden states to logits one chunk at a time under ``jax.checkpoint`` (whenever a sequence
+    spans more than one chunk), so the output head's forward runs twice for trained tokens. The frozen
+    reference's logits recomputed inside KL chunks are not counted.
+    """
+    trained = chunks_per_step * seq_len * (2 if retain else 1)
+    attention = 2.0 * config.num_layers * seq_len * config.num_heads * config.head_dim
+    head = 2.0 * config.hidden_size * config.vocab_size
+    layers = forward_flops_per_token(config, seq_len) - head
+    per_token = {"full": layers, "dots_no_batch": attention}.get(config.remat, 0.0)
+    if logits_chunk_size < seq_len:
+        per_token += head
+    return trained * per_token
+
+
 def pretraining_flops(config: ModelConfig, tokens: float, seq_len: int = 4096) -> float:
     """Training from scratch on ``tokens`` tokens (the retraining that exact unlearning would need)."""
     return tokens * training_flops_per_token(config, seq_len)

@@ -67,6 +67,24 @@ class CheckpointError(ValueError):
 # --- locating a checkpoint ----------------------------------------------------------------------------------
 
 
+# ``shapes:NAME``: a public model's config.json shipped with the package (no weights), for planning.
+SHAPES_PREFIX = "shapes:"
+SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
+
+
+def shape_names() -> list[str]:
+    """The model shapes shipped with the package (``shapes:yi-6b`` ...)."""
+    return sorted(p.parent.name for p in SHAPES_DIR.glob("*/config.json"))
+
+
+def shape_dir(name: str) -> Path:
+    """The directory of a shipped model shape; an error lists the known ones."""
+    directory = SHAPES_DIR / name
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{SHAPES_PREFIX}{name}: no such model shape; known: {', '.join(shape_names())}")
+    return directory
+
+
 def resolve_model_dir(
     name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
 ) -> Path:
@@ -76,6 +94,8 @@ def resolve_model_dir(
     and fetch only configs, safetensors and tokenizer files, never pickles.
     """
     text = os.fspath(name_or_path)
+    if text.startswith(SHAPES_PREFIX):
+        return shape_dir(text[len(SHAPES_PREFIX) :])
     path = Path(text).expanduser()
     if path.is_dir():
         return path
@@ -137,6 +157,11 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
                 f"{model_dir} only has pickle-format weights ({', '.join(pickles)}). jaxunlearn never unpickles "
                 "model files; convert them to safetensors first (e.g. transformers' save_pretrained with "
                 "safe_serialization=True on a machine you trust)."
+            )
+        if model_dir.parent == SHAPES_DIR:
+            raise CheckpointError(
+                f"{SHAPES_PREFIX}{model_dir.name} is a model shape for planning (python -m jaxunlearn.plan), with "
+                "no weights: give the checkpoint itself in config.model.path"
             )
         raise CheckpointError(f"{model_dir} has no *.safetensors weights")
     files = {}

@@ -61,6 +61,9 @@ def map_sequence_chunks(fn: Callable[..., Any], chunk_size: int, *arrays: Array)
 
 
 def _logits(hidden: Array, head: Array) -> Array:
+    # The head is pinned to its parameter sharding here so that its gradient, summed over the sequence chunks,
+    # is reduced to shards chunk by chunk instead of being accumulated whole on every device.
+    head = constrain(head, ("embed", "vocab"))
     # The same precision rule as the model's layers: an fp32 run projects in full fp32 on TPU/GPU too.
     logits = jnp.einsum(
         "bte,ev->btv",

@@ -106,7 +106,10 @@ def resolve_needs(method_config: Mapping[str, Any]) -> Needs:
 
 
 def non_special_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
-    """The tokenizer's ids that are not special tokens (and fit the model's vocabulary)."""
+    """The tokenizer's ids that are not special tokens (and fit the model's vocabulary); every id of the
+    vocabulary without a tokenizer (planning a run compiles the same step from shapes alone)."""
+    if tokenizer is None:
+        return np.arange(vocab_size, dtype=np.int32)
     special = set(tokenizer.all_special_ids)
     return np.asarray([i for i in range(min(len(tokenizer), vocab_size)) if i not in special], dtype=np.int32)
 
@@ -145,22 +148,52 @@ class Context:
             )
         return batch[name]
 
-    def nll(self, params: dict, split: Split, targets: Array | None = None) -> Array:
-        """Per-sequence mean NLL ``[batch]`` of ``targets`` (default: the true next tokens)."""
+    def forward(self, params: dict, split: Split) -> Array:
+        """Final hidden states ``[batch, length, embed]`` of one split; a split with no rows costs nothing (the
+        train step's per-split passes give the other splits zero rows)."""
+        tokens = split["tokens"]
+        if tokens.shape[0] == 0:
+            return jnp.zeros((0, tokens.shape[1], self.model.config.hidden_size), self.model.config.dtype)
+        return self.model.hidden_states(params, tokens, split["mask"])
+
+    def hidden(self, params: dict, *splits: Split) -> tuple[Array, ...]:
+        """Final hidden states of each split, from one forward pass over all their rows.
+
+        One pass instead of one per split means one backward pass through the layers, so the layers' gradients
+        are produced once per micro-batch, not once per split. Rows are interleaved (forget 0, retain 0, forget 1,
+        ...) so every device keeps its own rows of each split and nothing moves between devices.
+        """
+        if len({s["tokens"].shape for s in splits}) > 1 or len(splits) == 1 or not splits[0]["tokens"].shape[0]:
+            return tuple(self.forward(params, s) for s in splits)
+        n, b = len(splits), splits[0]["tokens"].shape[0]
+
+        def rows(key: str) -> Array:
+            return jnp.stack([s[key] for s in splits], axis=1).reshape(b * n, -1)
+
+        hidden = self.model.hidden_states(params, rows("tokens"), rows("mask"))
+        hidden = hidden.reshape(b, n, *hidden.shape[1:])
+        return tuple(hidden[:, i] for i in range(n))
+
+    def nll_of_hidden(self, params: dict, hidden: Array, split: Split, targets: Array | None = None) -> Array:
+        """Per-sequence mean NLL ``[batch]`` of ``targets`` (default: the true next tokens) from hidden states."""
         true_targets, target_mask = losses.next_token_targets(split["tokens"], split["mask"])
-        hidden = self.model.hidden_states(params, split["tokens"], split["mask"])
         targets = true_targets if targets is None else targets
         logp = losses.token_logprobs(hidden, self.model.head(params), targets, chunk_size=self.chunk_size)
         return losses.sequence_mean(-logp, target_mask)
+
+    def nll(self, params: dict, split: Split, targets: Array | None = None) -> Array:
+        """Per-sequence mean NLL ``[batch]`` of ``targets`` (default: the true next tokens)."""
+        (hidden,) = self.hidden(params, split)
+        return self.nll_of_hidden(params, hidden, split, targets)
 
     def mean_nll(self, params: dict, split: Split, targets: Array | None = None) -> Array:
         """The mean over sequences of :meth:`nll`, counting only sequences that have a target."""
         return mean_over_sequences(self.nll(params, split, targets), has_target(split))
 
-    def kl_from_reference(self, params: dict, ref_params: dict, split: Split) -> Array:
-        """Per-sequence mean ``KL(p_ref || p)`` ``[batch]`` over the non-padding positions."""
-        ref_hidden = self.model.hidden_states(ref_params, split["tokens"], split["mask"])
-        hidden = self.model.hidden_states(params, split["tokens"], split["mask"])
+    def kl_of_hidden(self, params: dict, hidden: Array, ref_params: dict, split: Split) -> Array:
+        """Per-sequence mean ``KL(p_ref || p)`` ``[batch]`` over the non-padding positions, from the trained
+        model's hidden states on ``split``."""
+        ref_hidden = self.forward(ref_params, split)
         kl = losses.token_kl(
             jax.lax.stop_gradient(ref_hidden),
             jax.lax.stop_gradient(self.model.head(ref_params)),
@@ -170,9 +203,14 @@ class Context:
         )
         return losses.sequence_mean(kl, split["mask"])
 
+    def mean_kl_of_hidden(self, params: dict, hidden: Array, ref_params: dict, split: Split) -> Array:
+        """The mean over non-empty sequences of :meth:`kl_of_hidden`."""
+        return mean_over_sequences(self.kl_of_hidden(params, hidden, ref_params, split), split["mask"].any(-1))
+
     def mean_kl(self, params: dict, ref_params: dict, split: Split) -> Array:
-        """The mean over non-empty sequences of :meth:`kl_from_reference`."""
-        return mean_over_sequences(self.kl_from_reference(params, ref_params, split), split["mask"].any(-1))
+        """The mean over non-empty sequences of ``KL(p_ref || p)`` on ``split``."""
+        (hidden,) = self.hidden(params, split)
+        return self.mean_kl_of_hidden(params, hidden, ref_params, split)
 
 
 def mean_over_sequences(values: Array, valid: Array) -> Array:
@@ -222,12 +260,34 @@ def _retain_needs(reference: bool) -> Callable[[Mapping[str, Any]], Needs]:
     return decide
 
 
+def trained_hidden(params: dict, batch: Mapping[str, Split], ctx: Context) -> dict[str, Array]:
+    """The trained model's hidden states on the forget chunks, and on the retain chunks when the method's retain
+    term is on (``retain_weight`` > 0), from one forward pass."""
+    names = ("forget", "retain") if ctx.hparams.get("retain_weight") else ("forget",)
+    return dict(zip(names, ctx.hidden(params, *(ctx.split(batch, name) for name in names))))
+
+
+def _retain_nll(params: dict, hidden: Mapping[str, Array], batch: Mapping[str, Split], ctx: Context) -> Array:
+    retain = ctx.split(batch, "retain")
+    return mean_over_sequences(ctx.nll_of_hidden(params, hidden["retain"], retain), has_target(retain))
+
+
+def _retain_kl(params, ref_params, hidden: Mapping[str, Array], batch: Mapping[str, Split], ctx: Context) -> Array:
+    return ctx.mean_kl_of_hidden(params, hidden["retain"], ref_params, ctx.split(batch, "retain"))
+
+
+def ascent_loss(params: dict, hidden: Array, forget: Split, ctx: Context) -> tuple[Array, dict[str, Array]]:
+    """Gradient ascent's loss (the negated :func:`ascent_term`) and the forget NLL, from hidden states."""
+    forget_nll, valid = ctx.nll_of_hidden(params, hidden, forget), has_target(forget)
+    return -ascent_term(forget_nll, valid, ctx), {"forget_nll": mean_over_sequences(forget_nll, valid)}
+
+
 @register("ga", forget_nll_cap=0.0)
 def gradient_ascent(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent: maximise the forget chunks' NLL (minimise its negation)."""
     forget = ctx.split(batch, "forget")
-    forget_nll, valid = ctx.nll(params, forget), has_target(forget)
-    return -ascent_term(forget_nll, valid, ctx), {"forget_nll": mean_over_sequences(forget_nll, valid)}
+    (hidden,) = ctx.hidden(params, forget)
+    return ascent_loss(params, hidden, forget, ctx)
 
 
 def random_labels(chunk_ids: Array, length: int, seed: int, label_ids: Array) -> Array:
@@ -255,7 +315,7 @@ def random_label(params, ref_params, batch, rng, ctx: Context):
 def adversarial_labels(params: dict, split: Split, ctx: Context) -> Array:
     """At each position, the original model's most likely next token other than the true next token."""
     true_targets, _ = losses.next_token_targets(split["tokens"], split["mask"])
-    hidden = ctx.model.hidden_states(params, split["tokens"], split["mask"])
+    hidden = ctx.forward(params, split)
     labels = losses.top_token_excluding(hidden, ctx.model.head(params), true_targets, chunk_size=ctx.chunk_size)
     return jax.lax.stop_gradient(labels)
 
@@ -271,17 +331,19 @@ def adversarial(params, ref_params, batch, rng, ctx: Context):
 @register("ga_gd", needs=_retain_needs(reference=False), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_gd(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus gradient descent on retain chunks."""
-    loss, metrics = gradient_ascent(params, ref_params, batch, rng, ctx)
+    hidden = trained_hidden(params, batch, ctx)
+    loss, metrics = ascent_loss(params, hidden["forget"], ctx.split(batch, "forget"), ctx)
     loss = ctx.hparams["forget_weight"] * loss
-    return _with_retain_term(loss, metrics, "retain_nll", lambda: ctx.mean_nll(params, ctx.split(batch, "retain")), ctx)
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
 
 
 @register("ga_kl", needs=_retain_needs(reference=True), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
 def ga_kl(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus KL(original || current) on retain chunks."""
-    loss, metrics = gradient_ascent(params, ref_params, batch, rng, ctx)
+    hidden = trained_hidden(params, batch, ctx)
+    loss, metrics = ascent_loss(params, hidden["forget"], ctx.split(batch, "forget"), ctx)
     loss = ctx.hparams["forget_weight"] * loss
-    retain_kl = lambda: ctx.mean_kl(params, ref_params, ctx.split(batch, "retain"))  # noqa: E731
+    retain_kl = lambda: _retain_kl(params, ref_params, hidden, batch, ctx)  # noqa: E731
     return _with_retain_term(loss, metrics, "retain_kl", retain_kl, ctx)
 
 
@@ -299,13 +361,15 @@ def _npo_needs(retain_kl: bool) -> Callable[[Mapping[str, Any]], Needs]:
     return decide
 
 
-def npo_term(params: dict, ref_params: dict, forget: Split, ctx: Context) -> tuple[Array, dict[str, Array]]:
+def npo_term(
+    params: dict, ref_params: dict, hidden: Array, forget: Split, ctx: Context
+) -> tuple[Array, dict[str, Array]]:
     """``-(2/beta) log sigmoid(-beta (log p(x) - log p_ref(x)))`` averaged over forget chunks, with sequence
-    log-likelihoods summed over tokens."""
+    log-likelihoods summed over tokens (``hidden``: the trained model's hidden states on ``forget``)."""
     _, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
     valid = target_mask.any(-1)
     n_tokens = jnp.maximum(jnp.sum(target_mask, axis=-1), 1)
-    logp = -ctx.nll(params, forget) * n_tokens
+    logp = -ctx.nll_of_hidden(params, hidden, forget) * n_tokens
     ref_logp = jax.lax.stop_gradient(-ctx.nll(ref_params, forget) * n_tokens)
     beta = ctx.hparams["beta"]
     npo = mean_over_sequences(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * (logp - ref_logp)), valid)
@@ -316,14 +380,16 @@ def npo_term(params: dict, ref_params: dict, forget: Split, ctx: Context) -> tup
 def negative_preference_optimization(params, ref_params, batch, rng, ctx: Context):
     """NPO (Zhang et al. 2024) on forget chunks, plus ``retain_weight`` x KL(original || current) on retain
     chunks when > 0."""
-    loss, metrics = npo_term(params, ref_params, ctx.split(batch, "forget"), ctx)
-    retain_kl = lambda: ctx.mean_kl(params, ref_params, ctx.split(batch, "retain"))  # noqa: E731
+    hidden = trained_hidden(params, batch, ctx)
+    loss, metrics = npo_term(params, ref_params, hidden["forget"], ctx.split(batch, "forget"), ctx)
+    retain_kl = lambda: _retain_kl(params, ref_params, hidden, batch, ctx)  # noqa: E731
     return _with_retain_term(loss, metrics, "retain_kl", retain_kl, ctx)
 
 
 @register("npo_gd", needs=_npo_needs(retain_kl=False), beta=0.1, forget_weight=1.0, retain_weight=1.0)
 def npo_gd(params, ref_params, batch, rng, ctx: Context):
     """NPO on forget chunks plus gradient descent on retain chunks (open-unlearning's and MUSE's NPO_GDR)."""
-    npo, metrics = npo_term(params, ref_params, ctx.split(batch, "forget"), ctx)
+    hidden = trained_hidden(params, batch, ctx)
+    npo, metrics = npo_term(params, ref_params, hidden["forget"], ctx.split(batch, "forget"), ctx)
     loss = ctx.hparams["forget_weight"] * npo
-    return _with_retain_term(loss, metrics, "retain_nll", lambda: ctx.mean_nll(params, ctx.split(batch, "retain")), ctx)
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)

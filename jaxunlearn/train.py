@@ -9,6 +9,7 @@ stops, and nothing non-finite is ever checkpointed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -93,16 +94,44 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def split_passes(micro: dict[str, Any]) -> list[dict[str, Any]]:
+    """One batch per split, the other splits left empty (zero rows).
+
+    Every objective is a sum of per-split terms, each a mean over its own split's rows (a split with no rows
+    contributes 0), so the gradients of these batches add up to the whole micro-batch's. Taken one after the
+    other, each backward pass holds the activations of one split only: half the memory of a combined pass.
+    """
+    empty = {name: jax.tree.map(lambda x: x[:0], split) for name, split in micro.items()}
+    return [{**empty, name: micro[name]} for name in micro]
+
+
+def _add_pass(carry: tuple, out: tuple) -> tuple:
+    """Add one forward/backward pass's ``((loss, metrics), grads)`` to the fp32 sums ``(grads, loss, metrics)``."""
+    grads, loss_sum, metric_sums = carry
+    (loss, metrics), g = out
+    grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+    return grads, loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics)
+
+
 def make_train_step(
-    method: Method, ctx: Context, tx: optax.GradientTransformation, schedule: optax.Schedule
+    method: Method,
+    ctx: Context,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    separate_splits: bool = False,
 ) -> Callable:
-    """``step(state, ref_params, batch) -> (state, metrics)`` (not yet jitted; see :func:`compile_train_step`)."""
+    """``step(state, ref_params, batch) -> (state, metrics)`` (not yet jitted; see :func:`compile_train_step`).
+
+    ``separate_splits``: one forward/backward pass per split of each micro-batch (:func:`split_passes`), for less
+    memory at the same FLOPs; by default the splits share one pass.
+    """
 
     def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
         loss, metrics = method.loss(params, ref_params, micro, rng, ctx)
         return loss, metrics
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: State, ref_params: Any, batch: Any) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
@@ -112,12 +141,15 @@ def make_train_step(
         _, metric_shapes = jax.eval_shape(loss_fn, params, ref_params, micro0, step_rng)
 
         def accumulate(carry, xs):
-            grads, loss_sum, metric_sums = carry
             i, micro = xs
-            (loss, metrics), g = grad_fn(params, ref_params, micro, jax.random.fold_in(step_rng, i))
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
-            return (grads, loss_sum + loss, metric_sums), None
+            rng = jax.random.fold_in(step_rng, i)
+            passes = split_passes(micro) if separate_splits and len(micro) > 1 else [micro]
+            for n, part in enumerate(passes):
+                # A later pass reads parameters that cross the barrier only together with the sums so far, so
+                # the compiler cannot interleave the passes (and hold the activations of both at once).
+                carry, p = jax.lax.optimization_barrier((carry, params)) if n else (carry, params)
+                carry = _add_pass(carry, value_and_grad(p, ref_params, part, rng))
+            return carry, None
 
         zeros = (
             jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
@@ -144,12 +176,63 @@ def make_train_step(
 
 
 def compile_train_step(
-    step: Callable, shardings: State, ref_shardings: Any, batch_sharding: Any, mesh: Mesh
+    step: Callable,
+    shardings: State,
+    ref_shardings: Any,
+    batch_sharding: Any,
+    mesh: Mesh,
+    rules: sharding.Rules | None = None,
 ) -> Callable:
-    """``jax.jit`` with explicit shardings; the state argument is donated."""
+    """``jax.jit`` with explicit shardings; the state argument is donated.
+
+    Activations are pinned by ``rules`` on ``mesh`` while the step is traced, so the compiled program is the
+    same whoever calls it (a run, the planner, a benchmark).
+    """
+
+    def traced(state: State, ref_params: Any, batch: Any):
+        with sharding.activation_sharding(mesh, rules):
+            return step(state, ref_params, batch)
+
     return jax.jit(
-        step,
+        traced,
         in_shardings=(shardings, ref_shardings, batch_sharding),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
     )
+
+
+def reference_dtype(model_config: Any, reference_dtype_name: str = "") -> jnp.dtype:
+    """The frozen reference model's storage dtype: ``model.reference_dtype``, else the master weights'."""
+    return jnp.dtype(reference_dtype_name or model_config.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """The optimizer and every sharding of a run's train step: one builder for the run and the planner."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: State  # of the train state
+    param_shardings: dict
+    mesh: Mesh
+    rules: sharding.Rules
+    separate_splits: bool = False  # config.train.split_passes
+
+    @classmethod
+    def for_run(cls, config: Any, model_config: Any, mesh: Mesh, total_steps: int) -> StepSetup:
+        """From a run's config (``optim``, ``mesh.rules``) and architecture."""
+        from jaxunlearn.models import param_shardings
+
+        tx, schedule = make_optimizer(config.optim, total_steps)
+        rules = sharding.normalize_rules(config.mesh.rules)
+        params = param_shardings(model_config, mesh, rules)
+        shardings = state_shardings(tx, params, mesh)
+        return cls(tx, schedule, shardings, params, mesh, rules, separate_splits=config.train.split_passes)
+
+    def compile(self, method: Method, ctx: Context, batch: Any, *, reference: bool) -> tuple[Callable, Any]:
+        """The jitted step for ``batch``-shaped inputs (arrays or ``ShapeDtypeStruct``s) and its batch shardings;
+        ``reference``: the step receives the frozen reference model (else ``None``)."""
+        b_shardings = batch_shardings(batch, self.mesh, self.rules)
+        ref_shardings = self.param_shardings if reference else None
+        step = make_train_step(method, ctx, self.tx, self.schedule, separate_splits=self.separate_splits)
+        return compile_train_step(step, self.shardings, ref_shardings, b_shardings, self.mesh, self.rules), b_shardings

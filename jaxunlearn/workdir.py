@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "config.data.cache_dir",
     "config.checkpoint.",
     "config.train.log_every",
+    "config.train.split_passes",
     "config.distributed",
     "config.evaluation.enabled",
     "config.evaluation.batch_size",

@@ -168,7 +168,7 @@ def test_chunked_vocabulary_pass_bounds_memory():
 
     def temp_bytes(chunk):
         ev = Evaluator(lm, batch_size=4, chunk_size=chunk)
-        return ev._step.lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
+        return ev.stats_step.lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
 
     full_logits = 4 * 512 * 8192 * 4
     whole, chunked = temp_bytes(512), temp_bytes(32)

@@ -75,6 +75,30 @@ def test_remat_policies_give_same_gradients(tmp_path, one_device, remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("variant", ["llama_gqa_tied", "mistral_sliding_window", "qwen2_mixed_windows"])
+def test_query_blocked_attention_matches_transformers_with_its_gradients(variant, tmp_path, one_device, monkeypatch):
+    # Long sequences attend one block of queries at a time; shrink the thresholds so a 12-token batch is blocked.
+    from jaxunlearn.models import llama
+
+    hf_model = save_hf_model(variant, tmp_path)
+    tokens, mask = padded_batch(length=12)
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="float32", remat="full")
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(jnp.asarray(tokens), jnp.asarray(mask))
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 1] * mask), logits
+
+    whole_grads, _ = jax.grad(loss, has_aux=True)(params)
+    monkeypatch.setattr(llama, "BLOCKED_FROM", 4)
+    monkeypatch.setattr(llama, "QUERY_BLOCK", 4)
+    blocked_grads, blocked = jax.grad(loss, has_aux=True)(params)
+    ref = torch_logits(hf_model, tokens, mask)
+    assert np.abs(np.asarray(blocked) - ref)[mask.astype(bool)].max() < 1e-4
+    for a, b in zip(jax.tree.leaves(whole_grads), jax.tree.leaves(blocked_grads)):  # to summation order
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
 def test_fused_attention_matches_xla_attention(tmp_path, one_device):
     hf_model = save_hf_model("mistral_sliding_window", tmp_path)
     model = from_pretrained(tmp_path, mesh=one_device, dtype="float32", attention_impl="dot_product_attention")

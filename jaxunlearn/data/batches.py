@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from jaxunlearn.data.chunks import Chunks
@@ -70,6 +71,19 @@ class StepBatcher:
             .reshape(*shape, -1),
             "chunk_id": idx.astype(np.int32).reshape(shape),
         }
+
+    @staticmethod
+    def abstract_batch(
+        micro_batch_size: int, grad_accum_steps: int, length: int, *, retain: bool
+    ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+        """The shapes and dtypes :meth:`batch` returns, without data (for ahead-of-time compilation)."""
+        shape = (grad_accum_steps, micro_batch_size)
+        split = {
+            "tokens": jax.ShapeDtypeStruct((*shape, length), np.int32),
+            "mask": jax.ShapeDtypeStruct((*shape, length), np.int32),
+            "chunk_id": jax.ShapeDtypeStruct(shape, np.int32),
+        }
+        return {"forget": split, **({"retain": dict(split)} if retain else {})}
 
     def batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """``{"forget": ..., "retain": ...}``, each ``[grad_accum_steps, micro_batch_size, ...]``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,8 +43,20 @@ class Evaluator:
         self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
         self.chunk_size = chunk_size
 
+    @classmethod
+    def for_run(cls, lm: LanguageModel, mesh: Mesh, config: Any) -> Evaluator:
+        """The evaluator of a run's config (``evaluation.batch_size``, ``train.logits_chunk_size``, ``mesh.rules``)."""
+        return cls(
+            lm,
+            mesh,
+            batch_size=config.evaluation.batch_size,
+            chunk_size=config.train.logits_chunk_size,
+            rules=config.mesh.rules,
+        )
+
     @functools.cached_property
-    def _step(self):
+    def stats_step(self):
+        """The jitted statistics pass ``(params, tokens, mask) -> {logprob, is_argmax, mean, std, target_mask}``."""
         lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
 
         def stats(params, tokens, mask):
@@ -100,7 +113,7 @@ class Evaluator:
         length = tokens.shape[1]
         out: dict[str, list[np.ndarray]] = {k: [] for k in STAT_KEYS}
         for t, m, rows in self._batches(tokens, mask, desc):
-            for k, v in jax.device_get(self._step(params, t, m)).items():
+            for k, v in jax.device_get(self.stats_step(params, t, m)).items():
                 out[k].append(np.asarray(v)[:rows])
         return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}
 

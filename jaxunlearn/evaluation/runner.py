@@ -115,8 +115,7 @@ class RunEvaluations:
             lm = lm.with_dtype(ev.dtype)
 
         def evaluator(model: LanguageModel) -> Evaluator:
-            chunk, rules = config.train.logits_chunk_size, config.mesh.rules
-            return Evaluator(model, prep.mesh, batch_size=ev.batch_size, chunk_size=chunk, rules=rules)
+            return Evaluator.for_run(model, prep.mesh, config)
 
         def load_other(path: str) -> tuple[Evaluator, dict]:
             other, params = hf_checkpoint.load_model(

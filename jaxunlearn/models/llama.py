@@ -150,24 +150,49 @@ class Attention(nnx.Module):
         return y, new_kv
 
 
+# Sequences longer than BLOCKED_FROM are attended one block of QUERY_BLOCK queries at a time, rematerialised in the
+# backward pass, so at most one block's fp32 scores ([batch, heads, block, keys]) are alive: at 4096 tokens and 32
+# heads the whole score matrix is 2 GiB per sequence, a 128-query block 64 MiB. Shorter sequences (every CPU run)
+# keep the single fused pass.
+QUERY_BLOCK = 128
+BLOCKED_FROM = 1024
+
+
 def dot_product_attention(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, key_valid: Array, window: Array
+    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, key_valid: Array, window: Array | int
 ) -> Array:
     """Masked softmax attention. ``q`` ``[B,T,H,D]``, ``k``/``v`` ``[B,S,K,D]`` with ``H`` a multiple of ``K``.
 
     A query at position ``i`` sees keys at positions ``j`` with ``i - window < j <= i`` that are not padding.
-    Scores and softmax are fp32. Grouped KV heads are repeated to the query heads first: the plain 4-D
-    layout is several times faster on CPU than a grouped 5-D einsum, and the copy is small next to the scores.
+    Scores and softmax are fp32, each query row over all keys (so blocking the queries changes no value).
+    Grouped KV heads are repeated to the query heads first: the plain 4-D layout is several times faster on CPU
+    than a grouped 5-D einsum, and the copy is small next to the scores.
     """
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     if groups > 1:
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    if t <= BLOCKED_FROM or t % QUERY_BLOCK:
+        return _attention_block(q, k, v, q_pos, k_pos, key_valid, window)
+    n = t // QUERY_BLOCK
+    q_blocks = jnp.moveaxis(q.reshape(b, n, QUERY_BLOCK, h, d), 1, 0)
+    pos_blocks = jnp.moveaxis(q_pos.reshape(b, n, QUERY_BLOCK), 1, 0)
+    block = jax.checkpoint(lambda xs: _attention_block(xs[0], k, v, xs[1], k_pos, key_valid, window))
+    out = jax.lax.map(block, (q_blocks, pos_blocks))  # [n, B, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, h, d)
+
+
+def _attention_block(
+    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, key_valid: Array, window: Array | int
+) -> Array:
+    d = q.shape[-1]
     scores = jnp.einsum(
         "bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q.dtype)
     ) * (d**-0.5)
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-    mask = (delta >= 0) & (delta < window) & key_valid[:, None, :]
+    mask = (delta >= 0) & key_valid[:, None, :]
+    if not (isinstance(window, int) and window == NO_WINDOW):  # a static full-causal window masks nothing more
+        mask = mask & (delta < window)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v, precision=matmul_precision(q.dtype))
@@ -293,7 +318,10 @@ class Transformer(nnx.Module):
         x = constrain(x, ACTIVATION)
 
         graphdef, state = nnx.split(self.layers)
-        windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
+        # One window for every layer (the usual case) is a constant, not a scanned value: the compiler then builds
+        # no per-layer [length, length] mask, and none at all for full causal attention.
+        uniform = len(set(cfg.sliding_windows)) == 1
+        windows = None if uniform else jnp.asarray(cfg.sliding_windows, jnp.int32)
         if cache is None:
             key_positions, key_valid = positions, valid
         else:
@@ -302,6 +330,7 @@ class Transformer(nnx.Module):
 
         def layer_step(x: Array, scanned: tuple) -> tuple[Array, tuple | None]:
             layer_state, window, *kv = scanned
+            window = cfg.sliding_windows[0] if uniform else window
             kv = (kv[0], kv[1], cache.index) if kv else None
             return nnx.merge(graphdef, layer_state)(x, positions, key_positions, key_valid, window, kv)
 
