@@ -71,7 +71,9 @@ def _report_search(result) -> None:
         why = "" if result.exhausted else f" within --max_compiles={len(result.plans)}"
         print(f"no setting fits{why}")
         return
-    flags_text = " ".join(f"--config.{k}={v}" for k, v in result.best.settings.items())
+    from jaxunlearn.planning.planner import settings_flags
+
+    flags_text = settings_flags(result.best.settings)
     print(
         f"recommended ({result.best.flops_per_step:.3e} FLOPs per step, {result.best.train.total / 2**30:.2f} GiB "
         f"per chip):\n  {flags_text}"

@@ -286,6 +286,11 @@ def _memory(analysis: Any, parts: dict[str, int], gradients: int, topology: Topo
     )
 
 
+def settings_flags(settings: dict[str, Any]) -> str:
+    """``{"model.remat": "full", ...}`` as the command-line flags ``main`` takes (strings shell-quoted)."""
+    return " ".join(f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}" for k, v in settings.items())
+
+
 def describe(plan: StepPlan) -> str:
     """A one-plan table for the terminal."""
     rows = [("", "train step", "evaluation step")]
@@ -304,9 +309,7 @@ def describe(plan: StepPlan) -> str:
     )
     width = max(len(r[0]) for r in rows)
     lines = [f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>15}" for r in rows]
-    settings = " ".join(
-        f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}" for k, v in plan.settings.items()
-    )
+    settings = settings_flags(plan.settings)
     head = [
         f"{plan.topology}  mesh {json.dumps(plan.mesh)}  compiled in {plan.compile_seconds:.0f} s",
         f"  {settings}",
