@@ -112,6 +112,7 @@ def search(
     """
     devices = devices if devices is not None else topology.devices()
     plans: list[StepPlan] = []
+    chosen: list[StepPlan] = []  # the greedy search's current best, kept if the budget runs out
 
     def compile_one(settings: dict) -> StepPlan | None:
         if len(plans) >= max_compiles:
@@ -131,20 +132,24 @@ def search(
             settings = lean_settings(config, topology, remat, tensor)
             best = compile_one(settings) if settings else None
             if best is not None and best.fits:
-                return SearchResult(plans, _improve(config, settings, best, compile_one), exhausted=True)
+                return SearchResult(plans, _improve(config, settings, best, compile_one, chosen), exhausted=True)
     except _Budget:
-        fitting = [p for p in plans if p.fits]
-        return SearchResult(plans, min(fitting, key=lambda p: p.flops_per_step) if fitting else None, exhausted=False)
+        return SearchResult(plans, chosen[-1] if chosen else None, exhausted=False)
     return SearchResult(plans, None, exhausted=True)
 
 
-def _improve(config: ml_collections.ConfigDict, settings: dict, best: StepPlan, compile_one: Callable) -> StepPlan:
-    """Take the first improvement that still fits, again and again, until none does."""
+def _improve(
+    config: ml_collections.ConfigDict, settings: dict, best: StepPlan, compile_one: Callable, chosen: list
+) -> StepPlan:
+    """Take the first improvement that still fits, again and again, until none does (``chosen`` keeps the
+    latest choice, for a search stopped by its budget)."""
+    chosen.append(best)
     while True:
         for trial in improvements(config, settings):
             plan = compile_one(trial)
             if plan is not None and plan.fits:
                 settings, best = trial, plan
+                chosen.append(best)
                 break
         else:
             return best
