@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from tqdm.auto import tqdm
@@ -205,7 +204,7 @@ def train(
 ) -> LoopResult:
     """The step loop from the resume point to the end (nothing to do for a finished run)."""
     setup = StepSetup.for_run(prep.config, prep.model_config, prep.mesh, prep.total_steps)
-    state, start = initial_state(prep, resume, models, setup.tx, setup.shardings)
+    state, start = initial_state(prep, resume, models, setup)
     if resume.finished:
         log.info("%s already finished at step %d", wd.path, start)
         return LoopResult(state, start, resume.meta.get("stopped"), dict(resume.meta.get("last_metrics", {})), None)
@@ -229,13 +228,13 @@ def train(
             resume.checkpointer.wait()
 
 
-def initial_state(prep: Prepared, resume: Resume, models: Models, tx: Any, shardings: Any) -> tuple[Any, int]:
+def initial_state(prep: Prepared, resume: Resume, models: Models, setup: StepSetup) -> tuple[Any, int]:
     """A fresh train state around the original parameters, or the latest checkpoint's; and its step."""
     name, total = prep.config.method.name, prep.total_steps
     if resume.latest is None:
         log.info("starting %s: %d steps of %d chunks", name, total, prep.batcher.chunks_per_step)
-        return init_state(models.original, tx, shardings), 0
-    state, _ = resume.checkpointer.restore(resume.latest, _abstract_state(tx, prep, shardings))
+        return init_state(models.original, setup.tx, setup.shardings), 0
+    state, _ = resume.checkpointer.restore(resume.latest, setup.abstract_state(prep.model_config))
     start = int(state["step"])
     if not resume.finished:
         log.info("resuming %s from step %d of %d (%s)", name, start, total, resume.checkpointer.directory)
@@ -301,13 +300,6 @@ def _meta(prep: Prepared, wd: Workdir, info: hooks.StepInfo) -> dict[str, Any]:
         "last_metrics": {k: float(v) for k, v in info.metrics.items()},
         "config": wd.record["config"],
     }
-
-
-def _abstract_state(tx: Any, prep: Prepared, shardings: dict) -> Any:
-    _, state = nnx.split(abstract_model(prep.model_config), nnx.Param)
-    params = state.to_pure_dict()
-    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 # --- export -------------------------------------------------------------------------------------------------

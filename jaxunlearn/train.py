@@ -229,6 +229,19 @@ class StepSetup:
         shardings = state_shardings(tx, params, mesh)
         return cls(tx, schedule, shardings, params, mesh, rules, separate_splits=config.train.split_passes)
 
+    def abstract_state(self, model_config: Any) -> State:
+        """The train state as ``ShapeDtypeStruct``s with their shardings (to restore into, or to compile for)."""
+        from flax import nnx
+
+        from jaxunlearn.models import abstract_model
+
+        _, params = nnx.split(abstract_model(model_config), nnx.Param)
+        shapes = jax.eval_shape(
+            lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)},
+            params.to_pure_dict(),
+        )
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings)
+
     def compile(self, method: Method, ctx: Context, batch: Any, *, reference: bool) -> tuple[Callable, Any]:
         """The jitted step for ``batch``-shaped inputs (arrays or ``ShapeDtypeStruct``s) and its batch shardings;
         ``reference``: the step receives the frozen reference model (else ``None``)."""

@@ -195,11 +195,7 @@ def _train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, 
         tokenizer=None,
         chunk_size=config.train.logits_chunk_size,
     )
-    params = _abstract_params(model_config, setup.param_shardings)
-    shapes = jax.eval_shape(
-        lambda p: {"params": p, "opt_state": setup.tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
-    )
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, setup.shardings)
+    state = setup.abstract_state(model_config)
     reference = None
     if needs.reference:
         ref_dtype = reference_dtype(model_config, config.model.reference_dtype)
@@ -211,7 +207,7 @@ def _train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     step, b_shardings = setup.compile(get_method(config.method.name), ctx, batch, reference=reference is not None)
     batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch, b_shardings)
     analysis = compiled_memory(step.lower(state, reference, batch), per_chip_bytes((state, reference, batch)))
-    gradients = sum(int(np.prod(p.sharding.shard_shape(p.shape), dtype=np.int64)) * 4 for p in jax.tree.leaves(params))
+    gradients = per_chip_bytes(_abstract_params(model_config, setup.param_shardings, jnp.float32))  # fp32 sums
     parts = dict(
         parameters=per_chip_bytes(state["params"]),
         optimizer=per_chip_bytes(state["opt_state"]),
