@@ -13,13 +13,15 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int = 2):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | Path | epath.Path, *, keep: int = 2):
+        # A store's path (gs://...) stays an epath.Path: pathlib would fold its "//".
+        self.directory = directory if isinstance(directory, epath.Path) else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
-from absl import flags
+from absl import app, flags
+
+CONFIG_HELP = "A shipped config's name, e.g. ga_kl or ga_kl:arxiv (preset), or a config file (configs/ga_kl.py:arxiv)."
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -21,8 +25,44 @@ def _last_line(text: str) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
+def config_files() -> dict[str, Path]:
+    """The shipped config files by name (``ga_kl`` -> ``.../ga_kl.py``): the package ``jaxunlearn.configs``, which
+    is the repo's top-level ``configs/`` installed (editable or wheel), else that directory of an uninstalled
+    checkout."""
+    spec = importlib.util.find_spec("jaxunlearn.configs")
+    directory = Path(spec.origin).parent if spec and spec.origin else Path(__file__).resolve().parents[1] / "configs"
+    return {p.stem: p for p in sorted(directory.glob("*.py")) if not p.name.startswith("_")}
+
+
+def _config_path(value: str) -> str:
+    """``NAME[:preset]`` -> the shipped file's path (with the preset); a file path is left as it is."""
+    name, colon, preset = value.partition(":")
+    if not name or Path(name).is_file() or "/" in name or name.endswith(".py"):
+        return value
+    shipped = config_files()
+    if name not in shipped:
+        fail(f"--config={value}: no such file, and no shipped config of that name (shipped: {', '.join(shipped)})")
+    return f"{shipped[name]}{colon}{preset}"
+
+
+def named_configs(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config=NAME[:preset]`` and ``--config NAME[:preset]`` pointing at the shipped files."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":  # the end of the flags
+            break
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config", "-config") and eq:
+            out[i] = f"{flag}={_config_path(value)}"
+        elif arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = _config_path(out[i + 1])
+    return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors instead of tracebacks (unknown keys, bad values, bad presets)."""
+    """absl flag parsing with one-line errors instead of tracebacks (unknown keys, bad values, bad presets).
+    ``--config`` takes a shipped config's name as well as a file (``--config=ga_kl:arxiv``)."""
+    argv = named_configs(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -43,12 +83,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{type(e).__name__}: {e}")
 
 
+def run_command(main: Any, module_name: str) -> None:
+    """``app.run(main)`` with the flag parsing above. Run as a console script (``jaxunlearn-plan``), ``--help`` shows
+    the command's docstring and flags as ``python -m`` does (absl documents ``__main__`` and ``sys.argv[0]``)."""
+    module = sys.modules[module_name]
+    if sys.modules["__main__"] is not module:
+        sys.modules["__main__"].__doc__ = module.__doc__
+        for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main, flags_parser=parse_flags)
+
+
 def loaded_config(holder: Any, name: str = "config") -> Any:
     """The value of a ``DEFINE_config_file`` flag, or a one-line error when it is missing or failed to load
     (ml_collections defers a missing file's error to the first use of the config)."""
     value = holder.value
     if value is None:
-        fail(f"--{name}=CONFIG_FILE is required (e.g. --{name}=configs/ga_kl.py)")
+        fail(f"--{name}=CONFIG is required: a config file or a shipped config's name (e.g. --{name}=ga_kl)")
     try:
         value.get("seed")  # a config that failed to load raises on any access
     except OSError as e:
@@ -64,8 +115,9 @@ def refusals() -> tuple[type[BaseException], ...]:
     from jaxunlearn.config import ConfigError
     from jaxunlearn.data import DataError
     from jaxunlearn.hf_checkpoint import CheckpointError
+    from jaxunlearn.locations import LocationError
     from jaxunlearn.models import UnsupportedModelError
     from jaxunlearn.sharding import MeshError
     from jaxunlearn.workdir import WorkdirError
 
-    return (ConfigError, DataError, CheckpointError, MeshError, UnsupportedModelError, WorkdirError)
+    return (ConfigError, DataError, CheckpointError, LocationError, MeshError, UnsupportedModelError, WorkdirError)

@@ -77,7 +77,8 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     c.seed = 42
     c.model = _model_section()
     # Logical axis -> mesh axes (see jaxunlearn/sharding.py); the layers only ever name logical axes.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))
+    # dcn_data > 1: multislice, the global data axis is data x dcn_data, its outer factor spanning dcn_data slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, rules=DEFAULT_RULES))
     c.data = _data_section(domain, retain)
     c.method = method_config(method)
     c.optim = ml_collections.ConfigDict(
@@ -260,6 +261,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "config.mesh.data": _MESH_AXIS,
     "config.mesh.fsdp": _MESH_AXIS,
     "config.mesh.tensor": _MESH_AXIS,
+    "config.mesh.dcn_data": (lambda v: v >= 1, ">= 1 (the number of slices the data axis spans)"),
     "config.data.max_length": (lambda v: v >= 2, "at least 2"),
     "config.data.forget.path": (bool, "the forget set is required"),
     **{f"config.data.{s}.max_documents": (_NON_NEGATIVE[0], ">= 0 (0 = all)") for s in DATA_SPLITS},
@@ -310,10 +312,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_data(config)
     _check_evaluation(config)
     _check_world(config)
+    _check_locations(given)
     try:
         normalize_rules(config.mesh.rules)
     except (MeshError, TypeError, ValueError) as e:
         raise ConfigError(f"config.mesh.rules: {e}") from e
+
+
+# Settings that name a place: a local path, a Hub id, a ``world:`` name or a storage URL (gs://, file://, ...).
+_LOCATION_KEYS = ("path", "tokenizer", "oracle_model", "cache_dir")
+
+
+def _check_locations(given: dict[str, Any]) -> None:
+    """A URL that cannot work (unsupported scheme, malformed, no storage client) is refused before any work."""
+    from jaxunlearn.locations import LocationError, check
+
+    for key, value in given.items():
+        if key.rsplit(".", 1)[-1] in _LOCATION_KEYS and isinstance(value, str):
+            try:
+                check(value, key)
+            except LocationError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _check_keys_and_types(given: dict[str, Any], reference: dict[str, Any]) -> None:

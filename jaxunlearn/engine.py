@@ -46,7 +46,7 @@ log = logging.getLogger("jaxunlearn")
 def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``."""
     if config.get("distributed", False):
-        jax.distributed.initialize()
+        sharding.initialize_distributed()
     logs.configure_logging()  # before prepare(): building the built-in world is reported as it happens
     validate(config)
     with Workdir(workdir).claimed() as wd:
@@ -68,8 +68,8 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             stopped=trained.stopped,
             final_metrics=trained.last_metrics,
             tokens_per_s=trained.tokens_per_s,
-            hf_model=str(export_dir) if export_dir else None,
-            report=str(wd.path / "report.md") if report else None,
+            hf_model=wd.location(EXPORT) if export_dir else None,
+            report=wd.location("report.md") if report else None,
         )
 
 
@@ -88,7 +88,7 @@ class Resume:
 
 def open_checkpoints(prep: Prepared, wd: Workdir) -> Resume:
     """The workdir's checkpoints; refuses a workdir that holds a run with another configuration."""
-    checkpointer = Checkpointer(wd.path / "checkpoints", keep=prep.config.checkpoint.keep)
+    checkpointer = Checkpointer(wd.checkpoints, keep=prep.config.checkpoint.keep)
     latest = checkpointer.latest_step()
     meta = checkpointer.read_meta(latest) if latest is not None else {}
     if latest is not None:
@@ -96,7 +96,7 @@ def open_checkpoints(prep: Prepared, wd: Workdir) -> Resume:
         if diff:
             checkpointer.close()
             raise WorkdirError(
-                f"{wd.path} holds a run with a different configuration ({', '.join(diff[:6])}); use another "
+                f"{wd.location()} holds a run with a different configuration ({', '.join(diff[:6])}); use another "
                 "--workdir, or delete its checkpoints/ to start over"
             )
     finished = bool(meta.get("finished")) or latest == prep.total_steps
@@ -206,7 +206,7 @@ def train(
     setup = StepSetup.for_run(prep.config, prep.model_config, prep.mesh, prep.total_steps)
     state, start = initial_state(prep, resume, models, setup)
     if resume.finished:
-        log.info("%s already finished at step %d", wd.path, start)
+        log.info("%s already finished at step %d", wd.location(), start)
         return LoopResult(state, start, resume.meta.get("stopped"), dict(resume.meta.get("last_metrics", {})), None)
     trainer = make_trainer(prep, models, setup, start)
     with (
@@ -283,6 +283,7 @@ def add_default_hooks(
     trainer.add_hook(on_signal)
     saver = hooks.checkpoint_hook(resume.checkpointer, lambda info: _meta(prep, wd, info))
     trainer.add_hook(saver, every=config.checkpoint.every_steps, at_end=True)
+    trainer.add_hook(lambda info: wd.sync(), every=config.checkpoint.every_steps, at_end=True)  # a staged workdir
     if os.environ.get(hooks.KILL_AFTER_STEP_ENV):
         trainer.add_hook(hooks.kill_hook(os.environ[hooks.KILL_AFTER_STEP_ENV], resume.checkpointer))
 

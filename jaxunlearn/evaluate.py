@@ -14,49 +14,59 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from jaxunlearn import locations
+from jaxunlearn.cli import CONFIG_HELP, loaded_config, refusals, run_command
 from jaxunlearn.cli import fail as _fail
-from jaxunlearn.cli import loaded_config, refusals
-from jaxunlearn.cli import parse_flags as _parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
 _MODEL = flags.DEFINE_string("model", None, "HF directory, Hub id, or jaxunlearn run directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the report (default: workdirs/eval-<model>).")
 
 
 def resolve_model(path: str) -> str:
-    """A jaxunlearn run directory stands for its exported model."""
-    p = Path(path).expanduser()
+    """A jaxunlearn run directory (local or at a URL) stands for its exported model."""
+    from etils import epath
+
+    url = locations.remote(path, "--model")
+    p = url if url is not None else epath.Path(Path(path).expanduser())
     if (p / "run.json").exists() and not (p / "config.json").exists():
         if (p / "hf_model" / "config.json").exists():
-            return str(p / "hf_model")
-        raise FileNotFoundError(f"{p} is a jaxunlearn run without an exported hf_model/ (unfinished, or export off)")
+            return locations.join(path, "hf_model")
+        raise FileNotFoundError(f"{path} is a jaxunlearn run without an exported hf_model/ (unfinished, or export off)")
     return path
 
 
 def evaluate(config, model: str, workdir: str | Path) -> dict:
     """Evaluate ``model`` on the config's splits; returns the report dict."""
-    import jax
-
-    from jaxunlearn import logs
-    from jaxunlearn.engine import load_checkpoint
-    from jaxunlearn.evaluation.report import write_report
-    from jaxunlearn.evaluation.runner import RunEvaluations
+    from jaxunlearn import logs, sharding
     from jaxunlearn.prepare import prepare
-    from jaxunlearn.run_record import data_sources, environment
 
+    locations.check(workdir, "--workdir")  # before any work
     if config.get("distributed", False):
-        jax.distributed.initialize()
+        sharding.initialize_distributed()  # before any device is used
     config.model.path = resolve_model(model)
     config.evaluation.enabled = True
     config.evaluation.oracle_model = ""  # one model: nothing to compare with
     logs.configure_logging()
     prep = prepare(config, training=False)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    logs.attach_log_file(workdir)
+    with locations.output_directory(workdir, "--workdir") as local:
+        try:
+            logs.attach_log_file(local)
+            return _evaluate_into(prep, model, local)
+        finally:
+            logs.detach_log_file()
+
+
+def _evaluate_into(prep, model: str, workdir: Path) -> dict:
+    """The evaluation and its report, written to the local directory ``workdir``."""
+    from jaxunlearn.engine import load_checkpoint
+    from jaxunlearn.evaluation.report import write_report
+    from jaxunlearn.evaluation.runner import RunEvaluations
+    from jaxunlearn.run_record import data_sources, environment
+
     ev = prep.config.evaluation
     lm, params = load_checkpoint(prep, prep.model_dir)
     evals = RunEvaluations.for_run(prep, lm, workdir)
@@ -101,8 +111,12 @@ def main(argv: list[str]) -> None:
         evaluate(config, _MODEL.value, workdir)
     except (*refusals(), FileNotFoundError) as e:
         _fail(str(e))
-    print(f"report: {Path(workdir).absolute() / 'report.md'}", file=sys.stdout)
+    print(f"report: {locations.join(locations.shown(workdir), 'report.md')}", file=sys.stdout)
+
+
+def run() -> None:
+    run_command(main, __name__)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    run()

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxunlearn import sharding
+from jaxunlearn import locations, sharding
 from jaxunlearn.models import LanguageModel, abstract_model, family, split_model
 from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.layouts import HFTensor, hf_shape, read_block, to_hf_layout
@@ -88,7 +88,8 @@ def shape_dir(name: str) -> Path:
 def resolve_model_dir(
     name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
 ) -> Path:
-    """A local directory holding ``config.json``: the path itself, or the Hub snapshot of a repo id.
+    """A local directory holding ``config.json``: the path itself, the local mirror of a storage URL
+    (``gs://BUCKET/model``), or the Hub snapshot of a repo id.
 
     Hub downloads go through ``huggingface_hub`` (so ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` apply)
     and fetch only configs, safetensors and tokenizer files, never pickles.
@@ -96,6 +97,8 @@ def resolve_model_dir(
     text = os.fspath(name_or_path)
     if text.startswith(SHAPES_PREFIX):
         return shape_dir(text[len(SHAPES_PREFIX) :])
+    if locations.is_url(text):  # gs://..., file://...: read from a local mirror
+        return Path(locations.fetch(text, "model directory"))
     path = Path(text).expanduser()
     if path.is_dir():
         return path

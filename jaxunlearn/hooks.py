@@ -20,6 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
+import numpy as np
+
 log = logging.getLogger("jaxunlearn")
 
 
@@ -129,8 +132,15 @@ def signal_hook(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> I
     previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in signals}
 
     def hook(info: StepInfo) -> None:
-        if received:
-            info.interrupted = received[0]
+        signum = received[0] if received else 0
+        if jax.process_count() > 1:
+            # A signal reaches each host at its own moment: all processes must stop after the same step, or one
+            # would wait forever in the next step's collectives for the others.
+            from jax.experimental import multihost_utils
+
+            signum = int(np.max(multihost_utils.process_allgather(np.int32(signum))))
+        if signum:
+            info.interrupted = signum
 
     try:
         yield hook

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn.cli import fail, loaded_config, parse_flags, refusals
+from jaxunlearn import locations
+from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>).")
 
 
@@ -39,16 +40,18 @@ def main(argv: list[str]) -> None:
         fail(str(e), code=3)
     except KeyboardInterrupt as e:
         fail(f"interrupted: {e or 'rerun the same command to resume'}", code=130)
-    print(f"unlearned model: {record.get('hf_model') or workdir}")
-    print(f"run record:      {Path(workdir).absolute() / 'run.json'}")
+    shown = locations.shown(workdir)
+    print(f"unlearned model: {record.get('hf_model') or shown}")
+    print(f"run record:      {locations.join(shown, 'run.json')}")
     if record.get("report"):
-        print(f"report:          {Path(record['report']).absolute()}")
+        print(f"report:          {record['report']}")
         if jax.process_index() == 0:
-            print(summary(json.loads(Path(record["report"]).with_suffix(".json").read_text())))
+            report = locations.read_text(record["report"].removesuffix(".md") + ".json", "report")
+            print(summary(json.loads(report)))
 
 
 def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+    run_command(main, __name__)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn.cli import fail, loaded_config, parse_flags, refusals
+from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config().", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v4-32, v5p-8, v6e-8 or v5e:4x4.")
-_SLICES = flags.DEFINE_integer("slices", 1, "Number of slices (multislice; the data axis spans them).")
+_SLICES = flags.DEFINE_integer(
+    "slices", 1, "Number of slices (multislice; the data axis spans them). Default: config.mesh.dcn_data."
+)
 _SEARCH = flags.DEFINE_boolean("search", False, "Search remat, micro batch, fsdp x tensor, reference dtype.")
 _JSON = flags.DEFINE_boolean("json", False, "Print JSON instead of tables.")
 _EVALUATION = flags.DEFINE_boolean("evaluation", True, "Also compile the evaluation step.")
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> None:
     from jaxunlearn.planning.topology import TopologyError, parse_topology
 
     try:
-        topology = parse_topology(_TOPOLOGY.value, _SLICES.value)
+        topology = parse_topology(_TOPOLOGY.value, _SLICES.value if _SLICES.present else config.mesh.dcn_data)
         if _SEARCH.value:
             result = search(config, topology, max_compiles=_MAX_COMPILES.value, on_plan=None if _JSON.value else _show)
             _report_search(result)
@@ -81,7 +83,7 @@ def _report_search(result) -> None:
 
 
 def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+    run_command(main, __name__)
 
 
 if __name__ == "__main__":

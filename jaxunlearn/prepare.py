@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxunlearn import hf_checkpoint, sharding
+from jaxunlearn import hf_checkpoint, locations, sharding
 from jaxunlearn.config import ConfigError, flat_items, validate
 from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
 from jaxunlearn.models import ModelConfig, param_shardings
@@ -48,7 +48,7 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
     validate(config)
     source, (config, world) = config, resolve_world(config)
     needs = resolve_needs(config.method)
-    mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    mesh = sharding.make_mesh(sharding.MeshConfig.from_config(config.mesh))
     ways = sharding.batch_ways(mesh, config.mesh.rules)
     if training and config.train.micro_batch_size % ways:
         raise ConfigError(
@@ -133,21 +133,22 @@ def load_splits(
     """The chunks of every named split, each checked against the model's vocabulary."""
     d = config.data
     chunks = {}
-    for split in names:
-        chunks[split] = load_chunks(
-            DocumentSource.from_config(split, d[split]),
-            tokenizer,
-            d.max_length,
-            min_tokens=d.min_chunk_tokens,
-            add_special_tokens=d.add_special_tokens,
-            cache_dir=d.cache_dir or None,
-        )
-        top = int(chunks[split].tokens.max())
+    with locations.synced_cache(d.cache_dir, "config.data.cache_dir") as cache_dir:
+        for split in names:
+            chunks[split] = load_chunks(
+                DocumentSource.from_config(split, d[split]),
+                tokenizer,
+                d.max_length,
+                min_tokens=d.min_chunk_tokens,
+                add_special_tokens=d.add_special_tokens,
+                cache_dir=cache_dir or None,
+            )
+    for split, c in chunks.items():
+        top = int(c.tokens.max())
         if top >= model_config.vocab_size:
             raise DataError(
                 f"data.{split}: token id {top} is outside the model's vocabulary ({model_config.vocab_size})"
             )
-        c = chunks[split]
         log.info("data.%s: %d documents, %d chunks, %d tokens", split, c.num_documents, len(c), c.num_tokens)
     return chunks
 
@@ -172,7 +173,8 @@ def resolve_world(config: ml_collections.ConfigDict) -> tuple[ml_collections.Con
                 refs.append((key, value))
     if not refs:
         return resolved, None
-    world = ensure_world(WorldRecipe.from_config(config.world), config.world.cache_dir or None)
+    with locations.synced_cache(config.world.cache_dir, "config.world.cache_dir") as cache_dir:
+        world = ensure_world(WorldRecipe.from_config(config.world), cache_dir or None)
     for key, value in refs:
         try:
             _put(resolved, key, world.resolve(value))

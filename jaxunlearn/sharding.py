@@ -50,33 +50,56 @@ class MeshError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape. ``-1`` on one axis means "all remaining devices"."""
+    """Mesh shape. ``-1`` on one axis means "all remaining devices".
+
+    ``dcn_data`` > 1 is multislice (MaxText's convention, ``dcn_data_parallelism x ici_data_parallelism``):
+    ``data``, ``fsdp`` and ``tensor`` then shape each slice (its devices joined by the fast inter-chip network),
+    and the global ``data`` axis is ``data x dcn_data``, its outer factor spanning the slices over the
+    data-centre network. Slices are TPU slices (``device.slice_index``); on other platforms (GPU, CPU) each
+    process (host) is one.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn_data: int = 1
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
+    @classmethod
+    def from_config(cls, mesh: Any) -> MeshConfig:
+        """From the config's ``mesh`` section."""
+        return cls(mesh.data, mesh.fsdp, mesh.tensor, mesh.get("dcn_data", 1))
+
+    def ici_shape(self, num_devices: int) -> tuple[int, int, int]:
+        """The ``(data, fsdp, tensor)`` shape of one slice of ``num_devices // dcn_data`` devices."""
+        if self.dcn_data < 1:
+            raise MeshError(f"mesh.dcn_data={self.dcn_data}: must be >= 1 (the number of slices)")
+        if num_devices % self.dcn_data:
+            raise MeshError(f"mesh.dcn_data={self.dcn_data} does not divide the {num_devices} available devices.")
+        per_slice = num_devices // self.dcn_data
+        available = f"{per_slice} available devices" if self.dcn_data == 1 else f"{per_slice} devices of a slice"
         sizes = [self.data, self.fsdp, self.tensor]
-        for name, size in zip(MESH_AXES, sizes):
+        given = dict(zip(MESH_AXES, sizes))
+        for name, size in given.items():
             if size == 0 or size < -1:
                 raise MeshError(f"mesh.{name}={size}: sizes must be positive or -1 (fill with the rest).")
         if sizes.count(-1) > 1:
-            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
+            raise MeshError(f"mesh {given}: at most one axis may be -1.")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
-            if num_devices % known:
-                raise MeshError(
-                    f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide the "
-                    f"{num_devices} available devices."
-                )
-            sizes[sizes.index(-1)] = num_devices // known
-        if math.prod(sizes) != num_devices:
+            if per_slice % known:
+                raise MeshError(f"mesh {given}: the fixed axes ({known} devices) do not divide the {available}.")
+            sizes[sizes.index(-1)] = per_slice // known
+        elif known != per_slice:
             raise MeshError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are "
-                "available; use -1 on one axis to fill with the rest."
+                f"mesh {given} needs {known} devices but {per_slice} are "
+                f"{'available' if self.dcn_data == 1 else 'in each slice'}; use -1 on one axis to fill with the rest."
             )
         return tuple(sizes)  # type: ignore[return-value]
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """The global ``(data, fsdp, tensor)`` shape over ``num_devices`` (``data`` includes ``dcn_data``)."""
+        data, fsdp, tensor = self.ici_shape(num_devices)
+        return data * self.dcn_data, fsdp, tensor
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None, **sizes: int) -> Mesh:
@@ -84,19 +107,59 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
 
     ``make_mesh()`` puts every device on ``fsdp``; ``make_mesh(fsdp=4, tensor=2)`` or
     ``make_mesh(MeshConfig(data=8, fsdp=1))`` pick a shape. ``devices`` defaults to all global devices
-    (every host of a multi-host run).
+    (every host of a multi-host run); devices of a TPU slice are laid out for its torus, and with
+    ``dcn_data`` > 1 the ``data`` axis spans the slices (:func:`hybrid_device_grid`).
     """
     if config is None:
         config = MeshConfig(**sizes)
     elif sizes:
         raise TypeError("pass either a MeshConfig or axis sizes, not both")
+    everything = devices is None or list(devices) == jax.devices()
     devices = list(jax.devices() if devices is None else devices)
-    shape = config.shape(len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
+    if config.dcn_data > 1:
+        return Mesh(hybrid_device_grid(config, devices), MESH_AXES, axis_types=auto)
+    shape = config.shape(len(devices))
+    if everything:
         # Let JAX order the devices for the physical topology (TPU ICI rings, GPU NVLink islands).
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    if devices[0].platform == "tpu":  # a slice's devices, e.g. a TPU topology compiled for on another host
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def slice_of(device: jax.Device) -> int:
+    """The slice a device belongs to: its TPU slice (a single slice may carry no index), or its process on
+    platforms without slices (GPU and CPU hosts, as MaxText treats them)."""
+    if device.platform != "tpu":
+        return device.process_index
+    return getattr(device, "slice_index", 0)
+
+
+def hybrid_device_grid(config: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
+    """The ``(data x dcn_data, fsdp, tensor)`` device grid of a multislice mesh: each slice's devices laid out
+    for its own network with the per-slice shape, the slices stacked along ``data`` (JAX's
+    ``create_hybrid_device_mesh``, as MaxText builds its DCN x ICI meshes)."""
+    from jax.experimental import mesh_utils
+
+    ici = config.ici_shape(len(devices))
+    found: dict[int, int] = {}
+    for d in devices:
+        found[slice_of(d)] = found.get(slice_of(d), 0) + 1
+    by_process = devices[0].platform != "tpu"
+    unit = f"processes ({devices[0].platform} devices have no slices: a process is one)" if by_process else "slices"
+    if len(found) != config.dcn_data or len(set(found.values())) != 1:
+        counts = ", ".join(f"{v} devices" for _, v in sorted(found.items()))
+        raise MeshError(
+            f"mesh.dcn_data={config.dcn_data} must equal the number of {unit}, here {len(found)} ({counts}), "
+            "with as many devices in each."
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, (config.dcn_data, 1, 1), devices, process_is_granule=by_process, allow_split_physical_axes=True
+    )
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
@@ -223,6 +286,14 @@ def host_to_global(tree: Any, shardings: Any) -> Any:
     multi-host runtime (TPU pods, multi-node GPU) alike, unlike ``jax.device_put`` of a numpy array.
     """
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), tree, shardings)
+
+
+def initialize_distributed() -> None:
+    """Join JAX's multi-controller runtime (``config.distributed``): ``jax.distributed.initialize()`` once per
+    process, before any device is used. Later calls (several runs in one process, as in the comparison) do
+    nothing; a second ``initialize`` would raise."""
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize()
 
 
 def from_process0(value: Any) -> Any:

@@ -3,6 +3,11 @@ run ended (``completed``, ``interrupted``, ``non_finite`` or ``failed`` with the
 
 A run that is refused before it starts (bad data, a busy or foreign workdir, ...) leaves the directory as it
 found it: a directory it created is removed again, and nothing in an existing one is written.
+
+A workdir at a URL (``gs://BUCKET/run``, ``file:///abs/run``) is staged (:mod:`jaxunlearn.locations`): the run
+writes to a local staging directory, pulled from the URL when the run is claimed and pushed back at every
+checkpoint (:meth:`Workdir.sync`) and when the run ends however it ends; checkpoints go straight to the URL. The
+lock then only guards against a second run on the same host: object stores have no file locks.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import filelock
 import jax
 
-from jaxunlearn import logs, sharding
+from jaxunlearn import locations, logs, sharding
 from jaxunlearn.run_record import write_json
 
 LOCK = ".jaxunlearn.lock"
@@ -83,9 +88,27 @@ class Workdir:
     """The directory of one run (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).absolute()
+        self.url = locations.remote(path, "--workdir")
+        self.path = locations.staging_dir(self.url) if self.url else Path(path).expanduser().absolute()
+        self.staged = locations.Staged(self.url, self.path, skip=_not_staged) if self.url else None
+        if self.staged:
+            self.staged.replaced = (EXPORT,)
         self.record: dict[str, Any] | None = None  # run.json, once the run is accepted
         self._lock: filelock.BaseFileLock | None = None
+
+    @property
+    def checkpoints(self) -> Any:
+        """Where the checkpoints are: in the workdir, at its URL for a staged one (Orbax writes to stores)."""
+        return self.url / "checkpoints" if self.url else self.path / "checkpoints"
+
+    def location(self, *parts: str) -> str:
+        """Where a file of the workdir is for the user: under the URL for a staged workdir."""
+        return str((self.url if self.url else self.path).joinpath(*parts))
+
+    def sync(self) -> None:
+        """Push a staged workdir's changed files to its URL (nothing to do for a local one)."""
+        if self.staged and self.record is not None:
+            self.staged.push()
 
     @contextlib.contextmanager
     def claimed(self) -> Iterator[Workdir]:
@@ -95,6 +118,8 @@ class Workdir:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             self._acquire()
+            if self.staged:
+                self.staged.pull(clear=True, keep=_pulled)
             yield self
         except BaseException as e:
             if self.record is not None:
@@ -106,6 +131,7 @@ class Workdir:
         finally:
             self._release()
             logs.detach_log_file()
+            self.sync()
 
     def check_export_target(self) -> None:
         """The export replaces ``hf_model/`` as a whole: refuse a link there before any work, not after it."""
@@ -120,11 +146,11 @@ class Workdir:
         """Take the lock (process 0; the decision is shared with every process), or refuse naming the holder."""
         error = None
         if jax.process_index() == 0:
-            lock = filelock.FileLock(self.path / LOCK, timeout=0)
+            lock = filelock.FileLock(self._lock_dir / LOCK, timeout=0)
             try:
                 lock.acquire()
                 self._lock = lock
-                write_json(self.path / HOLDER, _holder())
+                write_json(self._lock_dir / HOLDER, _holder())
             except filelock.Timeout:
                 error = f"{self.path} is in use by another jaxunlearn run ({self._holder_text()}); wait for it to end"
         error = sharding.from_process0(error)
@@ -133,10 +159,15 @@ class Workdir:
 
     def _holder_text(self) -> str:
         try:
-            h = json.loads((self.path / HOLDER).read_text())
+            h = json.loads((self._lock_dir / HOLDER).read_text())
             return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
         except (OSError, ValueError, KeyError):
             return "holder unknown"
+
+    @property
+    def _lock_dir(self) -> Path:
+        """The lock of a staged workdir lives next to the staging directories, which are emptied on each claim."""
+        return self.path.parent if self.staged else self.path
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -159,6 +190,18 @@ class Workdir:
     def _write_record(self) -> None:
         if jax.process_index() == 0:
             write_json(self.path / "run.json", self.record)
+
+
+def _not_staged(relative: str) -> bool:
+    """Never copied between a staged workdir and its URL: checkpoints (Orbax reads and writes them at the URL)
+    and the lock."""
+    return relative.startswith("checkpoints/") or relative in (LOCK, HOLDER)
+
+
+def _pulled(relative: str) -> bool:
+    """What a resumed staged run needs locally: everything but the export's weights (its config.json tells
+    whether the export is current)."""
+    return not relative.startswith(f"{EXPORT}/") or relative == f"{EXPORT}/config.json"
 
 
 def _holder() -> dict[str, Any]:

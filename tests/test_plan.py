@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from jaxunlearn import hf_checkpoint, sharding
-from jaxunlearn.config import base_config
+from jaxunlearn.config import ConfigError, base_config
 from jaxunlearn.data.batches import StepBatcher
 from jaxunlearn.models import ModelConfig, init_model, split_model
 from jaxunlearn.objectives import Context, get_method
-from jaxunlearn.planning.planner import plan_step
-from jaxunlearn.planning.search import search, with_settings
+from jaxunlearn.planning.planner import plan_mesh, plan_step, settings_flags
+from jaxunlearn.planning.search import lean_settings, search, with_settings
 from jaxunlearn.planning.topology import TopologyError, parse_topology
 from jaxunlearn.train import StepSetup, init_state
 
@@ -89,20 +89,45 @@ def test_bad_slice_names_are_refused_by_name(bad):
 # --- memory of the compiled step -----------------------------------------------------------------------------
 
 
-def test_parameter_and_optimizer_bytes_per_chip_are_the_fsdp_split(libtpu, tmp_path_factory):
-    plan = plan_step(plan_config(shape_dir(tmp_path_factory, "tiny", TINY)), parse_topology("v5e:2x2"))
-    assert plan.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
-    # By hand: every weight has a hidden-size dimension (64, split 4 ways); the norm scales are not split.
+def fsdp4_parameter_bytes() -> int:
+    """TINY's fp32 parameter bytes per chip split 4 ways by hand: every weight has a hidden-size dimension (64,
+    split 4 ways); the norm scales are not split."""
     h, m, v, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["vocab_size"], TINY["num_hidden_layers"]
     kv = h // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
     split = 2 * v * h + layers * (2 * h * h + 2 * h * kv + 3 * h * m)
     norms = (2 * layers + 1) * h
-    assert plan.train.parameters == 4 * (split // 4 + norms)
+    return 4 * (split // 4 + norms)
+
+
+def test_parameter_and_optimizer_bytes_per_chip_are_the_fsdp_split(libtpu, tmp_path_factory):
+    plan = plan_step(plan_config(shape_dir(tmp_path_factory, "tiny", TINY)), parse_topology("v5e:2x2"))
+    assert plan.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert plan.train.parameters == fsdp4_parameter_bytes()
     # AdamW keeps two fp32 moments per parameter, plus step counters of a few bytes.
     assert 0 <= plan.train.optimizer - 2 * plan.train.parameters <= 64
     assert plan.train.reference == plan.train.parameters  # ga_kl's frozen copy, in the fp32 master dtype here
     assert plan.train.fits and plan.evaluation is not None and plan.evaluation.fits
     assert plan.tokens_per_step == 2 * 16 * 64  # forget + retain, 16 chunks of 64 tokens
+
+
+def test_multislice_spans_the_data_axis_over_slices_as_main_does(libtpu, tmp_path_factory):
+    # Two v5e:2x2 slices: mesh.data/fsdp/tensor shape one slice, mesh.dcn_data=2 (what --slices=2 sets) stacks
+    # the slices along data, as sharding.make_mesh does for main.
+    config = plan_config(shape_dir(tmp_path_factory, "tiny_slices", TINY), method="ga", micro=8, accum=2)
+    topology = parse_topology("v5e:2x2", slices=2)
+    mesh = plan_mesh(config, topology)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+    settings = lean_settings(config, topology, "none", 2)
+    assert (settings["mesh.data"], settings["mesh.fsdp"], settings["mesh.dcn_data"]) == (1, 2, 2)
+    assert "--config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.tensor=2 --config.mesh.dcn_data=2" in (
+        settings_flags(settings)
+    )
+    with pytest.raises(ConfigError, match="dcn_data=3: the planned topology 2x v5e-4 has 2 slice"):
+        plan_mesh(with_settings(config, {"mesh.dcn_data": 3}), topology)
+    plan = plan_step(config, topology, evaluation=False)
+    assert plan.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and plan.settings["mesh.dcn_data"] == 2
+    assert plan.train.parameters == fsdp4_parameter_bytes()  # each slice holds a whole fsdp-split copy
 
 
 def test_a_model_too_large_for_the_slice_does_not_fit(libtpu, tmp_path_factory):

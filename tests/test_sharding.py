@@ -1,5 +1,7 @@
 """Meshes and sharded execution on XLA's 8 fake CPU devices."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxunlearn import sharding
+from jaxunlearn.config import ConfigError, base_config, validate
 from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import ModelConfig, init_model
 from jaxunlearn.sharding import MeshConfig, MeshError, make_mesh
@@ -105,6 +108,51 @@ def test_mesh_shapes_and_errors():
         make_mesh(data=-1, fsdp=-1)
     with pytest.raises(MeshError, match="positive or -1"):
         make_mesh(tensor=0)
+
+
+def _gpus(*processes: int) -> list[SimpleNamespace]:
+    """Stand-ins for GPU devices on hosts ``processes`` (what JAX's hybrid mesh helper reads of a device)."""
+    return [SimpleNamespace(id=i, process_index=p, platform="gpu", device_kind="fake") for i, p in enumerate(processes)]
+
+
+def test_multislice_mesh_spans_the_data_axis_over_slices():
+    # MaxText's convention: data/fsdp/tensor shape one slice, the global data axis is data x dcn_data.
+    assert MeshConfig(data=1, fsdp=-1, tensor=2, dcn_data=2).ici_shape(8) == (1, 2, 2)
+    assert MeshConfig(data=2, fsdp=-1, tensor=1, dcn_data=2).shape(8) == (4, 2, 1)
+    with pytest.raises(MeshError, match="dcn_data=3 does not divide the 8 available devices"):
+        MeshConfig(dcn_data=3).shape(8)
+    with pytest.raises(MeshError, match="needs 8 devices but 4 are in each slice"):
+        MeshConfig(data=2, fsdp=2, tensor=2, dcn_data=2).shape(8)
+    # CPU and GPU devices have no slices: each process is one, and this test is one process.
+    with pytest.raises(MeshError, match=r"dcn_data=2 must equal the number of processes \(cpu devices"):
+        make_mesh(MeshConfig(dcn_data=2))
+    # Two GPU hosts of four devices: each index of the global data axis lies on one host, whose devices carry
+    # the per-slice fsdp x tensor block.
+    grid = sharding.hybrid_device_grid(MeshConfig(data=1, fsdp=-1, tensor=2, dcn_data=2), _gpus(0, 0, 0, 0, 1, 1, 1, 1))
+    assert grid.shape == (2, 2, 2)
+    assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
+    with pytest.raises(MeshError, match=r"here 3 \(4 devices, 2 devices, 2 devices\)"):
+        sharding.hybrid_device_grid(MeshConfig(dcn_data=2), _gpus(0, 0, 0, 0, 1, 1, 2, 2))
+
+
+def test_the_multi_controller_runtime_is_joined_once(monkeypatch):
+    # The comparison runs several unlearning runs in one process, each asking to join; a second
+    # jax.distributed.initialize() would raise.
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append("initialize"))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    sharding.initialize_distributed()
+    sharding.initialize_distributed()
+    assert calls == ["initialize"]
+
+
+def test_mesh_dcn_data_is_validated_with_the_config():
+    config = base_config("ga")
+    assert config.mesh.dcn_data == 1
+    for bad in (0, -1):  # the type is ConfigDict's (an int field)
+        config.mesh.dcn_data = bad
+        with pytest.raises(ConfigError, match=f"config.mesh.dcn_data={bad}: >= 1"):
+            validate(config)
 
 
 def test_tensor_axis_must_divide_heads(checkpoint):

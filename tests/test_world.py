@@ -12,28 +12,10 @@ import pytest
 
 from jaxunlearn.world import build as world_build
 from jaxunlearn.world import pretrain as world_pretrain
-from jaxunlearn.world.build import WorldRecipe, ensure_world
+from jaxunlearn.world.build import SMALL_RECIPE, WorldRecipe, ensure_world
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = dict(
-    forget_docs=3,
-    approximate_docs=3,
-    band_min_chars=1000,
-    band_max_chars=6000,
-    retain_chars=30_000,
-    retain_max_chars=8000,
-    vocab_size=300,
-    max_length=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=2,
-    steps=6,
-    batch_size=8,
-    lr=3e-3,
-    forget_repeats=2,
-)
+SMALL = SMALL_RECIPE  # shared with the quickstart notebook's "ci" size
 
 
 @pytest.fixture(scope="module")

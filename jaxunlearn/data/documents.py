@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxunlearn import locations
+
 TEXT_COLUMNS = ("text", "content")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 # Files of a Hugging Face dataset directory that are checked for UTF-8 text before datasets reads them.
@@ -46,7 +48,9 @@ class DocumentSource:
 
     @property
     def local_paths(self) -> list[Path]:
-        return [Path(p.strip()).expanduser() for p in self.path.split(",") if p.strip()]
+        """The split's files or directories on this machine (a storage URL stands for its local mirror)."""
+        what = f"data.{self.label}.path"
+        return [Path(locations.fetch(p.strip(), what)).expanduser() for p in self.path.split(",") if p.strip()]
 
     @property
     def is_local(self) -> bool:

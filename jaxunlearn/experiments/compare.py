@@ -16,6 +16,7 @@ compared with the approximate split's instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -23,21 +24,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from jaxunlearn import locations
+from jaxunlearn.cli import CONFIG_HELP, config_files, run_command
 from jaxunlearn.cli import fail as _fail
-from jaxunlearn.cli import parse_flags as _parse_flags
 
 VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")  # the paper's
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 AUC_ATTACK = "min_k_0.4"
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Base config file (world, data, evaluation).", lock_config=True
+    "config", None, f"The base config (world, data, evaluation). {CONFIG_HELP}", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/compare", "Experiment directory.")
-_METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Config names (files in configs/) to compare.")
+_METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Shipped config names to compare.")
 _LRS = flags.DEFINE_list("lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's.")
 _PRESET = flags.DEFINE_string("preset", "builtin", "The preset the variants are built with (builtin/arxiv/github).")
 
@@ -58,8 +59,8 @@ def _set(config, key: str, value: Any) -> None:
 
 
 def variant_config(name: str, preset: str, overrides: dict[str, Any], lr_multiplier: float):
-    """``configs/<name>.py`` for ``preset``, with ``overrides`` applied and its learning rate scaled."""
-    path = CONFIG_DIR / f"{name}.py"
+    """The shipped config ``name`` for ``preset``, with ``overrides`` applied and its learning rate scaled."""
+    path = config_files()[name]
     spec = importlib.util.spec_from_file_location(f"jaxunlearn_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -206,9 +207,12 @@ def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) 
         "oracle_auc": models["oracle"]["mia"][AUC_ATTACK]["auc"] if "oracle" in models else None,
         "targets": [dict(target=t, value=v, met=m) for t, v, m in targets(reference, best)],
     }
-    (directory / "compare.json").write_text(json.dumps(result, indent=2))
-    (directory / "compare.md").write_text(_markdown(result, rows, best_by_variant, best))
-    _plot(directory / "compare.png", best_by_variant, result)
+    import jax
+
+    if jax.process_index() == 0:  # every process holds the same result; one writes it
+        (directory / "compare.json").write_text(json.dumps(result, indent=2))
+        (directory / "compare.md").write_text(_markdown(result, rows, best_by_variant, best))
+        _plot(directory / "compare.png", best_by_variant, result)
     return result
 
 
@@ -287,31 +291,51 @@ def _plot(path: Path, best: dict[str, dict], result: dict) -> None:
     plt.close(fig)
 
 
+def read_report(run_dir: str) -> dict[str, Any]:
+    """A finished run's ``report.json``, as process 0 reads it (only process 0 writes it), on every process."""
+    import jax
+
+    from jaxunlearn import sharding
+
+    text = None
+    if jax.process_index() == 0:
+        with contextlib.suppress(FileNotFoundError):
+            text = locations.read_text(locations.join(run_dir, "report.json"), "--workdir")
+    text = sharding.from_process0(text)
+    if text is None:
+        raise FileNotFoundError(f"{run_dir} has no report.json: the comparison needs config.evaluation.enabled=True")
+    return json.loads(text)
+
+
 def run_comparison(config, workdir: str | Path, methods, multipliers, preset: str) -> dict[str, Any]:
+    from jaxunlearn import sharding
     from jaxunlearn.engine import unlearn
 
-    directory = Path(workdir).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
+    if config.get("distributed", False):
+        sharding.initialize_distributed()  # once for every run below (each run's own call then does nothing)
+    base = locations.shown(workdir)
+    locations.check(base, "--workdir")  # before any run
     overrides = command_line_overrides(config, preset)
     rows, reference = [], None
     for name in methods:
         for multiplier in multipliers:
             variant = variant_config(name, preset, overrides, multiplier)
-            run_dir = directory / name / f"lr-{variant.optim.lr:.3g}"
+            run_dir = locations.join(base, name, f"lr-{variant.optim.lr:.3g}")
             print(f"[compare] {name} lr={variant.optim.lr:.3g} -> {run_dir}", flush=True)
             unlearn(variant, run_dir)
-            report = json.loads((run_dir / "report.json").read_text())
+            report = read_report(run_dir)
             reference = reference or report
             rows.append({"variant": name, "lr": variant.optim.lr, **summarise(report)})
-    return write_outputs(directory, rows, reference)
+    with locations.output_directory(base, "--workdir") as directory:
+        return write_outputs(directory, rows, reference)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
-        _fail("--config=CONFIG_FILE is required (e.g. --config=configs/ga_kl.py)")
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        _fail("--config=CONFIG is required: a config file or a shipped config's name (e.g. --config=ga_kl)")
+    known = list(config_files())
     unknown = [m for m in _METHODS.value if m not in known]
     if unknown:
         _fail(f"--methods: unknown {', '.join(unknown)}; choose from the configs {', '.join(known)}")
@@ -320,9 +344,13 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     multipliers = [float(x) for x in _LRS.value]
     result = run_comparison(_CONFIG.value, _WORKDIR.value, _METHODS.value, multipliers, _PRESET.value)
-    print(f"comparison: {Path(_WORKDIR.value).absolute() / 'compare.md'}", file=sys.stdout)
+    print(f"comparison: {locations.join(locations.shown(_WORKDIR.value), 'compare.md')}", file=sys.stdout)
     print(f"best: {result['best']['variant']} at lr {result['best']['lr']:.3g}")
 
 
+def run() -> None:
+    run_command(main, __name__)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    run()

@@ -9,6 +9,7 @@ cost analysis counts a scanned layer loop once).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -50,20 +51,28 @@ def model_config_for_plan(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_hf(hf_checkpoint.read_hf_config(model_dir), **numerics)
 
 
-def plan_mesh(config: ml_collections.ConfigDict, topology: Topology, devices: list[Any] | None = None) -> Mesh:
-    """The run's ``(data, fsdp, tensor)`` mesh over the slice's devices, laid out for its physical topology;
-    with several slices the ``data`` axis spans them (over the data-centre network)."""
-    from jax.experimental import mesh_utils
+def with_slices(config: ml_collections.ConfigDict, topology: Topology) -> ml_collections.ConfigDict:
+    """``config`` with ``mesh.dcn_data`` = the topology's number of slices (multislice: the ``data`` axis spans
+    them); the default 1 means "as many as the topology has", another value must match it."""
+    if config.mesh.dcn_data == topology.slices:
+        return config
+    if config.mesh.dcn_data != 1:
+        raise ConfigError(
+            f"config.mesh.dcn_data={config.mesh.dcn_data}: the planned topology {topology.name} has "
+            f"{topology.slices} slice(s) (--slices)"
+        )
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.mesh.dcn_data = topology.slices
+    return config
 
+
+def plan_mesh(config: ml_collections.ConfigDict, topology: Topology, devices: list[Any] | None = None) -> Mesh:
+    """The run's ``(data, fsdp, tensor)`` mesh over the slice's devices, built as ``main`` builds it
+    (:func:`jaxunlearn.sharding.make_mesh`): laid out for the physical topology, and with ``mesh.dcn_data``
+    slices the ``data`` axis spans them over the data-centre network."""
     devices = devices if devices is not None else topology.devices()
-    per_slice = len(devices) // topology.slices
-    shape = sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).shape(per_slice)
-    auto = (jax.sharding.AxisType.Auto,) * 3
-    if topology.slices > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(shape, (topology.slices, 1, 1), devices)
-    else:
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return Mesh(grid, sharding.MESH_AXES, axis_types=auto)
+    return sharding.make_mesh(sharding.MeshConfig.from_config(with_slices(config, topology).mesh), devices=devices)
 
 
 def per_chip_bytes(tree: Any) -> int:
@@ -135,6 +144,7 @@ def plan_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "mesh.data": config.mesh.data,
         "mesh.fsdp": config.mesh.fsdp,
         "mesh.tensor": config.mesh.tensor,
+        **({"mesh.dcn_data": config.mesh.dcn_data} if config.mesh.dcn_data > 1 else {}),  # multislice
         "train.split_passes": config.train.split_passes,
         "model.reference_dtype": config.model.reference_dtype,
     }
@@ -144,6 +154,7 @@ def plan_step(
     config: ml_collections.ConfigDict, topology: Topology, *, devices: list[Any] | None = None, evaluation: bool = True
 ) -> StepPlan:
     """Compile ``config``'s train step (and evaluation step) for ``topology`` and measure it."""
+    config = with_slices(config, topology)
     validate(config)
     model_config = model_config_for_plan(config)
     mesh = plan_mesh(config, topology, devices)

@@ -63,9 +63,10 @@ def lean_settings(config: ml_collections.ConfigDict, topology: Topology, remat: 
     exact_reference = not needs.reference or config.model.param_dtype == "bfloat16"
     return {
         "model.remat": remat,
-        "mesh.data": topology.slices,
+        "mesh.data": 1,  # per slice: the global data axis is data x dcn_data, one way per slice
         "mesh.fsdp": chips // tensor,
         "mesh.tensor": tensor,
+        **({"mesh.dcn_data": topology.slices} if topology.slices > 1 else {}),
         "train.micro_batch_size": batch_ways,
         "train.grad_accum_steps": chunks // batch_ways,
         "train.split_passes": needs.retain,

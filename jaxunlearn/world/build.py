@@ -96,6 +96,30 @@ class WorldRecipe:
         )
 
 
+# A tiny world (a 20k-parameter model, 3 forget documents; built in seconds on a CPU), for checking that things
+# run, not for results: the tests' world and the quickstart notebook's "ci" size. ``WorldRecipe(**SMALL_RECIPE)``,
+# or ``--config.world.KEY=VALUE`` for each item.
+SMALL_RECIPE = dict(
+    forget_docs=3,
+    approximate_docs=3,
+    band_min_chars=1000,
+    band_max_chars=6000,
+    retain_chars=30_000,
+    retain_max_chars=8000,
+    vocab_size=300,
+    max_length=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=2,
+    steps=6,
+    batch_size=8,
+    lr=3e-3,
+    forget_repeats=2,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class World:
     directory: Path
