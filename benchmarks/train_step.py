@@ -37,6 +37,16 @@ from jaxunlearn.train import (
 METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl"]
 
 
+def random_split(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    """One split of a step's batch as the data loader gives it: ``[1, batch, seq]`` random token ids (no special
+    ids 0-2), full masks, chunk ids (one micro-batch, no gradient accumulation)."""
+    return {
+        "tokens": rng.integers(3, vocab, (1, batch, seq), dtype=np.int32),
+        "mask": np.ones((1, batch, seq), np.int32),
+        "chunk_id": np.arange(batch, dtype=np.int32)[None],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="5m")
@@ -65,11 +75,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     def split():
-        return {
-            "tokens": rng.integers(3, config.vocab_size, (1, args.batch, args.seq), dtype=np.int32),
-            "mask": np.ones((1, args.batch, args.seq), np.int32),
-            "chunk_id": np.arange(args.batch, dtype=np.int32)[None],
-        }
+        return random_split(rng, args.batch, args.seq, config.vocab_size)
 
     optim = ml_collections.ConfigDict(
         dict(

@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn import locations
+from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, loaded_config, refusals, run_command
 from jaxunlearn.cli import fail as _fail
 
@@ -103,6 +103,7 @@ def main(argv: list[str]) -> None:
     if not _MODEL.value:
         _fail("--model=PATH_OR_ID is required")
     config = loaded_config(_CONFIG)
+    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

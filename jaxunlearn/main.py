@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn import locations
+from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     config = loaded_config(_CONFIG)
+    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
     import jax
     from absl import logging as absl_logging
 

@@ -268,6 +268,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, rules, mesh, x.shape))
 
 
+def is_split(logical: str) -> bool:
+    """Whether the active rules split the logical axis ``logical`` over more than one device (False outside
+    :func:`activation_sharding`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return False
+    mesh, rules = active
+    target = dict(rules).get(logical)
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    return math.prod(mesh.shape[t] for t in targets) > 1
+
+
 def describe_mesh(mesh: Mesh) -> dict[str, Any]:
     """A JSON-able description of a mesh for run records."""
     return {

@@ -156,7 +156,10 @@ def make_train_step(
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes),
         )
-        (grads, loss_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
+        if accum == 1:  # no loop: a one-step scan would copy the gradients into and out of its carry
+            (grads, loss_sum, metric_sums), _ = accumulate(zeros, (jnp.zeros((), jnp.int32), micro0))
+        else:
+            (grads, loss_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
         loss = loss_sum / accum
         grad_norm = optax.global_norm(grads)

@@ -109,6 +109,8 @@ def test_fused_attention_matches_xla_attention(tmp_path, one_device):
 
 
 def test_compiled_program_does_not_grow_with_depth():
+    """Deep stacks are scanned (a program of one layer's size); short ones (up to ``LOOP_UP_TO``) are a loop."""
+
     def num_eqns(layers):
         config = ModelConfig(
             vocab_size=64,
@@ -124,7 +126,11 @@ def test_compiled_program_does_not_grow_with_depth():
         tokens = jnp.zeros((1, 8), jnp.int32)
         return len(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state).eqns)
 
-    assert num_eqns(2) == num_eqns(12)
+    from jaxunlearn.models import llama
+
+    deep = llama.LOOP_UP_TO + 1
+    assert num_eqns(deep) == num_eqns(3 * deep)
+    assert num_eqns(2) < num_eqns(3)  # unrolled below the threshold
 
 
 def test_param_count_matches_transformers():

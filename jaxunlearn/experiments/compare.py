@@ -27,7 +27,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn import locations
+from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, config_files, run_command
 from jaxunlearn.cli import fail as _fail
 
@@ -343,6 +343,7 @@ def main(argv: list[str]) -> None:
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     multipliers = [float(x) for x in _LRS.value]
+    cpu_devices.configure(_CONFIG.value)  # before JAX starts: one CPU device per core
     result = run_comparison(_CONFIG.value, _WORKDIR.value, _METHODS.value, multipliers, _PRESET.value)
     print(f"comparison: {locations.join(locations.shown(_WORKDIR.value), 'compare.md')}", file=sys.stdout)
     print(f"best: {result['best']['variant']} at lr {result['best']['lr']:.3g}")
