@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -170,8 +171,9 @@ def fetch(text: str, what: str) -> str:
     local = mirror_of(url)
     local.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(f"{local}.lock"):  # processes of one host share the mirror
-        files = remote_files(url) if url.is_dir() else {"": url}
-        manifest_path = local / _MANIFEST if url.is_dir() else local.with_name(f"{local.name}{_MANIFEST}")
+        is_dir = url.is_dir()
+        files = remote_files(url) if is_dir else {"": url}
+        manifest_path = local / _MANIFEST if is_dir else local.with_name(f"{local.name}{_MANIFEST}")
         manifest = _read_manifest(manifest_path)
         fresh = {}
         for relative, source in files.items():
@@ -180,7 +182,7 @@ def fetch(text: str, what: str) -> str:
             if manifest.get(relative) != fresh[relative] or not target.is_file():
                 log.info("copying %s to %s", source, target)
                 download(source, target)
-        if url.is_dir():
+        if is_dir:
             for relative, path in local_files(local).items():
                 if relative not in files and relative != _MANIFEST:
                     path.unlink()  # gone from the store
@@ -189,8 +191,6 @@ def fetch(text: str, what: str) -> str:
 
 
 def _read_manifest(path: Path) -> dict[str, list[int]]:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -162,20 +162,29 @@ def make_train_step(
             (grads, loss_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
         loss = loss_sum / accum
-        grad_norm = optax.global_norm(grads)
-
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        # A finite loss and gradient can still give non-finite parameters (an infinite learning rate, an
-        # overflowing moment): such a step is never applied, saved or exported.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
-        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state, grad_norm, finite = _guarded_update(tx, state, grads, loss)
         metrics = {k: v / accum for k, v in metric_sums.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
         return new_state, metrics
 
     return step
+
+
+def _guarded_update(
+    tx: optax.GradientTransformation, state: State, grads: Any, loss: jax.Array
+) -> tuple[State, jax.Array, jax.Array]:
+    """``(new_state, grad_norm, finite)``: the optimizer step on ``grads``, or the unchanged ``state`` when the loss,
+    the gradient norm or the updated parameters are not finite."""
+    params = state["params"]
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    # A finite loss and gradient can still give non-finite parameters (an infinite learning rate, an
+    # overflowing moment): such a step is never applied, saved or exported.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, grad_norm, finite
 
 
 def compile_train_step(
