@@ -18,8 +18,8 @@ call, AdamW + global-norm clipping:
 Both first steps must give the same loss (printed). Timing: a warm-up (compilation), then ``--rounds`` rounds
 that each time ``--steps`` steps of jax then of torch; tokens/s are medians over rounds and count every processed
 token (forget + retain). The evaluation compares jaxunlearn's evaluation loop (``Evaluator.for_run``, the run's
-evaluation batch size) with a teacher-forced torch pass (log-softmax, gather, per-chunk sums) and checks both
-give the same mean NLL.
+evaluation batch size), full statistics and the perplexity pass, with a teacher-forced torch pass (log-softmax,
+gather, per-chunk sums) and checks they give the same mean NLL.
 """
 # ruff: noqa: E402  (--devices must set XLA_FLAGS before jax is imported, so the flags are parsed first)
 
@@ -256,9 +256,10 @@ class TorchStep:
 # --- the two sides of the evaluation -------------------------------------------------------------------------
 
 
-def jax_eval(evaluator: Evaluator, params: dict, tokens: np.ndarray, mask: np.ndarray) -> float:
-    """Mean over chunks of each chunk's mean NLL, from the evaluation loop's statistics (as the run computes)."""
-    return perplexity_metrics(evaluator.token_stats(params, tokens, mask))["nll"]
+def jax_eval(evaluator: Evaluator, params: dict, tokens: np.ndarray, mask: np.ndarray, moments: bool) -> float:
+    """Mean over chunks of each chunk's mean NLL, from the evaluation loop's statistics (as the run computes):
+    all of them (``moments``, as a full evaluation), or the perplexity pass of the in-run evaluations."""
+    return perplexity_metrics(evaluator.token_stats(params, tokens, mask, moments=moments))["nll"]
 
 
 def torch_eval(model: transformers.LlamaForCausalLM, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> float:
@@ -324,38 +325,45 @@ def bench_method(args, method: str, original, lm, params: dict, mesh) -> dict:
     return row
 
 
-def bench_eval(args, original, lm, params: dict, mesh) -> dict:
+def bench_eval(args, original, lm, params: dict, mesh) -> list[dict]:
+    """Two rows: the loop's full statistics (log-prob, argmax, Min-K%++ moments) and its perplexity pass, each
+    against the same torch evaluation (which computes the log-probs only)."""
     config = run_config(args, "ga")
     evaluator = Evaluator.for_run(lm, mesh, config)
     rng = np.random.default_rng(1)
     tokens = rng.integers(3, args.vocab, (args.eval_chunks, args.seq), dtype=np.int32)
     mask = np.ones_like(tokens)
     model = copy.deepcopy(original).eval()
-    jax_nll = jax_eval(evaluator, params, tokens, mask)  # compiles
     torch_nll = torch_eval(model, tokens, mask, evaluator.batch_size)
-    diff = abs(jax_nll - torch_nll)
-    print(f"evaluation: mean NLL jax {jax_nll:.6f} torch {torch_nll:.6f} (|diff| {diff:.2e})")
-    assert diff < LOSS_TOL, "the two evaluations differ"
-    row = {
-        "chunks": args.eval_chunks,
-        "batch_size": evaluator.batch_size,
-        "nll": {"jax": jax_nll, "torch": torch_nll, "abs_diff": diff},
-    }
-    row.update(
-        alternate(
-            lambda: jax_eval(evaluator, params, tokens, mask),
-            lambda: torch_eval(model, tokens, mask, evaluator.batch_size),
-            calls=1,
-            rounds=args.rounds,
-            tokens_per_call=tokens.size,
+    rows = []
+    for name, moments in (("evaluation", True), ("evaluation, perplexity pass", False)):
+        jax_nll = jax_eval(evaluator, params, tokens, mask, moments)  # compiles
+        diff = abs(jax_nll - torch_nll)
+        print(f"{name}: mean NLL jax {jax_nll:.6f} torch {torch_nll:.6f} (|diff| {diff:.2e})")
+        assert diff < LOSS_TOL, "the two evaluations differ"
+        row = {
+            "method": name,
+            "chunks": args.eval_chunks,
+            "batch_size": evaluator.batch_size,
+            "logits_chunk": evaluator.chunk_size,
+            "nll": {"jax": jax_nll, "torch": torch_nll, "abs_diff": diff},
+        }
+        row.update(
+            alternate(
+                lambda moments=moments: jax_eval(evaluator, params, tokens, mask, moments),
+                lambda: torch_eval(model, tokens, mask, evaluator.batch_size),
+                calls=1,
+                rounds=args.rounds,
+                tokens_per_call=tokens.size,
+            )
         )
-    )
-    print(
-        f"evaluation: {args.eval_chunks} chunks x {args.seq} tokens, batch {evaluator.batch_size}, median over "
-        f"{args.rounds} rounds: torch {row['torch_tokens_per_s']:.0f} tok/s, jax {row['jax_tokens_per_s']:.0f} tok/s, "
-        f"ratio jax/torch {row['ratio']:.2f}"
-    )
-    return row
+        print(
+            f"{name}: {args.eval_chunks} chunks x {args.seq} tokens, batch {evaluator.batch_size}, median over "
+            f"{args.rounds} rounds: torch {row['torch_tokens_per_s']:.0f} tok/s, jax {row['jax_tokens_per_s']:.0f} "
+            f"tok/s, ratio jax/torch {row['ratio']:.2f}"
+        )
+        rows.append(row)
+    return rows
 
 
 def environment(args: argparse.Namespace, mesh, num_params: int) -> dict:
@@ -414,12 +422,11 @@ def print_header(env: dict) -> None:
     print(f"jax: {m['jax_devices']} (JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}), mesh {m['mesh']}: {split}")
 
 
-def print_table(rows: list[dict], evaluation: dict | None) -> None:
+def print_table(rows: list[dict]) -> None:
     print("\n| method | PyTorch tok/s | jaxunlearn tok/s | ratio |")
     print("|---|---:|---:|---:|")
-    named = [(r["method"], r) for r in rows] + ([("evaluation", evaluation)] if evaluation else [])
-    for name, r in named:
-        print(f"| {name} | {r['torch_tokens_per_s']:.0f} | {r['jax_tokens_per_s']:.0f} | {r['ratio']:.2f} |")
+    for r in rows:
+        print(f"| {r['method']} | {r['torch_tokens_per_s']:.0f} | {r['jax_tokens_per_s']:.0f} | {r['ratio']:.2f} |")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -432,8 +439,8 @@ def main(args: argparse.Namespace) -> None:
     print_header(env)
     env["logits_max_abs_diff"] = check_same_weights(lm, params, original, host_batch(args, retain=False))
     rows = [bench_method(args, m, original, lm, params, mesh) for m in args.methods.split(",")]
-    evaluation = None if args.no_eval else bench_eval(args, original, lm, params, mesh)
-    print_table(rows, evaluation)
+    evaluation = [] if args.no_eval else bench_eval(args, original, lm, params, mesh)
+    print_table(rows + evaluation)
     if args.json:
         args.json.write_text(json.dumps({**env, "train_step": rows, "evaluation": evaluation}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

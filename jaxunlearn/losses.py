@@ -75,6 +75,11 @@ def _logits(hidden: Array, head: Array) -> Array:
     return constrain(logits, ("batch", "length", "vocab"))
 
 
+def _shifted(logits: Array) -> Array:
+    """``logits - max(logits)`` over the vocabulary, the max a constant (no gradient), as in ``logsumexp``."""
+    return logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+
+
 def token_logprobs(hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024) -> Array:
     """``log p(targets[b, t] | hidden[b, t])`` as fp32 ``[batch, length]``."""
 
@@ -90,9 +95,14 @@ def token_kl(ref_hidden: Array, ref_head: Array, hidden: Array, head: Array, *, 
     """Per-position ``KL(p_ref || p)`` over the vocabulary, fp32 ``[batch, length]``."""
 
     def fn(hr: Array, h: Array) -> Array:
-        ref_logp = jax.nn.log_softmax(_logits(hr, ref_head), axis=-1)
-        logp = jax.nn.log_softmax(_logits(h, head), axis=-1)
-        return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+        # With s = logits - max (the max a constant shift, as in logsumexp) and Z = sum(exp(s)):
+        # KL = sum(exp(s_ref) * (s_ref - s)) / Z_ref - log Z_ref + log Z, with no normalised [.., vocab] array.
+        ref_shifted = _shifted(_logits(hr, ref_head))
+        shifted = _shifted(_logits(h, head))
+        ref_e = jnp.exp(ref_shifted)
+        ref_z = jnp.sum(ref_e, axis=-1)
+        cross = jnp.sum(ref_e * (ref_shifted - shifted), axis=-1) / ref_z
+        return cross - jnp.log(ref_z) + jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
 
     return map_sequence_chunks(fn, chunk_size, ref_hidden, hidden)
 
@@ -115,25 +125,32 @@ def sequence_mean(values: Array, mask: Array) -> Array:
     return jnp.sum(values * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
-def vocabulary_stats(hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024) -> dict[str, Array]:
+def vocabulary_stats(
+    hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024, moments: bool = True
+) -> dict[str, Array]:
     """Per position, from one pass over the vocabulary (fp32 ``[batch, length]`` each):
 
-    ``logprob`` of the target, ``is_argmax`` (the target is the most likely token), and ``mean``/``std`` of the
-    log-probabilities under the model's own distribution, ``E_{z~p}[log p(z)]`` and its standard deviation
-    (the normalisers of Min-K%++).
+    ``logprob`` of the target, ``is_argmax`` (the target's logit is the largest: greedy decoding picks it, or a
+    token tied with it), and with ``moments`` the ``mean``/``std`` of the log-probabilities under the model's own
+    distribution, ``E_{z~p}[log p(z)]`` and its standard deviation (the normalisers of Min-K%++).
+
+    The moments come from sums over ``exp(s)`` with ``s = logits - max``: ``E[log p] = E[s] - log Z`` and
+    ``Var[log p] = Var[s]``, so no normalised ``[.., vocab]`` array is materialised.
     """
 
     def fn(h: Array, y: Array) -> dict[str, Array]:
         logits = _logits(h, head)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        p = jnp.exp(logp)
-        mean = jnp.sum(p * logp, axis=-1)
-        var = jnp.maximum(jnp.sum(p * logp * logp, axis=-1) - mean * mean, 0.0)
-        return {
-            "logprob": jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0],
-            "is_argmax": jnp.argmax(logits, axis=-1) == y,
-            "mean": mean,
-            "std": jnp.sqrt(var),
-        }
+        top = jnp.max(logits, axis=-1)
+        shifted = logits - top[..., None]
+        e = jnp.exp(shifted)
+        z = jnp.sum(e, axis=-1)
+        log_z = jnp.log(z)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        out = {"logprob": picked - top - log_z, "is_argmax": picked >= top}
+        if moments:
+            mean_s = jnp.sum(e * shifted, axis=-1) / z
+            var = jnp.maximum(jnp.sum(e * shifted * shifted, axis=-1) / z - mean_s * mean_s, 0.0)
+            out.update(mean=mean_s - log_z, std=jnp.sqrt(var))
+        return out
 
     return map_sequence_chunks(fn, chunk_size, hidden, targets)

@@ -58,6 +58,47 @@ def test_token_stats_and_perplexity_match_torch(tiny):
     assert ppl["ppl"] != pytest.approx(ppl["ppl_token"], rel=1e-6)  # the two definitions really differ here
 
 
+def test_perplexity_pass_and_cpu_chunks_change_no_value(tiny):
+    """The perplexity-only pass (no moments) and the run's CPU-sized logits chunks give the numbers of the full
+    pass over whole sequences."""
+    from jaxunlearn.config import base_config
+    from jaxunlearn.evaluation.loop import CPU_CHUNK_ROWS
+
+    path, _ = tiny
+    mesh = sharding.single_device_mesh()
+    lm, params = split_model(from_pretrained(path, mesh=mesh, dtype="float32"))
+    tokens, mask = padded_batch(seed=6, batch=6, length=12)
+    whole = Evaluator(lm, batch_size=6, chunk_size=1024).token_stats(params, tokens, mask)
+    config = base_config("ga")
+    config.evaluation.batch_size = CPU_CHUNK_ROWS // 4  # 4 positions per chunk: 3 chunks of a 12-token sequence
+    run_evaluator = Evaluator.for_run(lm, mesh, config)
+    assert run_evaluator.chunk_size == 4
+    light = run_evaluator.token_stats(params, tokens, mask, moments=False)
+    assert set(light) == {"logprob", "is_argmax", "target_mask"}
+    np.testing.assert_allclose(light["logprob"], whole["logprob"], atol=1e-5)
+    np.testing.assert_array_equal(light["is_argmax"], whole["is_argmax"])
+    full = run_evaluator.token_stats(params, tokens, mask)
+    for key in ("mean", "std"):
+        np.testing.assert_allclose(full[key], whole[key], atol=1e-5)
+
+
+def test_is_argmax_counts_a_tie_for_the_top():
+    """Hand-made logits: tokens 1 and 3 tie for the maximum, so greedy decoding may emit either."""
+    import jax.numpy as jnp
+
+    from jaxunlearn import losses
+
+    hidden = jnp.ones((1, 3, 1), jnp.float32)
+    head = jnp.array([[0.0, 2.0, 1.0, 2.0]], jnp.float32)  # logits [0, 2, 1, 2] at every position
+    stats = losses.vocabulary_stats(hidden, head, jnp.array([[1, 3, 2]]))
+    np.testing.assert_array_equal(stats["is_argmax"], [[True, True, False]])
+    logp = np.array([0.0, 2.0, 1.0, 2.0]) - np.log(np.exp([0.0, 2.0, 1.0, 2.0]).sum())
+    np.testing.assert_allclose(stats["logprob"][0], logp[[1, 3, 2]], atol=1e-6)
+    mean = (np.exp(logp) * logp).sum()
+    np.testing.assert_allclose(stats["mean"][0], mean, atol=1e-6)
+    np.testing.assert_allclose(stats["std"][0], np.sqrt((np.exp(logp) * (logp - mean) ** 2).sum()), atol=1e-6)
+
+
 def test_sharded_evaluation_equals_one_device(tiny):
     path, _ = tiny
     tokens, mask = padded_batch(seed=5, batch=8, length=12)
@@ -168,7 +209,7 @@ def test_chunked_vocabulary_pass_bounds_memory():
 
     def temp_bytes(chunk):
         ev = Evaluator(lm, batch_size=4, chunk_size=chunk)
-        return ev.stats_step.lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
+        return ev.stats_step().lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
 
     full_logits = 4 * 512 * 8192 * 4
     whole, chunked = temp_bytes(512), temp_bytes(32)

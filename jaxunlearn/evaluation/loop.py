@@ -22,6 +22,12 @@ from jaxunlearn import losses, sharding
 from jaxunlearn.models import LanguageModel
 
 STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
+MOMENT_KEYS = ("mean", "std")
+
+# On a CPU, the logits of one chunk are kept to about this many rows (positions x local batch): XLA's CPU
+# fusions make several passes over a [rows, vocab] array, which run from cache at this size and from memory at
+# the usual 1024-position chunks (a 2-3x slower pass over the vocabulary).
+CPU_CHUNK_ROWS = 512
 
 
 class Evaluator:
@@ -42,28 +48,33 @@ class Evaluator:
         ways = sharding.batch_ways(self.mesh, self.rules)
         self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
         self.chunk_size = chunk_size
+        self._stats_steps: dict[bool, Any] = {}
 
     @classmethod
     def for_run(cls, lm: LanguageModel, mesh: Mesh, config: Any) -> Evaluator:
-        """The evaluator of a run's config (``evaluation.batch_size``, ``train.logits_chunk_size``, ``mesh.rules``)."""
-        return cls(
-            lm,
-            mesh,
-            batch_size=config.evaluation.batch_size,
-            chunk_size=config.train.logits_chunk_size,
-            rules=config.mesh.rules,
-        )
+        """The evaluator of a run's config (``evaluation.batch_size``, ``train.logits_chunk_size``, ``mesh.rules``;
+        on a CPU, chunks of at most about ``CPU_CHUNK_ROWS`` rows per device)."""
+        chunk, batch = config.train.logits_chunk_size, config.evaluation.batch_size
+        if mesh.devices.flat[0].platform == "cpu":
+            ways = sharding.batch_ways(mesh, sharding.normalize_rules(config.mesh.rules))
+            chunk = min(chunk, max(1, CPU_CHUNK_ROWS * ways // batch))
+        return cls(lm, mesh, batch_size=batch, chunk_size=chunk, rules=config.mesh.rules)
 
-    @functools.cached_property
-    def stats_step(self):
-        """The jitted statistics pass ``(params, tokens, mask) -> {logprob, is_argmax, mean, std, target_mask}``."""
+    def stats_step(self, moments: bool = True):
+        """The jitted statistics pass ``(params, tokens, mask) -> {logprob, is_argmax, target_mask}`` and, with
+        ``moments``, ``mean`` and ``std`` (the costlier part: perplexity alone does without)."""
+        if moments not in self._stats_steps:
+            self._stats_steps[moments] = self._make_stats_step(moments)
+        return self._stats_steps[moments]
+
+    def _make_stats_step(self, moments: bool):
         lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
 
         def stats(params, tokens, mask):
             with sharding.activation_sharding(mesh, rules):
                 targets, target_mask = losses.next_token_targets(tokens, mask)
                 hidden = lm.hidden_states(params, tokens, mask)
-                out = losses.vocabulary_stats(hidden, lm.head(params), targets, chunk_size=chunk)
+                out = losses.vocabulary_stats(hidden, lm.head(params), targets, chunk_size=chunk, moments=moments)
                 out["target_mask"] = target_mask
                 return out
 
@@ -104,16 +115,19 @@ class Evaluator:
             yield sharding.host_to_global(t, spec), sharding.host_to_global(m, spec), rows
 
     def token_stats(
-        self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None
+        self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None, moments: bool = True
     ) -> dict[str, np.ndarray]:
-        """``{logprob, is_argmax, mean, std, target_mask}``, each ``[n, length]`` on the host.
+        """``{logprob, is_argmax, mean, std, target_mask}`` (without ``mean``/``std`` unless ``moments``), each
+        ``[n, length]`` on the host.
 
         Position ``t`` scores token ``t + 1``; ``target_mask`` marks the positions that count.
         """
         length = tokens.shape[1]
-        out: dict[str, list[np.ndarray]] = {k: [] for k in STAT_KEYS}
+        keys = [k for k in STAT_KEYS if moments or k not in MOMENT_KEYS]
+        out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        step = self.stats_step(moments)
         for t, m, rows in self._batches(tokens, mask, desc):
-            for k, v in jax.device_get(self.stats_step(params, t, m)).items():
+            for k, v in jax.device_get(step(params, t, m)).items():
                 out[k].append(np.asarray(v)[:rows])
         return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}
 

@@ -78,10 +78,12 @@ class EvalContext:
         return self._stats[split]
 
 
-def split_stats(evaluator: Evaluator, params: dict, chunks: Chunks, limit: int, name: str) -> dict:
+def split_stats(
+    evaluator: Evaluator, params: dict, chunks: Chunks, limit: int, name: str, *, moments: bool = True
+) -> dict:
     """The evaluation loop's statistics of ``limit`` evenly spaced chunks of one split (and their ``index``)."""
     idx = subset(len(chunks), limit)
-    out = evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}")
+    out = evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}", moments=moments)
     out["index"] = idx
     return out
 

@@ -40,7 +40,10 @@ def selected_metrics(evaluation: ml_collections.ConfigDict) -> list[tuple[Metric
 
 def perplexities(evaluator: Evaluator, params: dict, splits: Mapping[str, Chunks], limit: int) -> dict[str, dict]:
     """Perplexity of every split on its first ``limit`` evenly spaced chunks (in-run history, stopping rule)."""
-    return {name: M.perplexity_metrics(split_stats(evaluator, params, c, limit, name)) for name, c in splits.items()}
+    return {
+        name: M.perplexity_metrics(split_stats(evaluator, params, c, limit, name, moments=False))
+        for name, c in splits.items()
+    }
 
 
 @dataclasses.dataclass

@@ -241,7 +241,7 @@ def _eval_memory(
     params = _abstract_params(model_config, param_shardings(model_config, mesh, rules))
     spec = sharding.named_sharding(("batch", "length"), rules, mesh, (evaluator.batch_size, config.data.max_length))
     tokens = jax.ShapeDtypeStruct((evaluator.batch_size, config.data.max_length), jnp.int32, sharding=spec)
-    analysis = compiled_memory(evaluator.stats_step.lower(params, tokens, tokens), per_chip_bytes((params, tokens)))
+    analysis = compiled_memory(evaluator.stats_step().lower(params, tokens, tokens), per_chip_bytes((params, tokens)))
     parts = dict(parameters=per_chip_bytes(params), optimizer=train.optimizer, reference=train.reference)
     return _memory(analysis, parts, 0, topology, resident=train.optimizer + train.reference)
 
