@@ -357,6 +357,13 @@ def _check_method(config: ml_collections.ConfigDict) -> None:
         if hp != "name" and isinstance(value, (int, float)):
             _check(value >= 0, f"config.method.{hp}", value, "must be >= 0")
     name = config.method.name
+    if config.method.get("forget_nll_cap_margin", 0.0):
+        margin = config.method.forget_nll_cap_margin
+        key = "config.method.forget_nll_cap_margin"
+        _check(not config.method.forget_nll_cap, key, margin, "give forget_nll_cap or its margin, not both")
+        needs = "derives the cap from the original's perplexity on the approximate split, so it needs"
+        _check(config.evaluation.enabled, key, margin, f"{needs} config.evaluation.enabled=True")
+        _check(bool(config.data.approximate.path), key, margin, f"{needs} config.data.approximate.path")
     if resolve_needs(config.method).retain:
         hparams = ", ".join(f"{k}={v}" for k, v in method_hparams(config.method).items())
         _check(

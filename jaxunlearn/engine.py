@@ -56,8 +56,9 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         models = load_models(prep, resume)
         evals = make_evaluations(prep, wd, models)
         before = evaluate_before(prep, evals, models)
+        method, derived = resolve_method(prep.config.method, before)
         rule = StoppingRule.from_config(prep.config.evaluation, before["history"][0]) if evals else None
-        trained = train(prep, wd, resume, models, evals, rule)
+        trained = train(prep, wd, resume, models, evals, rule, method)
         export_dir = export(prep, wd, models.lm, trained.state["params"], resume)
         resume.checkpointer.close()
         report = evaluate_after(prep, wd, evals, before, trained, rule)
@@ -70,6 +71,7 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
             tokens_per_s=trained.tokens_per_s,
             hf_model=wd.location(EXPORT) if export_dir else None,
             report=wd.location("report.md") if report else None,
+            **({"derived_hparams": derived} if derived else {}),
         )
 
 
@@ -191,6 +193,32 @@ def evaluate_after(
     )
 
 
+# --- settings measured on the original -----------------------------------------------------------------------
+
+
+def resolve_method(
+    method: ml_collections.ConfigDict, before: dict[str, Any]
+) -> tuple[ml_collections.ConfigDict, dict[str, float]]:
+    """``config.method`` with the hyper-parameters a run derives from the original model's measurements, and
+    those values: ``forget_nll_cap = ln(approximate perplexity) + forget_nll_cap_margin`` (the original's mean
+    chunk NLL on unseen text, from its full evaluation, else the step-0 history) when the margin is > 0, so the
+    same margin means the same thing on any data and tokenizer. Deterministic: a resumed run derives the same."""
+    margin = method.get("forget_nll_cap_margin", 0.0)
+    if not margin:
+        return method, {}
+    perplexity = before["results"].get("original", {}).get("perplexity") or before["history"][0]["perplexity"]
+    approximate_nll = perplexity["approximate"]["nll"]  # mean chunk NLL = ln(perplexity)
+    resolved = ml_collections.ConfigDict(method.to_dict())
+    resolved.forget_nll_cap = approximate_nll + margin
+    log.info(
+        "forget_nll_cap = %.4f nats: the original's approximate-split NLL %.4f + forget_nll_cap_margin %g",
+        resolved.forget_nll_cap,
+        approximate_nll,
+        margin,
+    )
+    return resolved, {"forget_nll_cap": resolved.forget_nll_cap, "approximate_nll": approximate_nll}
+
+
 # --- training -----------------------------------------------------------------------------------------------
 
 
@@ -201,14 +229,16 @@ def train(
     models: Models,
     evals: RunEvaluations | None,
     rule: StoppingRule | None,
+    method: ml_collections.ConfigDict,
 ) -> LoopResult:
-    """The step loop from the resume point to the end (nothing to do for a finished run)."""
+    """The step loop from the resume point to the end (nothing to do for a finished run); ``method`` is the
+    resolved ``config.method`` (:func:`resolve_method`)."""
     setup = StepSetup.for_run(prep.config, prep.model_config, prep.mesh, prep.total_steps)
     state, start = initial_state(prep, resume, models, setup)
     if resume.finished:
         log.info("%s already finished at step %d", wd.location(), start)
         return LoopResult(state, start, resume.meta.get("stopped"), dict(resume.meta.get("last_metrics", {})), None)
-    trainer = make_trainer(prep, models, setup, start)
+    trainer = make_trainer(prep, models, setup, start, method)
     with (
         MetricWriter(wd.path, resume_step=start) as writer,
         hooks.signal_hook() as on_signal,
@@ -241,13 +271,15 @@ def initial_state(prep: Prepared, resume: Resume, models: Models, setup: StepSet
     return state, start
 
 
-def make_trainer(prep: Prepared, models: Models, setup: StepSetup, start: int) -> Trainer:
+def make_trainer(
+    prep: Prepared, models: Models, setup: StepSetup, start: int, method_config: ml_collections.ConfigDict
+) -> Trainer:
     """The compiled train step of the run's method (state donated) in a step loop."""
     config = prep.config
     ctx = Context.for_run(
-        models.lm, config.method, seed=config.seed, tokenizer=prep.tokenizer, chunk_size=config.train.logits_chunk_size
+        models.lm, method_config, seed=config.seed, tokenizer=prep.tokenizer, chunk_size=config.train.logits_chunk_size
     )
-    method = get_method(config.method.name)
+    method = get_method(method_config.name)
     step_fn, b_shardings = setup.compile(method, ctx, prep.batcher.batch(start), reference=models.reference is not None)
     return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps)
 

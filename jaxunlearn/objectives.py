@@ -232,7 +232,9 @@ def has_target(split: Split) -> Array:
 
 def ascent_term(seq_nll: Array, valid: Array, ctx: Context) -> Array:
     """The forget term gradient ascent maximises: the mean over chunks of the per-chunk NLL, each capped at
-    ``forget_nll_cap`` nats when that is > 0 (0, the default, is the paper's uncapped ascent).
+    ``forget_nll_cap`` nats when that is > 0 (0, the default, is the paper's uncapped ascent). A run with
+    ``forget_nll_cap_margin`` > 0 sets the cap before training to the original model's mean chunk NLL on the
+    approximate (unseen) split plus that margin (:func:`jaxunlearn.engine.resolve_method`).
 
     A chunk whose NLL is above the cap gets no ascent gradient, so the ascent cannot run away on chunks that
     already look unseen while others are still memorised; retain descent keeps working meanwhile."""
@@ -282,7 +284,7 @@ def ascent_loss(params: dict, hidden: Array, forget: Split, ctx: Context) -> tup
     return -ascent_term(forget_nll, valid, ctx), {"forget_nll": mean_over_sequences(forget_nll, valid)}
 
 
-@register("ga", forget_nll_cap=0.0)
+@register("ga", forget_nll_cap=0.0, forget_nll_cap_margin=0.0)
 def gradient_ascent(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent: maximise the forget chunks' NLL (minimise its negation)."""
     forget = ctx.split(batch, "forget")
@@ -328,7 +330,14 @@ def adversarial(params, ref_params, batch, rng, ctx: Context):
     return label_nll, {"label_nll": label_nll}
 
 
-@register("ga_gd", needs=_retain_needs(reference=False), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
+@register(
+    "ga_gd",
+    needs=_retain_needs(reference=False),
+    forget_weight=1.0,
+    retain_weight=1.0,
+    forget_nll_cap=0.0,
+    forget_nll_cap_margin=0.0,
+)
 def ga_gd(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus gradient descent on retain chunks."""
     hidden = trained_hidden(params, batch, ctx)
@@ -337,7 +346,14 @@ def ga_gd(params, ref_params, batch, rng, ctx: Context):
     return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
 
 
-@register("ga_kl", needs=_retain_needs(reference=True), forget_weight=1.0, retain_weight=1.0, forget_nll_cap=0.0)
+@register(
+    "ga_kl",
+    needs=_retain_needs(reference=True),
+    forget_weight=1.0,
+    retain_weight=1.0,
+    forget_nll_cap=0.0,
+    forget_nll_cap_margin=0.0,
+)
 def ga_kl(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus KL(original || current) on retain chunks."""
     hidden = trained_hidden(params, batch, ctx)
@@ -392,4 +408,19 @@ def npo_gd(params, ref_params, batch, rng, ctx: Context):
     hidden = trained_hidden(params, batch, ctx)
     npo, metrics = npo_term(params, ref_params, hidden["forget"], ctx.split(batch, "forget"), ctx)
     loss = ctx.hparams["forget_weight"] * npo
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
+
+
+@register("simnpo", needs=_retain_needs(reference=False), beta=4.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
+def simnpo(params, ref_params, batch, rng, ctx: Context):
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): NPO without a reference model, on the length-normalised
+    log-likelihood with a margin ``gamma``: ``-(2/beta) log sigmoid(-(beta/|y|) log p(y) - gamma)`` per forget chunk
+    (``-(1/|y|) log p(y)`` is the chunk's mean NLL), plus ``retain_weight`` x NLL(retain) when > 0."""
+    hidden = trained_hidden(params, batch, ctx)
+    forget = ctx.split(batch, "forget")
+    nll, valid = ctx.nll_of_hidden(params, hidden["forget"], forget), has_target(forget)
+    beta, gamma = ctx.hparams["beta"], ctx.hparams["gamma"]
+    term = mean_over_sequences(-(2.0 / beta) * jax.nn.log_sigmoid(beta * nll - gamma), valid)
+    metrics = {"simnpo": term, "forget_nll": mean_over_sequences(nll, valid)}
+    loss = ctx.hparams["forget_weight"] * term
     return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)

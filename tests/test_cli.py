@@ -15,7 +15,7 @@ from tests.tiny_models import write_tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]  # the paper's
-BEYOND = ["npo", "npo_gd"]
+BEYOND = ["npo", "npo_gd", "simnpo"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ EXPECTED_METRICS = {
     "ga_kl_general": {"forget_nll", "retain_kl"},
     "npo": {"npo", "forget_nll"},
     "npo_gd": {"npo", "forget_nll", "retain_nll"},
+    "simnpo": {"simnpo", "forget_nll", "retain_nll"},
 }
 
 

@@ -276,6 +276,29 @@ def test_npo_gd(models):
     _compare_grads(lm, grads, model)
 
 
+@pytest.mark.parametrize("retain_weight", [0.0, 1.5])
+def test_simnpo(models, retain_weight):
+    """SimNPO's published loss (Fan et al. 2024, eq. 5): -(2/beta) log sigmoid(-(beta/|y|) log p(y) - gamma),
+    written from the sequence log-likelihood (sum over tokens) and its length, plus the retain NLL."""
+    lm, params, ref_params, current, _ = models
+    beta, gamma, wf = 2.5, 0.7, 0.4
+    hp = dict(beta=beta, gamma=gamma, forget_weight=wf, retain_weight=retain_weight)
+    value, metrics, grads, _ = _jax_value_and_grads("simnpo", lm, params, None, hp)
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    length = torch.from_numpy((forget["mask"][:, 1:] & forget["mask"][:, :-1]).sum(1)).double()
+    log_likelihood = -_torch_seq_nll(model, forget).double() * length
+    simnpo = (-(2 / beta) * torch.nn.functional.logsigmoid(-(beta / length) * log_likelihood - gamma)).mean()
+    loss = wf * simnpo
+    if retain_weight:
+        loss = loss + retain_weight * _torch_seq_nll(model, BATCH["retain"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
+    assert abs(metrics["simnpo"] - simnpo.item()) < 1e-5
+    assert ("retain_nll" in metrics) == bool(retain_weight)
+    _compare_grads(lm, grads, model)
+
+
 # --- what each method reads, decided from its hyper-parameters ---------------------------------------------
 
 # (method, hyper-parameters) -> (retain, reference, reference forwards per forget chunk, extras), by hand.
@@ -291,6 +314,8 @@ EXPECTED_NEEDS = [
     ("npo", {"retain_weight": 0.5}, (True, True, 2, set())),  # + the KL term's reference forward
     ("npo_gd", {}, (True, True, 1, set())),
     ("npo_gd", {"retain_weight": 0.0}, (False, True, 1, set())),
+    ("simnpo", {}, (True, False, 0, set())),  # no reference model: never loaded
+    ("simnpo", {"retain_weight": 0.0}, (False, False, 0, set())),
 ]
 
 

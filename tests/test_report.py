@@ -63,7 +63,7 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
     assert "## Membership inference" in md and "| forget |" in md
     header = md.split("\n## ")[0]
     assert "{'" not in header and "[" not in header  # readable values, not Python reprs
-    assert "- **method**: ga_gd (forget_nll_cap=0, forget_weight=1, retain_weight=1)" in header
+    assert "- **method**: ga_gd (forget_nll_cap=0, forget_nll_cap_margin=0, forget_weight=1, retain_weight=1)" in header
     assert "- **optimizer**: AdamW, lr 0.001 (cosine" in header
     data = next(line for line in header.splitlines() if line.startswith("- **data**"))
     assert f"forget: {finished_run[1]['forget']}" in data and f"approximate: {finished_run[1]['approximate']}" in data

@@ -2,6 +2,7 @@
 accumulation, the learning-rate schedule, non-finite losses."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -221,4 +222,39 @@ def test_sharding_rules_come_from_the_config(tmp_path):
     assert shardings["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", None)  # mlp no longer on tensor
     config.mesh.rules = (("embed", "model"),)
     with pytest.raises(ConfigError, match="config.mesh.rules: .*unknown mesh axis"):
+        validate(config)
+
+
+def test_cap_margin_derives_the_cap_from_the_originals_unseen_nll(tmp_path):
+    """``forget_nll_cap_margin``: the cap is the original's mean chunk NLL on the approximate split (from its
+    report) plus the margin, and training with it equals training with that cap given in nats."""
+    from jaxunlearn.config import ConfigError, validate
+
+    setup = write_tiny_setup(tmp_path)
+    margin = 0.05
+    config = tiny_run_config(setup, "ga_gd", tmp_path / "cache", train__max_steps=3)
+    config.method.forget_nll_cap_margin = margin
+    record = unlearn(config, tmp_path / "margin")
+    report = json.loads((tmp_path / "margin" / "report.json").read_text())
+    approximate_ppl = report["models"]["original"]["perplexity"]["approximate"]["ppl"]
+    cap = record["derived_hparams"]["forget_nll_cap"]
+    assert cap == pytest.approx(math.log(approximate_ppl) + margin, abs=1e-9)
+
+    explicit = tiny_run_config(setup, "ga_gd", tmp_path / "cache", train__max_steps=3)
+    explicit.method.forget_nll_cap = cap
+    assert "derived_hparams" not in unlearn(explicit, tmp_path / "explicit")
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"], m["forget_nll"]) for m in map(json.loads, lines) if m["split"] == "train"]
+
+    assert losses("margin") == losses("explicit") and len(losses("margin")) == 3
+    unlearn(tiny_run_config(setup, "ga_gd", tmp_path / "cache", train__max_steps=3), tmp_path / "uncapped")
+    assert losses("uncapped")[0] != losses("margin")[0]  # the cap binds here, so the equality above means something
+
+    config.method.forget_nll_cap = 5.0
+    with pytest.raises(ConfigError, match="forget_nll_cap_margin=0.05: give forget_nll_cap or its margin"):
+        validate(config)
+    config.method.forget_nll_cap, config.evaluation.enabled = 0.0, False
+    with pytest.raises(ConfigError, match="forget_nll_cap_margin=0.05: .* needs config.evaluation.enabled"):
         validate(config)
