@@ -230,6 +230,10 @@ def has_target(split: Split) -> Array:
 # --- the paper's methods ----------------------------------------------------------------------------------
 
 
+# The capped ascent's settings (:func:`ascent_term`), shared by the gradient-ascent methods; 0 = off.
+CAP_HPARAMS = {"forget_nll_cap": 0.0, "forget_nll_cap_margin": 0.0}
+
+
 def ascent_term(seq_nll: Array, valid: Array, ctx: Context) -> Array:
     """The forget term gradient ascent maximises: the mean over chunks of the per-chunk NLL, each capped at
     ``forget_nll_cap`` nats when that is > 0 (0, the default, is the paper's uncapped ascent). A run with
@@ -284,7 +288,7 @@ def ascent_loss(params: dict, hidden: Array, forget: Split, ctx: Context) -> tup
     return -ascent_term(forget_nll, valid, ctx), {"forget_nll": mean_over_sequences(forget_nll, valid)}
 
 
-@register("ga", forget_nll_cap=0.0, forget_nll_cap_margin=0.0)
+@register("ga", **CAP_HPARAMS)
 def gradient_ascent(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent: maximise the forget chunks' NLL (minimise its negation)."""
     forget = ctx.split(batch, "forget")
@@ -330,14 +334,7 @@ def adversarial(params, ref_params, batch, rng, ctx: Context):
     return label_nll, {"label_nll": label_nll}
 
 
-@register(
-    "ga_gd",
-    needs=_retain_needs(reference=False),
-    forget_weight=1.0,
-    retain_weight=1.0,
-    forget_nll_cap=0.0,
-    forget_nll_cap_margin=0.0,
-)
+@register("ga_gd", needs=_retain_needs(reference=False), forget_weight=1.0, retain_weight=1.0, **CAP_HPARAMS)
 def ga_gd(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus gradient descent on retain chunks."""
     hidden = trained_hidden(params, batch, ctx)
@@ -346,14 +343,7 @@ def ga_gd(params, ref_params, batch, rng, ctx: Context):
     return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
 
 
-@register(
-    "ga_kl",
-    needs=_retain_needs(reference=True),
-    forget_weight=1.0,
-    retain_weight=1.0,
-    forget_nll_cap=0.0,
-    forget_nll_cap_margin=0.0,
-)
+@register("ga_kl", needs=_retain_needs(reference=True), forget_weight=1.0, retain_weight=1.0, **CAP_HPARAMS)
 def ga_kl(params, ref_params, batch, rng, ctx: Context):
     """Gradient ascent on forget chunks plus KL(original || current) on retain chunks."""
     hidden = trained_hidden(params, batch, ctx)
