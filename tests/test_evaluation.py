@@ -112,6 +112,33 @@ def test_sharded_evaluation_equals_one_device(tiny):
     np.testing.assert_array_equal(out["is_argmax"], ref["is_argmax"])
 
 
+def _open_unlearning_es(labels, preds):
+    """open-unlearning's extraction strength loop, transcribed."""
+    for k in range(len(labels)):
+        if list(labels[k:]) == list(preds[k:]):
+            break
+    return 1 - k / len(labels)
+
+
+def test_exact_memorization_and_extraction_strength_by_hand():
+    hits = np.array(
+        [[1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool
+    )
+    mask = np.array([[1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3, [0] * 6], bool)  # last: no target
+    stats = {"is_argmax": hits, "target_mask": mask, "logprob": np.zeros(hits.shape)}
+    out = M.memorization_metrics(stats)
+    em = [4 / 5, 1.0, 4 / 6, 2 / 3]
+    es = [1 - 2 / 5, 1.0, 1 - 2 / 6, 0.0]  # the last chunk's final prediction is wrong: the whole chunk is needed
+    assert out["chunks"] == 4
+    assert out["exact_memorization"] == pytest.approx(np.mean(em))
+    assert out["exact_memorization"] == pytest.approx(M.perplexity_metrics(stats)["acc"])
+    assert out["extraction_strength"] == pytest.approx(np.mean(es))
+    for row, m in zip(hits[:3], mask[:3]):  # chunks that end on a hit: open-unlearning's loop agrees
+        labels = np.arange(m.sum())
+        preds = np.where(row[m], labels, -1)
+        assert M.extraction_strength(row[m]) == pytest.approx(_open_unlearning_es(labels, preds))
+
+
 def test_mia_scores_equal_their_definitions():
     lp = np.array([[-1.0, -4.0, -2.0, -8.0, -0.5], [-3.0, -3.0, -1.0, 0.0, 0.0]])
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])

@@ -44,6 +44,33 @@ def perplexity_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+# --- memorisation (teacher-forced, from "the true next token was the argmax") --------------------------------
+
+
+def extraction_strength(hits: np.ndarray) -> float:
+    """Extraction strength of one chunk (Carlini et al. 2021; open-unlearning's teacher-forced form) from its
+    ``n`` valid positions' argmax hits: ``1 - k/n`` for the smallest ``k`` such that every prediction from
+    position ``k`` on is the true token. A chunk whose last prediction is wrong needs the whole chunk (``k = n``,
+    ES 0); open-unlearning's loop stops at ``k = n - 1`` there and reports ``1/n``."""
+    n = len(hits)
+    if not n:
+        return math.nan
+    wrong = np.flatnonzero(~np.asarray(hits, bool))
+    k = int(wrong[-1]) + 1 if len(wrong) else 0  # the shortest prefix after which the suffix is all hits
+    return 1.0 - k / n
+
+
+def memorization_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
+    """Exact memorisation (Tirumala et al. 2022: the fraction of a chunk's next tokens that are the argmax,
+    averaged over chunks; the ``acc`` of :func:`perplexity_metrics`) and mean extraction strength of a split."""
+    rows = [hits for hits in _valid_rows(stats["is_argmax"], stats["target_mask"]) if len(hits)]
+    return {
+        "exact_memorization": float(np.mean([h.mean() for h in rows])) if rows else math.nan,
+        "extraction_strength": float(np.mean([extraction_strength(h) for h in rows])) if rows else math.nan,
+        "chunks": len(rows),
+    }
+
+
 # --- membership-inference scores (one per chunk) -------------------------------------------------------------
 
 
