@@ -34,3 +34,10 @@ def table(
         row = [key] + [fmt(results[n].get(key, {}).get(field), digits) for field, _ in fields for n in names]
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
+
+
+def section(
+    title: str, note: str, results: Mapping[str, Mapping[str, Any]], label: str, fields, digits: int
+) -> list[str]:
+    """A report section: ``## title``, an explanatory ``note`` and the :func:`table` of ``results``."""
+    return [f"## {title}", "", note, "", *table(results, label, fields, digits)]

@@ -7,20 +7,17 @@ from typing import Any
 
 from jaxunlearn.evaluation import metrics as M
 from jaxunlearn.evaluation.registry import EvalContext, register_metric
-from jaxunlearn.evaluation.tables import table
+from jaxunlearn.evaluation.tables import section
 
 
 def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[str]:
     fields = [("exact_memorization", "EM"), ("extraction_strength", "ES")]
-    return [
-        "## Memorisation",
-        "",
+    note = (
         "`EM`: the fraction of a chunk's next tokens that are the model's argmax (teacher-forced), averaged over "
         "chunks; `ES`: extraction strength, `1 - k/n` for the shortest prefix `k` after which every next token is "
-        "the argmax. Both are near the unseen split's after unlearning when forgetting is real.",
-        "",
-        *table(results, "split", fields, 4),
-    ]
+        "the argmax. Both are near the unseen split's after unlearning when forgetting is real."
+    )
+    return section("Memorisation", note, results, "split", fields, 4)
 
 
 @register_metric("memorization", report=report)

@@ -7,19 +7,16 @@ from typing import Any
 
 from jaxunlearn.evaluation import metrics as M
 from jaxunlearn.evaluation.registry import EvalContext, register_metric
-from jaxunlearn.evaluation.tables import table
+from jaxunlearn.evaluation.tables import section
 
 
 def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[str]:
     fields = [("ppl", "ppl"), ("ppl_token", "ppl_token"), ("acc", "acc")]
-    return [
-        "## Perplexity and next-token accuracy",
-        "",
+    note = (
         "`ppl`: exp of the mean over chunks of the per-chunk mean NLL (the official definition); "
-        "`ppl_token`: token-weighted.",
-        "",
-        *table(results, "split", fields, 4),
-    ]
+        "`ppl_token`: token-weighted."
+    )
+    return section("Perplexity and next-token accuracy", note, results, "split", fields, 4)
 
 
 @register_metric("perplexity", report=report)
