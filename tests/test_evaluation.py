@@ -139,6 +139,28 @@ def test_exact_memorization_and_extraction_strength_by_hand():
         assert M.extraction_strength(row[m]) == pytest.approx(_open_unlearning_es(labels, preds))
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_gradient_norms_equal_open_unlearnings_gradnorm_in_torch(tiny, p):
+    """Per sequence: backward of its mean token NLL, then the mean over the model's parameter tensors of each
+    gradient's p-norm (open-unlearning's GradNorm statistic), computed with torch autograd on the same weights."""
+    path, hf = tiny
+    lm, params = split_model(from_pretrained(path, mesh=sharding.single_device_mesh(), dtype="float32"))
+    tokens, mask = padded_batch(seed=9, batch=3, length=12)
+    ours = Evaluator(lm, batch_size=2, chunk_size=5).gradient_norms(params, tokens, mask, p)  # 2 batches, 1 padded
+    theirs = []
+    for t, m in zip(tokens, mask):
+        hf.zero_grad(set_to_none=True)
+        logits = hf(input_ids=torch.from_numpy(t[None]).long(), attention_mask=torch.from_numpy(m[None])).logits
+        logp = torch.log_softmax(logits.float(), -1)[0, :-1]
+        valid = torch.from_numpy((m[1:] & m[:-1]).astype(bool))
+        picked = logp.gather(-1, torch.from_numpy(t[1:]).long()[:, None])[:, 0]
+        (-picked[valid].mean()).backward()
+        norms = [param.grad.detach().norm(p=p) for param in hf.parameters() if param.grad is not None]
+        theirs.append(torch.stack(norms).mean().item())
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+    assert len(set(np.round(theirs, 6))) == 3  # three different sequences, three different statistics
+
+
 def test_mia_scores_equal_their_definitions():
     lp = np.array([[-1.0, -4.0, -2.0, -8.0, -0.5], [-3.0, -3.0, -1.0, 0.0, 0.0]])
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])

@@ -35,6 +35,7 @@ def finished_run(tmp_path_factory):
     setup = write_tiny_setup(root)
     config = tiny_run_config(setup, "ga_gd", root / "cache", train__max_steps=4)
     config.evaluation.every_steps = 2
+    config.evaluation.mia.gradnorm = "l2"
     record = unlearn(config, root / "run")
     return root, setup, config, record
 
@@ -46,7 +47,11 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
     assert set(report["models"]) == {"original", "unlearned"}
     for model in report["models"].values():
         assert set(model["perplexity"]) == {"forget", "approximate", "retain", "general"}
-        assert {"loss", "zlib", "min_k_0.2", "min_k++_0.2", "min_k_1"} <= set(model["mia"])
+        assert {"loss", "zlib", "min_k_0.2", "min_k++_0.2", "min_k_1", "gradnorm"} <= set(model["mia"])
+        assert set(model["memorization"]) == set(model["perplexity"])
+        assert model["memorization"]["forget"]["exact_memorization"] == pytest.approx(
+            model["perplexity"]["forget"]["acc"]
+        )
         assert model["verbatim"]["forget"]["n"] > 0 and model["verbatim"]["approximate"]["n"] > 0
     bad = [(p, v) for p, v in _numbers(report) if not math.isfinite(v)]
     assert not bad, bad[:5]

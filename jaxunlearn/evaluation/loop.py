@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxunlearn import losses, sharding
-from jaxunlearn.models import LanguageModel
+from jaxunlearn.models import LanguageModel, family
 
 STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
 MOMENT_KEYS = ("mean", "std")
@@ -49,6 +50,7 @@ class Evaluator:
         self.batch_size = -(-batch_size // ways) * ways  # a multiple of the batch-parallel mesh size
         self.chunk_size = chunk_size
         self._stats_steps: dict[bool, Any] = {}
+        self._grad_norm_steps: dict[float, Any] = {}
 
     @classmethod
     def for_run(cls, lm: LanguageModel, mesh: Mesh, config: Any) -> Evaluator:
@@ -93,6 +95,47 @@ class Evaluator:
 
         return jax.jit(kl, out_shardings=NamedSharding(mesh, P()))
 
+    def _make_gradient_norm_step(self, p: float):
+        lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
+        tensors = family(lm.config).hf_tensors(lm.config)
+
+        def tensor_norms(grads: dict) -> jax.Array:
+            """The ``p``-norm of every Hugging Face tensor's gradient (a stacked parameter is one per layer)."""
+            norms = []
+            for entry in tensors:
+                g = functools.reduce(lambda tree, key: tree[key], entry.path, grads).astype(jnp.float32)
+                g = g.reshape(g.shape[0], -1) if entry.stacked else g.reshape(1, -1)
+                norms.append(jnp.linalg.norm(g, ord=p, axis=-1))
+            return jnp.concatenate(norms)
+
+        def one(params, tokens, mask):
+            def mean_nll(params):
+                targets, target_mask = losses.next_token_targets(tokens[None], mask[None])
+                hidden = lm.hidden_states(params, tokens[None], mask[None])
+                logp = losses.token_logprobs(hidden, lm.head(params), targets, chunk_size=chunk)
+                return losses.sequence_mean(-logp, target_mask)[0]
+
+            return jnp.mean(tensor_norms(jax.grad(mean_nll)(params)))
+
+        def norms(params, tokens, mask):
+            with sharding.activation_sharding(mesh, rules):
+                return jax.lax.map(lambda row: one(params, *row), (tokens, mask))
+
+        replicated = NamedSharding(mesh, P())
+        return jax.jit(norms, in_shardings=(None, replicated, replicated), out_shardings=replicated)
+
+    def gradient_norms(self, params: dict, tokens: np.ndarray, mask: np.ndarray, p: float = 2.0) -> np.ndarray:
+        """Per sequence, the mean over the model's (Hugging Face) parameter tensors of the ``p``-norm of the
+        gradient of the sequence's mean token NLL (open-unlearning's GradNorm attack statistic), ``[n]``. One
+        backward pass per sequence, one sequence at a time (memory: one gradient)."""
+        if p not in self._grad_norm_steps:
+            self._grad_norm_steps[p] = self._make_gradient_norm_step(p)
+        out = [
+            np.asarray(jax.device_get(self._grad_norm_steps[p](params, t, m)))[:rows]
+            for t, m, rows in self._batches(tokens, mask, replicated=True)
+        ]
+        return np.concatenate(out) if out else np.zeros((0,))
+
     def sequence_kl(self, ref_params: dict, params: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Per-sequence mean ``KL(p_ref || p)`` over non-padding positions, ``[n]`` (same model structure)."""
         out = [
@@ -101,11 +144,16 @@ class Evaluator:
         ]
         return np.concatenate(out) if out else np.zeros((0,))
 
-    def _batches(self, tokens: np.ndarray, mask: np.ndarray, desc: str | None = None):
-        """Device batches of ``batch_size`` rows (the last one padded with empty rows) and their real row count."""
+    def _batches(self, tokens: np.ndarray, mask: np.ndarray, desc: str | None = None, replicated: bool = False):
+        """Device batches of ``batch_size`` rows (the last one padded with empty rows) and their real row count;
+        split over the batch-parallel mesh axes, or on every device (``replicated``)."""
         n, length = tokens.shape
         bs = self.batch_size
-        spec = sharding.named_sharding(("batch", "length"), self.rules, self.mesh, (bs, length))
+        spec = (
+            NamedSharding(self.mesh, P())
+            if replicated
+            else sharding.named_sharding(("batch", "length"), self.rules, self.mesh, (bs, length))
+        )
         for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
             t, m = tokens[start : start + bs], mask[start : start + bs]
             rows = len(t)

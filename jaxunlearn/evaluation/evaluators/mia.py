@@ -3,6 +3,7 @@ does; every attack's AUC and TPR at low FPR, and MUSE's PrivLeak against a retra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from jaxunlearn.evaluation.registry import ARTIFACTS, EvalContext, Option, regis
 from jaxunlearn.evaluation.tables import fmt, table
 
 MEMBERS, NONMEMBERS = "forget", "approximate"
+GRADNORM_ORDERS = {"": 0.0, "l1": 1.0, "l2": 2.0, "linf": math.inf}
 PRIVLEAK_ATTACK = "min_k_0.4"  # the attack MUSE's PrivLeak is defined on
 KEY_ATTACKS = ("loss", "zlib", "min_k_0.2", "min_k_0.4", "min_k++_0.2", "reference")  # drawn in roc.png
 
@@ -22,6 +24,8 @@ OPTIONS = {
     "reference_model": Option("", None, "a model for the reference-ratio attack (HF directory or Hub id)"),
     # Min-K% (k=0.4) AUC of a retrained model, for PrivLeak (0 = unknown: use the oracle's when there is one).
     "retrained_auc": Option(0.0, lambda v: 0 <= v <= 1, "in [0, 1] (0 = unknown)"),
+    # The GradNorm attack (one backward pass per chunk, so off by default): the norm of its per-tensor gradients.
+    "gradnorm": Option("", lambda v: v in GRADNORM_ORDERS, f"one of {sorted(GRADNORM_ORDERS)} ('' = off)"),
 }
 
 
@@ -36,7 +40,11 @@ def _scores(ctx: EvalContext, split: str, n: int, options: Mapping[str, Any], re
     texts = [ctx.tokenizer.decode(t[:length]) for t, length in zip(chunks.tokens[idx], chunks.lengths[idx])]
     ref = _rows(ctx.stats(split, *reference), rows) if reference else None
     ks = tuple(float(k) for k in options["ks"])
-    return M.mia_scores(_rows(stats, rows), texts, ref, ks)
+    scores = M.mia_scores(_rows(stats, rows), texts, ref, ks)
+    if options["gradnorm"]:  # members have smaller gradients: minus the norm, so that higher means member
+        p = GRADNORM_ORDERS[options["gradnorm"]]
+        scores["gradnorm"] = -ctx.evaluator.gradient_norms(ctx.params, chunks.tokens[idx], chunks.mask[idx], p)
+    return scores
 
 
 def membership(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] | None:
