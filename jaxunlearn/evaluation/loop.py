@@ -117,8 +117,10 @@ class Evaluator:
 
             return jnp.mean(tensor_norms(jax.grad(mean_nll)(params)))
 
+        unbatched = sharding.normalize_rules([(n, None if n == "batch" else a) for n, a in rules])  # one row at a time
+
         def norms(params, tokens, mask):
-            with sharding.activation_sharding(mesh, rules):
+            with sharding.activation_sharding(mesh, unbatched):
                 return jax.lax.map(lambda row: one(params, *row), (tokens, mask))
 
         replicated = NamedSharding(mesh, P())
