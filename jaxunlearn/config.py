@@ -156,7 +156,7 @@ def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
 
 
 # The metrics a run computes by default, in report order (each is a module in jaxunlearn/evaluation/evaluators/).
-DEFAULT_METRICS = ("perplexity", "memorization", "mia", "verbatim", "tasks", "oracle_distance")
+DEFAULT_METRICS = ("perplexity", "memorization", "mia", "quantization", "verbatim", "tasks", "oracle_distance")
 
 
 def _evaluation_section() -> ml_collections.ConfigDict:

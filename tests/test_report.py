@@ -36,6 +36,7 @@ def finished_run(tmp_path_factory):
     config = tiny_run_config(setup, "ga_gd", root / "cache", train__max_steps=4)
     config.evaluation.every_steps = 2
     config.evaluation.mia.gradnorm = "l2"
+    config.evaluation.quantization.schemes = "int8,nf4"
     record = unlearn(config, root / "run")
     return root, setup, config, record
 
@@ -49,6 +50,12 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
         assert set(model["perplexity"]) == {"forget", "approximate", "retain", "general"}
         assert {"loss", "zlib", "min_k_0.2", "min_k++_0.2", "min_k_1", "gradnorm"} <= set(model["mia"])
         assert set(model["memorization"]) == set(model["perplexity"])
+        quantized = model["quantization"]
+        assert set(quantized) == {"none", "int8", "nf4"}
+        assert quantized["none"]["forget_ppl"] == pytest.approx(model["perplexity"]["forget"]["ppl"])
+        assert quantized["none"]["auc"] == pytest.approx(model["mia"]["min_k_0.4"]["auc"])
+        assert quantized["int8"]["forget_ppl"] == pytest.approx(quantized["none"]["forget_ppl"], rel=0.05)
+        assert quantized["nf4"]["forget_ppl"] != quantized["none"]["forget_ppl"]
         assert model["memorization"]["forget"]["exact_memorization"] == pytest.approx(
             model["perplexity"]["forget"]["acc"]
         )
@@ -65,7 +72,7 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
     for plot in ("perplexity_history.png", "roc.png"):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
-    assert "## Membership inference" in md and "| forget |" in md
+    assert "## Membership inference" in md and "| forget |" in md and "## Quantization attack" in md
     header = md.split("\n## ")[0]
     assert "{'" not in header and "[" not in header  # readable values, not Python reprs
     assert "- **method**: ga_gd (forget_nll_cap=0, forget_nll_cap_margin=0, forget_weight=1, retain_weight=1)" in header

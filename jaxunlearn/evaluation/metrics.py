@@ -63,7 +63,7 @@ def extraction_strength(hits: np.ndarray) -> float:
 def memorization_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
     """Exact memorisation (Tirumala et al. 2022: the fraction of a chunk's next tokens that are the argmax,
     averaged over chunks; the ``acc`` of :func:`perplexity_metrics`) and mean extraction strength of a split."""
-    rows = [hits for hits in _valid_rows(stats["is_argmax"], stats["target_mask"]) if len(hits)]
+    rows = [hits for hits in valid_rows(stats["is_argmax"], stats["target_mask"]) if len(hits)]
     return {
         "exact_memorization": float(np.mean([h.mean() for h in rows])) if rows else math.nan,
         "extraction_strength": float(np.mean([extraction_strength(h) for h in rows])) if rows else math.nan,
@@ -74,7 +74,8 @@ def memorization_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
 # --- membership-inference scores (one per chunk) -------------------------------------------------------------
 
 
-def _valid_rows(values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+def valid_rows(values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """Each row's values at its ``mask``ed positions."""
     return [row[m] for row, m in zip(values, mask.astype(bool))]
 
 
@@ -128,8 +129,8 @@ def mia_scores(
 ) -> dict[str, np.ndarray]:
     """Every attack's per-chunk score from evaluation-loop statistics."""
     mask = stats["target_mask"]
-    logprobs = _valid_rows(stats["logprob"], mask)
-    means, stds = _valid_rows(stats["mean"], mask), _valid_rows(stats["std"], mask)
+    logprobs = valid_rows(stats["logprob"], mask)
+    means, stds = valid_rows(stats["mean"], mask), valid_rows(stats["std"], mask)
     scores = {"loss": loss_score(logprobs)}
     if texts is not None:
         scores["zlib"] = zlib_score(logprobs, texts)
@@ -137,7 +138,7 @@ def mia_scores(
         scores[f"min_k_{k:g}"] = min_k_score(logprobs, k)
         scores[f"min_k++_{k:g}"] = min_k_plus_plus_score(logprobs, means, stds, k)
     if ref_stats is not None:
-        scores["reference"] = reference_score(logprobs, _valid_rows(ref_stats["logprob"], ref_stats["target_mask"]))
+        scores["reference"] = reference_score(logprobs, valid_rows(ref_stats["logprob"], ref_stats["target_mask"]))
     return scores
 
 
