@@ -414,3 +414,43 @@ def simnpo(params, ref_params, batch, rng, ctx: Context):
     metrics = {"simnpo": term, "forget_nll": mean_over_sequences(nll, valid)}
     loss = ctx.hparams["forget_weight"] * term
     return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
+
+
+def weighted_ascent_term(
+    params: dict, hidden: Array, forget: Split, ctx: Context, weight: Callable[[Array], Array]
+) -> tuple[Array, Array]:
+    """``(term, forget NLL)``: the mean over forget chunks of the per-chunk token mean of ``weight(p_t) log p_t``,
+    ``p_t`` the probability of the true next token with no gradient through the weight. Minimising it is gradient
+    ascent on each token's NLL weighted by ``weight(p_t)``. (open-unlearning averages over every token of the batch
+    at once; here each chunk weighs the same, as in every jaxunlearn objective: equal for full chunks.)"""
+    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    logp = losses.token_logprobs(hidden, ctx.model.head(params), targets, chunk_size=ctx.chunk_size)
+    w = weight(jax.lax.stop_gradient(jnp.exp(logp)))
+    valid = has_target(forget)
+    term = mean_over_sequences(losses.sequence_mean(w * logp, target_mask), valid)
+    return term, mean_over_sequences(losses.sequence_mean(-logp, target_mask), valid)
+
+
+def _weighted_ascent_with_retain(params, batch, ctx: Context, name: str, weight: Callable[[Array], Array]):
+    hidden = trained_hidden(params, batch, ctx)
+    term, forget_nll = weighted_ascent_term(params, hidden["forget"], ctx.split(batch, "forget"), ctx, weight)
+    loss = ctx.hparams["forget_weight"] * term
+    metrics = {name: term, "forget_nll": forget_nll}
+    return _with_retain_term(loss, metrics, "retain_nll", lambda: _retain_nll(params, hidden, batch, ctx), ctx)
+
+
+@register("wga", needs=_retain_needs(reference=False), beta=1.0, forget_weight=1.0, retain_weight=1.0)
+def weighted_gradient_ascent(params, ref_params, batch, rng, ctx: Context):
+    """WGA (Wang et al. 2025, arXiv 2502.19301): gradient ascent with each token's NLL weighted by ``p_t^beta``, so
+    tokens already unlikely stop pulling (:func:`weighted_ascent_term`), plus ``retain_weight`` x NLL(retain)."""
+    beta = ctx.hparams["beta"]
+    return _weighted_ascent_with_retain(params, batch, ctx, "wga", lambda p: p**beta)
+
+
+@register("satimp", needs=_retain_needs(reference=False), beta1=5.0, beta2=1.0, forget_weight=1.0, retain_weight=1.0)
+def saturation_importance(params, ref_params, batch, rng, ctx: Context):
+    """SatImp (Yang et al. 2025, arXiv 2505.11953): gradient ascent with each token's NLL weighted by
+    ``p_t^beta1 (1 - p_t)^beta2`` (saturation x importance, :func:`weighted_ascent_term`), plus
+    ``retain_weight`` x NLL(retain)."""
+    beta1, beta2 = ctx.hparams["beta1"], ctx.hparams["beta2"]
+    return _weighted_ascent_with_retain(params, batch, ctx, "satimp", lambda p: p**beta1 * (1.0 - p) ** beta2)

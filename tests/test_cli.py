@@ -15,7 +15,7 @@ from tests.tiny_models import write_tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]  # the paper's
-BEYOND = ["npo", "npo_gd", "simnpo"]
+BEYOND = ["npo", "npo_gd", "simnpo", "wga", "satimp"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,8 @@ EXPECTED_METRICS = {
     "npo": {"npo", "forget_nll"},
     "npo_gd": {"npo", "forget_nll", "retain_nll"},
     "simnpo": {"simnpo", "forget_nll", "retain_nll"},
+    "wga": {"wga", "forget_nll", "retain_nll"},
+    "satimp": {"satimp", "forget_nll", "retain_nll"},
 }
 
 

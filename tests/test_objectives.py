@@ -299,6 +299,42 @@ def test_simnpo(models, retain_weight):
     _compare_grads(lm, grads, model)
 
 
+def _torch_token_nll(model, split):
+    """``[batch, length - 1]`` NLL of each next token and the valid-target mask."""
+    logp = torch.log_softmax(_torch_logits(model, split).float(), dim=-1)[:, :-1]
+    tokens, mask = torch.from_numpy(split["tokens"]), torch.from_numpy(split["mask"]).bool()
+    nll = -logp.gather(-1, tokens[:, 1:, None].long())[..., 0]
+    return nll, (mask[:, 1:] & mask[:, :-1]).float()
+
+
+@pytest.mark.parametrize(
+    "name, hparams, weight",
+    [
+        ("wga", {"beta": 0.7}, lambda p: p**0.7),
+        ("satimp", {"beta1": 2.0, "beta2": 1.5}, lambda p: p**2.0 * (1 - p) ** 1.5),
+    ],
+)
+@pytest.mark.parametrize("retain_weight", [0.0, 0.8])
+def test_token_weighted_ascent(models, name, hparams, weight, retain_weight):
+    """WGA's and SatImp's published losses, -weight(p_t) CE_t with the weight detached (open-unlearning's form),
+    as a per-chunk token mean, plus the retain NLL."""
+    lm, params, _, current, _ = models
+    wf = 0.6
+    hp = {**hparams, "forget_weight": wf, "retain_weight": retain_weight}
+    value, metrics, grads, _ = _jax_value_and_grads(name, lm, params, None, hp)
+    model = _torch_model(current)
+    ce, valid = _torch_token_nll(model, BATCH["forget"])
+    w = weight(torch.exp(-ce).detach())
+    term = (-(w * ce) * valid).sum(1).div(valid.sum(1)).mean()
+    loss = wf * term
+    if retain_weight:
+        loss = loss + retain_weight * _torch_seq_nll(model, BATCH["retain"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
+    assert abs(metrics[name] - term.item()) < 1e-5
+    _compare_grads(lm, grads, model)
+
+
 # --- what each method reads, decided from its hyper-parameters ---------------------------------------------
 
 # (method, hyper-parameters) -> (retain, reference, reference forwards per forget chunk, extras), by hand.
@@ -316,6 +352,8 @@ EXPECTED_NEEDS = [
     ("npo_gd", {"retain_weight": 0.0}, (False, True, 1, set())),
     ("simnpo", {}, (True, False, 0, set())),  # no reference model: never loaded
     ("simnpo", {"retain_weight": 0.0}, (False, False, 0, set())),
+    ("wga", {}, (True, False, 0, set())),  # no reference model: never loaded (open-unlearning builds one)
+    ("satimp", {"retain_weight": 0.0}, (False, False, 0, set())),
 ]
 
 
