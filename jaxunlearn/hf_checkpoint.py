@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from jaxunlearn import locations, sharding
 from jaxunlearn.models import LanguageModel, abstract_model, family, split_model
 from jaxunlearn.models.config import ModelConfig
-from jaxunlearn.models.layouts import HFTensor, hf_shape, read_block, to_hf_layout
+from jaxunlearn.models.layouts import HFTensor, hf_shape, nested_get, read_block, to_hf_layout
 
 __all__ = [
     "CheckpointError",
@@ -221,12 +221,6 @@ def _read_block(
         raise CheckpointError(f"cannot read {name} for shard {index}: {e}") from e
 
 
-def _nested_get(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -238,7 +232,7 @@ def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: 
     fam = family(config)
     expected: dict[str, tuple[int, ...]] = {}
     for entry in fam.hf_tensors(config):
-        shape = tuple(_nested_get(abs_params, entry.path).shape)
+        shape = tuple(nested_get(abs_params, entry.path).shape)
         if entry.stacked:
             for i in range(config.num_layers):
                 expected[entry.name.format(layer=i)] = hf_shape(entry.layout, shape[1:])
@@ -325,8 +319,8 @@ def _read_params(reader: _SafetensorsReader, config: ModelConfig, abs_state: Any
     target_dtype = np.dtype(config.param_dtype)
     loaded: dict = {}
     for entry in family(config).hf_tensors(config):
-        shape = tuple(_nested_get(abs_state, entry.path).shape)
-        target = _nested_get(shardings, entry.path).get_value()
+        shape = tuple(nested_get(abs_state, entry.path).shape)
+        target = nested_get(shardings, entry.path).get_value()
 
         def read_shard(index: tuple[slice, ...], entry=entry, shape=shape) -> np.ndarray:
             if not entry.stacked:
@@ -424,7 +418,7 @@ def _export_tensors(model: nnx.Module, dtype: np.dtype) -> Iterator[tuple[str, n
     config = model.config
     params = nnx.state(model, nnx.Param)
     for entry in family(config).hf_tensors(config):
-        value = _nested_get(params, entry.path).get_value()
+        value = nested_get(params, entry.path).get_value()
         if entry.stacked:
             for i in range(config.num_layers):
                 yield entry.name.format(layer=i), to_hf_layout(entry.layout, _to_host(value[i])).astype(dtype)

@@ -15,13 +15,12 @@ full precision, as bitsandbytes and GPTQ leave them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import reduce
 
 import jax
 import numpy as np
 
 from jaxunlearn.models import ModelConfig, family
-from jaxunlearn.models.layouts import read_block, to_hf_layout
+from jaxunlearn.models.layouts import nested_get, read_block, to_hf_layout
 
 # QLoRA's NF4 levels (the quantiles of N(0, 1) normalised to [-1, 1], with an exact zero; bitsandbytes' table).
 NF4_LEVELS = np.array(
@@ -97,7 +96,7 @@ def quantize_params(params: dict, config: ModelConfig, scheme: str) -> dict:
     out = jax.tree.map(lambda x: x, params)
     for entry in family(config).hf_tensors(config):
         *parents, leaf = entry.path
-        holder = reduce(lambda tree, key: tree[key], parents, out)
+        holder = nested_get(out, tuple(parents))
         value = np.asarray(jax.device_get(holder[leaf]))
         if entry.stacked:
             quantized = np.stack([_quantize_one(value[i], entry.layout, scheme) for i in range(value.shape[0])])

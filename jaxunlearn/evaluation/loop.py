@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxunlearn import losses, sharding
 from jaxunlearn.models import LanguageModel, family
+from jaxunlearn.models.layouts import nested_get
 
 STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
 MOMENT_KEYS = ("mean", "std")
@@ -103,7 +104,7 @@ class Evaluator:
             """The ``p``-norm of every Hugging Face tensor's gradient (a stacked parameter is one per layer)."""
             norms = []
             for entry in tensors:
-                g = functools.reduce(lambda tree, key: tree[key], entry.path, grads).astype(jnp.float32)
+                g = nested_get(grads, entry.path).astype(jnp.float32)
                 g = g.reshape(g.shape[0], -1) if entry.stacked else g.reshape(1, -1)
                 norms.append(jnp.linalg.norm(g, ord=p, axis=-1))
             return jnp.concatenate(norms)

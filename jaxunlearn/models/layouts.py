@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -152,6 +153,13 @@ class HFTensor:
     @property
     def stacked(self) -> bool:
         return "{layer}" in self.name
+
+
+def nested_get(tree: Any, path: tuple[str, ...]) -> Any:
+    """``tree[path[0]][path[1]]...``: the parameter at an :class:`HFTensor`'s ``path`` (or its parent's)."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def hf_shape(layout: str | Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
