@@ -156,7 +156,40 @@ def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
 
 
 # The metrics a run computes by default, in report order (each is a module in jaxunlearn/evaluation/evaluators/).
-DEFAULT_METRICS = ("perplexity", "memorization", "mia", "quantization", "verbatim", "tasks", "oracle_distance")
+DEFAULT_METRICS = (
+    "perplexity",
+    "memorization",
+    "mia",
+    "quantization",
+    "relearning",
+    "verbatim",
+    "tasks",
+    "oracle_distance",
+)
+# ``evaluation.attacks``: one switch for the attacks on unlearning, each the value it adds to its metric's option.
+ATTACKS = {
+    "relearn": ("relearning", "corpora", "forget"),  # fine-tune on held-out forget documents
+    "relearn_related": ("relearning", "corpora", "retain"),  # fine-tune on related text (the retain split)
+    "int8": ("quantization", "schemes", "int8"),
+    "int4": ("quantization", "schemes", "int4"),
+    "nf4": ("quantization", "schemes", "nf4"),
+}
+
+
+def parse_list(value: str) -> list[str]:
+    """The items of a comma-separated setting, stripped, empty ones dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def metric_options(evaluation: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+    """``evaluation.<name>`` as plain values, with what ``evaluation.attacks`` adds to it (e.g. ``nf4`` to
+    ``quantization.schemes``)."""
+    options = evaluation[name].to_dict() if name in evaluation else {}
+    for attack in parse_list(evaluation.get("attacks", "")):
+        metric, option, value = ATTACKS[attack]
+        if metric == name and value not in parse_list(options[option]):
+            options[option] = ",".join(parse_list(options[option]) + [value])
+    return options
 
 
 def _evaluation_section() -> ml_collections.ConfigDict:
@@ -178,6 +211,9 @@ def _evaluation_section() -> ml_collections.ConfigDict:
             stop_approx_multiple=0.0,  # or this multiple of the approximate split's perplexity, measured
             stop_approx_reference="start",  # at the start of unlearning, or at each check ("current")
             pretraining_tokens=3.0e12,  # for the compute ratio (Yi-6B: 3T tokens)
+            # Attacks on the forgetting, run on every model (original, unlearned, oracle): a comma-separated list
+            # from ATTACKS, e.g. "relearn,relearn_related,nf4" (= their metrics' own options; '' = none).
+            attacks="",
         )
     )
     for name, metric in registered().items():  # each metric's options, e.g. config.evaluation.mia.ks
@@ -190,11 +226,29 @@ def _evaluation_section() -> ml_collections.ConfigDict:
 BUILTIN_LR = {
     **{"ga": 3e-5, "random_label": 3e-5, "adversarial": 3e-5, "ga_gd": 1e-3, "ga_kl": 3e-4},
     **{"simnpo": 3e-4, "wga": 1e-3, "satimp": 1e-3},  # beyond the paper: the README's sweeps
+    **{"rmu": 1e-3, "undial": 3e-3, "ce_u": 9e-4, "task_vector": 3e-4},
 }
 # Hyper-parameters set for the built-in world: SimNPO's margin gamma = beta x 5.5 nats, the best of 5.0-6.5 in the
 # README's sweep (the world's text is at 4-5 nats per token, where gamma 0 leaves a gradient weight of
 # sigmoid(-beta NLL) ~ 1e-8: nothing would be unlearned).
-BUILTIN_HPARAMS = {"simnpo": {"gamma": 24.75}}
+BUILTIN_HPARAMS = {
+    "simnpo": {"gamma": 24.75},
+    # RMU on the world's 4-layer model: steer the residual stream after layer 2 (width 128, norm ~15 there) and
+    # train every parameter of layers 0-2 (the official recipe's three layers ending at the steered one; their MLP
+    # down-projections alone barely move the model here). Its forget term keeps weight 1 and the retain weight
+    # (alpha) is 10: at the official 100 nothing moves (the forget and retain text are the same kind of code), at 1
+    # the retain perplexity explodes (README).
+    "rmu": {
+        "layer": 2,
+        "trainable_params": r"model\.layers\.[0-2]\..*",
+        "forget_weight": 1.0,
+        "retain_weight": 10.0,
+    },
+    # UNDIAL and CE-U with the retain NLL term (weight 1, as GA+GD): without it the retain perplexity rises with
+    # the forget perplexity and the membership AUC does not move (README).
+    "undial": {"retain_weight": 1.0},
+    "ce_u": {"retain_weight": 1.0},
+}
 # Ascent weight of the GA+GD / GA+KL forget term in the built-in world (the paper's 1.0 overshoots at once).
 BUILTIN_FORGET_WEIGHT = 0.15
 
@@ -230,6 +284,8 @@ def _use_builtin_world(c: ml_collections.ConfigDict, method: str, retain: str) -
     e.in_run_max_chunks = 32
     e.stop_approx_multiple = 1.0  # stop when forget text looks as unseen as unseen text
     e.verbatim.max_chunks = 64
+    # The relearning attack: 50 steps at 3e-4 (1e-3 already damages the original model itself).
+    e.relearning.update(lr=3e-4, steps=50, every=5)
     e.pretraining_tokens = float(c.world.steps * c.world.batch_size * c.world.max_length)
 
 
@@ -403,11 +459,14 @@ def _check_evaluation(config: ml_collections.ConfigDict) -> None:
             e.metrics,
             f"{name!r} is not a metric; known: {', '.join(sorted(metrics))}",
         )
+    for attack in parse_list(e.attacks):
+        _check(attack in ATTACKS, "config.evaluation.attacks", e.attacks, f"{attack!r} is not one of {tuple(ATTACKS)}")
     for name, metric in metrics.items():
         for option, spec in metric.options.items():
             value = e[name][option]
             if spec.check is not None:
                 _check(spec.check(value), f"config.evaluation.{name}.{option}", value, spec.requirement)
+    _check_attacks(config)
     if not e.enabled:
         return
     if e.stop_forget_ppl or e.stop_approx_multiple:
@@ -427,6 +486,24 @@ def _check_evaluation(config: ml_collections.ConfigDict) -> None:
             "for your own model use the paper's presets (e.g. --config=configs/ga_kl.py:arxiv or :github), or set "
             "--config.evaluation.oracle_model to a model retrained without the forget set (or '' for none)"
         )
+
+
+def _check_attacks(config: ml_collections.ConfigDict) -> None:
+    """A relearning attack that is on has its metric listed and the splits it reads."""
+    e = config.evaluation
+    relearn = parse_list(metric_options(e, "relearning")["corpora"])
+    if not relearn or not e.enabled:
+        return
+    _check(
+        "relearning" in e.metrics,
+        "config.evaluation.metrics",
+        e.metrics,
+        "the relearning attack is on (evaluation.attacks or relearning.corpora) but 'relearning' is not listed",
+    )
+    _check(bool(config.data.approximate.path), "config.data.approximate.path", "", "relearning measures the AUC on it")
+    if "retain" in relearn:
+        path = config.data.eval_retain.path or config.data.retain.path
+        _check(bool(path), "config.data.retain.path", path, "relearning on related text reads the retain split")
 
 
 def _check_world(config: ml_collections.ConfigDict) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from jaxunlearn.evaluation.report import write_report
 from jaxunlearn.evaluation.runner import RunEvaluations
 from jaxunlearn.metrics_writer import MetricWriter
 from jaxunlearn.models import LanguageModel, abstract_model, param_shardings
-from jaxunlearn.objectives import Context, get_method
+from jaxunlearn.objectives import Context, get_method, method_hparams
 from jaxunlearn.prepare import Prepared, prepare
 from jaxunlearn.run_record import compute_summary, run_record, stamp
 from jaxunlearn.train import StepSetup, all_finite, init_state, reference_dtype
@@ -59,9 +60,10 @@ def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         method, derived = resolve_method(prep.config.method, before)
         rule = StoppingRule.from_config(prep.config.evaluation, before["history"][0]) if evals else None
         trained = train(prep, wd, resume, models, evals, rule, method)
-        export_dir = export(prep, wd, models.lm, trained.state["params"], resume)
+        params = models.unlearned(trained.state["params"])
+        export_dir = export(prep, wd, models.lm, params, resume)
         resume.checkpointer.close()
-        report = evaluate_after(prep, wd, evals, before, trained, rule)
+        report = evaluate_after(prep, wd, evals, before, trained, rule, params)
         log.info("done: %s", export_dir or wd.path)
         return wd.finish(
             "completed",
@@ -114,6 +116,12 @@ class Models:
     original: dict | None  # the original parameters (donated to the train state when training starts)
     reference: dict | None  # the frozen original for the method (model.reference_dtype)
     oracle: dict | None  # the exact retrain, for the oracle column and distances
+    transform: Callable[[dict], dict] | None = None  # the method's unlearned model from trained parameters
+
+    def unlearned(self, params: dict) -> dict:
+        """The unlearned model of trained ``params``: themselves, except for methods with a transform (task
+        vectors: the original minus the scaled fine-tuning difference)."""
+        return params if self.transform is None else self.transform(params)
 
 
 def load_checkpoint(prep: Prepared, path: str | os.PathLike, dtype: str | None = None) -> tuple[LanguageModel, dict]:
@@ -128,16 +136,21 @@ def load_models(prep: Prepared, resume: Resume) -> Models:
     original = reference = oracle = None
     if resume.latest is None or prep.needs.reference or ev.enabled:
         lm, original = load_checkpoint(prep, prep.model_dir)
-    if prep.needs.reference and not resume.finished:
+    method = get_method(config.method.name)
+    shardings = param_shardings(prep.model_config, prep.mesh, config.mesh.rules)
+    # A finished run still needs the original to rebuild a transformed model (a re-export in another dtype).
+    if prep.needs.reference and (not resume.finished or method.transform is not None):
         ref_dtype = reference_dtype(prep.model_config, config.model.reference_dtype)
-        cast = jax.jit(
-            lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
-            out_shardings=param_shardings(prep.model_config, prep.mesh, config.mesh.rules),
-        )
+        cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=shardings)
         reference = cast(original)
     if ev.enabled and ev.oracle_model:
         _, oracle = load_checkpoint(prep, ev.oracle_model)
-    return Models(lm, original, reference, oracle)
+    transform = None
+    if method.transform is not None:
+        hparams = method_hparams(config.method)
+        apply = jax.jit(lambda p, r: method.transform(p, r, hparams), out_shardings=shardings)
+        transform = lambda params: apply(params, reference)  # noqa: E731
+    return Models(lm, original, reference, oracle, transform)
 
 
 # --- evaluation before and after ------------------------------------------------------------------------------
@@ -171,11 +184,12 @@ def evaluate_after(
     before: dict[str, Any],
     trained: LoopResult,
     rule: StoppingRule | None,
+    params: dict,
 ) -> dict[str, Any] | None:
-    """The unlearned model's metrics, the cross-model ones (PrivLeak), and the report."""
+    """The unlearned model's (``params``) metrics, the cross-model ones (PrivLeak), and the report."""
     if evals is None:
         return None
-    params, end = trained.state["params"], trained.steps
+    end = trained.steps
     history = evals.history(end)
     if not history or history[-1]["step"] != end:
         history.append(evals.in_run(params, end))
@@ -281,7 +295,7 @@ def make_trainer(
     )
     method = get_method(method_config.name)
     step_fn, b_shardings = setup.compile(method, ctx, prep.batcher.batch(start), reference=models.reference is not None)
-    return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps)
+    return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps, models.transform)
 
 
 def _progress_bar(prep: Prepared, start: int) -> Any:

@@ -39,6 +39,17 @@ class StepInfo:
     stopped: dict[str, Any] | None = None  # set by a stopping rule: the run is finished after this step
     interrupted: int | None = None  # set on a signal: checkpoint this step, then exit (resumable)
     evaluations: dict[str, Any] = dataclasses.field(default_factory=dict)  # shared between hooks of this step
+    # The unlearned model as a function of the trained parameters (task vectors); None: they are the same.
+    unlearned: Callable[[Any], Any] | None = None
+    _params: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def params(self) -> Any:
+        """The unlearned model's parameters after this step (what evaluations measure), computed once."""
+        if self._params is None:
+            params = self.state["params"]
+            self._params = params if self.unlearned is None else self.unlearned(params)
+        return self._params
 
     @property
     def finishing(self) -> bool:

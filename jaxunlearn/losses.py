@@ -107,6 +107,50 @@ def token_kl(ref_hidden: Array, ref_head: Array, hidden: Array, head: Array, *, 
     return map_sequence_chunks(fn, chunk_size, ref_hidden, hidden)
 
 
+def token_dampened_distillation(
+    ref_hidden: Array,
+    ref_head: Array,
+    hidden: Array,
+    head: Array,
+    targets: Array,
+    dampen: float,
+    *,
+    chunk_size: int = 1024,
+) -> Array:
+    """Per-position cross-entropy ``-sum_v q_v log p_v`` of the model ``p`` against the frozen teacher's
+    distribution with the target's logit lowered by ``dampen``, ``q = softmax(z_ref - dampen * onehot(target))``
+    (UNDIAL's self-distillation target), fp32 ``[batch, length]``; no gradient reaches the teacher."""
+
+    def fn(hr: Array, h: Array, y: Array) -> Array:
+        teacher = _logits(hr, ref_head)
+        vocab = jnp.arange(teacher.shape[-1], dtype=y.dtype)
+        teacher = jax.lax.stop_gradient(jnp.where(vocab == y[..., None], teacher - dampen, teacher))
+        q = jnp.exp(_shifted(teacher))
+        shifted = _shifted(_logits(h, head))
+        # CE = log Z - E_q[s] with s = logits - max (the max a constant) and Z = sum(exp(s)).
+        return jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - jnp.sum(q * shifted, axis=-1) / jnp.sum(q, axis=-1)
+
+    return map_sequence_chunks(fn, chunk_size, ref_hidden, hidden, targets)
+
+
+def token_excluded_target_ce(hidden: Array, head: Array, targets: Array, *, chunk_size: int = 1024) -> Array:
+    """Per-position cross-entropy ``-sum_v q_v log p_v`` of the model against its own distribution with the
+    target ruled out, ``q = softmax(z)`` renormalised over ``v != target`` and taken without gradient (CE-U's
+    target), fp32 ``[batch, length]``. Its gradient on the logits is ``p - q``: the target's probability is pushed
+    down and the rest of the distribution keeps its shape. A position whose other tokens all underflow gives
+    ``log Z`` (no target distribution to follow)."""
+
+    def fn(h: Array, y: Array) -> Array:
+        shifted = _shifted(_logits(h, head))
+        e = jnp.exp(shifted)
+        vocab = jnp.arange(shifted.shape[-1], dtype=y.dtype)
+        q = jax.lax.stop_gradient(jnp.where(vocab == y[..., None], 0.0, e))
+        z_q = jnp.maximum(jnp.sum(q, axis=-1), jnp.finfo(jnp.float32).tiny)
+        return jnp.log(jnp.sum(e, axis=-1)) - jnp.sum(q * shifted, axis=-1) / z_q
+
+    return map_sequence_chunks(fn, chunk_size, hidden, targets)
+
+
 def top_token_excluding(hidden: Array, head: Array, excluded: Array, *, chunk_size: int = 1024) -> Array:
     """The argmax token at each position with ``excluded[b, t]`` ruled out, ``[batch, length]`` int32."""
 

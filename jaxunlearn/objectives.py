@@ -21,6 +21,7 @@ sign. Adding a method means adding one function here and one config file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,6 +54,14 @@ class Needs:
     extras: frozenset[str] = frozenset()  # run constants from EXTRAS, e.g. "label_ids"
 
 
+# ``trainable(hparams, model_config)``: which parameters the optimizer updates, as a tree shaped like the params
+# whose leaves broadcast against them (``[layers, 1, ...]`` for stacked layers), 1.0 = trained, 0.0 = frozen.
+Trainable = Callable[[Mapping[str, Any], Any], dict]
+# ``transform(params, ref_params, hparams)``: the unlearned model as a function of the trained parameters and the
+# frozen original (task vectors: the original minus the scaled fine-tuning difference).
+Transform = Callable[[dict, dict, Mapping[str, Any]], dict]
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
@@ -60,6 +69,11 @@ class Method:
     hparams: Mapping[str, Any]  # defaults, overridable as config.method.<name>
     decide: Callable[[Mapping[str, Any]], Needs]
     summary: str
+    trainable: Trainable | None = None  # None: every parameter is trained
+    transform: Transform | None = None  # None: the trained parameters are the unlearned model
+    # ``check(hparams, model_config)`` raises ValueError for hyper-parameters that cannot work on this model
+    # (e.g. a layer it does not have); called before any compute.
+    check: Callable[[Mapping[str, Any], Any], None] | None = None
 
     def needs(self, hparams: Mapping[str, Any] | None = None) -> Needs:
         """This method's inputs under ``hparams`` (the defaults merged with the given values)."""
@@ -69,10 +83,19 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs: Needs | Callable[[Mapping[str, Any]], Needs] = Needs(), **hparams: Any):
+def register(
+    name: str,
+    *,
+    needs: Needs | Callable[[Mapping[str, Any]], Needs] = Needs(),
+    trainable: Trainable | None = None,
+    transform: Transform | None = None,
+    check: Callable[[Mapping[str, Any], Any], None] | None = None,
+    **hparams: Any,
+):
     """Register an objective under ``name`` with its default hyper-parameters (overridable in config).
 
-    ``needs`` is a :class:`Needs` or a function of the hyper-parameters returning one.
+    ``needs`` is a :class:`Needs` or a function of the hyper-parameters returning one; ``trainable``,
+    ``transform`` and ``check`` are the optional parts of :class:`Method`.
     """
 
     def decide(hp: Mapping[str, Any]) -> Needs:
@@ -82,7 +105,7 @@ def register(name: str, *, needs: Needs | Callable[[Mapping[str, Any]], Needs] =
         if name in METHODS:
             raise ValueError(f"unlearning method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, dict(hparams), decide, summary)
+        METHODS[name] = Method(name, fn, dict(hparams), decide, summary, trainable, transform, check)
         return fn
 
     return decorate
@@ -148,29 +171,36 @@ class Context:
             )
         return batch[name]
 
-    def forward(self, params: dict, split: Split) -> Array:
-        """Final hidden states ``[batch, length, embed]`` of one split; a split with no rows costs nothing (the
-        train step's per-split passes give the other splits zero rows)."""
+    def _states(self, params: dict, tokens: Array, mask: Array, upto: int | None) -> Array:
+        if upto is None:
+            return self.model.hidden_states(params, tokens, mask)
+        return self.model.residual_stream(params, tokens, mask, upto)
+
+    def forward(self, params: dict, split: Split, *, upto: int | None = None) -> Array:
+        """Final hidden states ``[batch, length, embed]`` of one split (with ``upto``: the residual stream after
+        the first ``upto`` layers, :meth:`LanguageModel.residual_stream`); a split with no rows costs nothing
+        (the train step's per-split passes give the other splits zero rows)."""
         tokens = split["tokens"]
         if tokens.shape[0] == 0:
             return jnp.zeros((0, tokens.shape[1], self.model.config.hidden_size), self.model.config.dtype)
-        return self.model.hidden_states(params, tokens, split["mask"])
+        return self._states(params, tokens, split["mask"], upto)
 
-    def hidden(self, params: dict, *splits: Split) -> tuple[Array, ...]:
-        """Final hidden states of each split, from one forward pass over all their rows.
+    def hidden(self, params: dict, *splits: Split, upto: int | None = None) -> tuple[Array, ...]:
+        """Final hidden states of each split (or the residual stream after ``upto`` layers), from one forward
+        pass over all their rows.
 
         One pass instead of one per split means one backward pass through the layers, so the layers' gradients
         are produced once per micro-batch, not once per split. Rows are interleaved (forget 0, retain 0, forget 1,
         ...) so every device keeps its own rows of each split and nothing moves between devices.
         """
         if len({s["tokens"].shape for s in splits}) > 1 or len(splits) == 1 or not splits[0]["tokens"].shape[0]:
-            return tuple(self.forward(params, s) for s in splits)
+            return tuple(self.forward(params, s, upto=upto) for s in splits)
         n, b = len(splits), splits[0]["tokens"].shape[0]
 
         def rows(key: str) -> Array:
             return jnp.stack([s[key] for s in splits], axis=1).reshape(b * n, -1)
 
-        hidden = self.model.hidden_states(params, rows("tokens"), rows("mask"))
+        hidden = self._states(params, rows("tokens"), rows("mask"), upto)
         hidden = hidden.reshape(b, n, *hidden.shape[1:])
         return tuple(hidden[:, i] for i in range(n))
 
@@ -454,3 +484,188 @@ def saturation_importance(params, ref_params, batch, rng, ctx: Context):
     ``retain_weight`` x NLL(retain)."""
     beta1, beta2 = ctx.hparams["beta1"], ctx.hparams["beta2"]
     return _weighted_ascent_with_retain(params, batch, ctx, "satimp", lambda p: p**beta1 * (1.0 - p) ** beta2)
+
+
+def _undial_needs(hp: Mapping[str, Any]) -> Needs:
+    """The frozen teacher's forward on forget chunks; retain chunks when ``retain_weight`` > 0."""
+    return Needs(retain=hp["retain_weight"] > 0, reference=True, reference_forwards=1)
+
+
+@register("undial", needs=_undial_needs, beta=10.0, forget_weight=1.0, retain_weight=0.0)
+def undial(params, ref_params, batch, rng, ctx: Context):
+    """UNDIAL (Dong et al. 2024, arXiv 2402.10052): self-distillation on forget chunks towards the frozen original's
+    distribution with the true next token's logit lowered by ``beta``, the cross-entropy ``-sum_v q_v log p_v`` with
+    ``q = softmax(z_orig - beta onehot(x_{t+1}))`` per target position (a per-chunk token mean), plus
+    ``retain_weight`` x NLL(retain) when > 0 (open-unlearning's default weight is 0)."""
+    hidden = trained_hidden(params, batch, ctx)
+    forget = ctx.split(batch, "forget")
+    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    teacher = jax.lax.stop_gradient(ctx.forward(ref_params, forget))
+    ce = losses.token_dampened_distillation(
+        teacher,
+        jax.lax.stop_gradient(ctx.model.head(ref_params)),
+        hidden["forget"],
+        ctx.model.head(params),
+        targets,
+        ctx.hparams["beta"],
+        chunk_size=ctx.chunk_size,
+    )
+    term = mean_over_sequences(losses.sequence_mean(ce, target_mask), has_target(forget))
+    loss = ctx.hparams["forget_weight"] * term
+    retain_nll = lambda: _retain_nll(params, hidden, batch, ctx)  # noqa: E731
+    return _with_retain_term(loss, {"undial": term}, "retain_nll", retain_nll, ctx)
+
+
+@register("ce_u", needs=_retain_needs(reference=False), ignore_first_tokens=1, forget_weight=1.0, retain_weight=0.0)
+def cross_entropy_unlearning(params, ref_params, batch, rng, ctx: Context):
+    """CE-U (Yang et al. 2025, arXiv 2503.01224): the cross-entropy of the model against its own next-token
+    distribution with the true token ruled out (softmax of the logits with the target's at -inf, no gradient
+    through it), a per-chunk token mean over targets, plus ``retain_weight`` x NLL(retain) when > 0 (off in the
+    paper). The targets of the chunk's first ``ignore_first_tokens`` tokens are skipped, as open-unlearning skips
+    the first answer tokens; token 0 is never a target, so the default 1 skips nothing in plain text."""
+    hidden = trained_hidden(params, batch, ctx)
+    forget = ctx.split(batch, "forget")
+    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    # Target t is token t + 1: skip those whose token index is below ignore_first_tokens.
+    target_mask = target_mask & (jnp.arange(targets.shape[1]) + 1 >= ctx.hparams["ignore_first_tokens"])[None]
+    ce = losses.token_excluded_target_ce(hidden["forget"], ctx.model.head(params), targets, chunk_size=ctx.chunk_size)
+    term = mean_over_sequences(losses.sequence_mean(ce, target_mask), target_mask.any(-1))
+    loss = ctx.hparams["forget_weight"] * term
+    retain_nll = lambda: _retain_nll(params, hidden, batch, ctx)  # noqa: E731
+    return _with_retain_term(loss, {"ce_u": term}, "retain_nll", retain_nll, ctx)
+
+
+# --- RMU: steer one layer's activations, train a few parameters -----------------------------------------------
+
+# Stream id folded into the run seed for RMU's random direction.
+_RMU_STREAM = 0x7E0
+
+
+def control_vector(hidden_size: int, seed: int, steering_coeff: float) -> Array:
+    """RMU's target activation ``c u``: ``u`` uniform in ``[0, 1)^d`` and normalised (the official ``torch.rand``
+    direction, in the positive orthant), fixed for the run by its seed, ``c`` the steering coefficient."""
+    u = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), _RMU_STREAM), (hidden_size,), jnp.float32)
+    return steering_coeff * u / jnp.linalg.norm(u)
+
+
+def activation_mse(activations: Array, target: Array, mask: Array) -> Array:
+    """Per-sequence ``[batch]`` mean over non-padding positions of the mean over the hidden dimension of the
+    squared difference (open-unlearning's masked RMU loss; the official code averages over padding too)."""
+    squared = jnp.mean(jnp.square(activations.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    return losses.sequence_mean(squared, mask)
+
+
+def parameter_mask(model_config: Any, pattern: str) -> dict:
+    """1.0 for the parameters whose Hugging Face tensor name fully matches the regular expression ``pattern``, else
+    0.0, per layer for stacked parameters: a tree shaped like the params, leaves ``[layers, 1, ...]`` or scalars."""
+    from flax import nnx
+
+    from jaxunlearn.models import abstract_model, family
+    from jaxunlearn.models.layouts import nested_get
+
+    regex = re.compile(pattern)
+    _, abstract = nnx.split(abstract_model(model_config), nnx.Param)
+    shapes = abstract.to_pure_dict()
+    mask: dict = {}
+    for entry in family(model_config).hf_tensors(model_config):
+        ndim = len(nested_get(shapes, entry.path).shape)
+        if entry.stacked:
+            layers = [regex.fullmatch(entry.name.format(layer=i)) is not None for i in range(model_config.num_layers)]
+            value = np.asarray(layers, np.float32).reshape(-1, *([1] * (ndim - 1)))
+        else:
+            value = np.float32(regex.fullmatch(entry.name) is not None)
+        parent = mask
+        for key in entry.path[:-1]:
+            parent = parent.setdefault(key, {})
+        parent[entry.path[-1]] = value
+    return mask
+
+
+def _rmu_trainable(hp: Mapping[str, Any], model_config: Any) -> dict:
+    return parameter_mask(model_config, hp["trainable_params"])
+
+
+def _rmu_check(hp: Mapping[str, Any], model_config: Any) -> None:
+    """The steered layer exists; ``trainable_params`` is a regular expression that selects a parameter the loss
+    reaches (the embedding, or one in a layer up to the steered one: the forward pass stops there)."""
+    from jaxunlearn.models import family
+
+    layer, layers, pattern = hp["layer"], model_config.num_layers, hp["trainable_params"]
+    if layer >= layers:
+        raise ValueError(f"config.method.layer={layer}: the model has layers 0 to {layers - 1}")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"config.method.trainable_params={pattern!r}: not a regular expression ({e})") from None
+    reached = []
+    for entry in family(model_config).hf_tensors(model_config):
+        if entry.stacked:
+            reached += [entry.name.format(layer=i) for i in range(layer + 1)]
+        elif entry.path == ("embedding",):
+            reached.append(entry.name)
+    if not any(regex.fullmatch(name) for name in reached):
+        raise ValueError(
+            f"config.method.trainable_params={pattern!r}: matches no parameter in layers 0 to {layer} (the "
+            "Hugging Face tensor names, e.g. model.layers.0.mlp.down_proj.weight)"
+        )
+
+
+@register(
+    "rmu",
+    needs=_retain_needs(reference=True),
+    trainable=_rmu_trainable,
+    check=_rmu_check,
+    layer=7,
+    trainable_params=r"model\.layers\.(5|6|7)\.mlp\.down_proj\.weight",
+    steering_coeff=20.0,
+    forget_weight=1.0,
+    retain_weight=100.0,
+)
+def representation_misdirection(params, ref_params, batch, rng, ctx: Context):
+    """RMU (Li et al. 2024, arXiv 2403.03218): push the residual stream after decoder layer ``layer`` on forget
+    chunks to ``steering_coeff x u`` (a fixed random unit vector, :func:`control_vector`) and keep it equal to the
+    frozen original's on retain chunks (weight ``retain_weight``, the paper's alpha), both as
+    :func:`activation_mse`; only the parameters ``trainable_params`` selects are updated (official defaults: the
+    MLP down-projections of layers 5-7, loss at layer 7). Only the layers up to ``layer`` run."""
+    upto = ctx.hparams["layer"] + 1
+    names = ("forget", "retain") if ctx.hparams["retain_weight"] else ("forget",)
+    splits = [ctx.split(batch, name) for name in names]
+    activations = dict(zip(names, ctx.hidden(params, *splits, upto=upto)))
+    forget = splits[0]
+    control = control_vector(ctx.model.config.hidden_size, ctx.seed, ctx.hparams["steering_coeff"])
+    term = mean_over_sequences(activation_mse(activations["forget"], control, forget["mask"]), forget["mask"].any(-1))
+    loss = ctx.hparams["forget_weight"] * term
+
+    def retain_term() -> Array:
+        retain = ctx.split(batch, "retain")
+        frozen = jax.lax.stop_gradient(ctx.forward(ref_params, retain, upto=upto))
+        return mean_over_sequences(
+            activation_mse(activations["retain"], frozen, retain["mask"]), retain["mask"].any(-1)
+        )
+
+    return _with_retain_term(loss, {"rmu_forget": term}, "rmu_retain", retain_term, ctx)
+
+
+# --- task-vector negation -------------------------------------------------------------------------------------
+
+
+def negated_task_vector(params: dict, ref_params: dict, hp: Mapping[str, Any]) -> dict:
+    """``theta_0 - alpha (theta - theta_0)``: the original minus ``alpha`` x the fine-tuning difference, in the
+    trained parameters' dtype."""
+    alpha = hp["alpha"]
+
+    def negate(p: Array, r: Array) -> Array:
+        r = r.astype(p.dtype)
+        return r - alpha * (p - r)
+
+    return jax.tree.map(negate, params, ref_params)
+
+
+@register("task_vector", needs=Needs(reference=True), transform=negated_task_vector, alpha=1.0)
+def task_vector(params, ref_params, batch, rng, ctx: Context):
+    """Task-vector negation (Ilharco et al. 2023, arXiv 2212.04089; MUSE's ``tv`` baseline): fine-tune on the forget
+    chunks (gradient descent on their NLL); the unlearned model is the original minus ``alpha`` x the difference
+    the fine-tuning made (:func:`negated_task_vector`), which every evaluation, the stopping rule and the export
+    see. The train state holds the fine-tuned copy."""
+    nll = ctx.mean_nll(params, ctx.split(batch, "forget"))
+    return nll, {"forget_nll": nll}

@@ -15,7 +15,7 @@ from jaxunlearn import hf_checkpoint, locations, sharding
 from jaxunlearn.config import ConfigError, flat_items, validate
 from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
 from jaxunlearn.models import ModelConfig, param_shardings
-from jaxunlearn.objectives import Needs, resolve_needs
+from jaxunlearn.objectives import Needs, get_method, method_hparams, resolve_needs
 from jaxunlearn.world import WorldRecipe, ensure_world
 
 EVAL_SPLITS = ("forget", "approximate", "retain", "general")
@@ -82,10 +82,21 @@ def model_architecture(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Pa
         attention_impl=m.attention_impl,
     )
     param_shardings(model_config, mesh, config.mesh.rules)  # fails now if the mesh cannot split the heads
+    check_method(config.method, model_config)
     hf_checkpoint.check_checkpoint(model_dir, model_config)  # headers and tensor table: a damaged file fails now
     if config.evaluation.enabled and config.evaluation.oracle_model:
         check_oracle_architecture(config.evaluation.oracle_model, model_config)
     return model_dir, model_config
+
+
+def check_method(method_config: ml_collections.ConfigDict, model_config: ModelConfig) -> None:
+    """The method's own check of its hyper-parameters against the model (e.g. RMU's layer), before any compute."""
+    method = get_method(method_config.name)
+    if method.check is not None:
+        try:
+            method.check(method_hparams(method_config), model_config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_oracle_architecture(path: str, model_config: ModelConfig) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -127,7 +128,11 @@ def make_train_step(
     memory at the same FLOPs; by default the splits share one pass.
     """
 
+    mask = method.trainable(ctx.hparams, ctx.model.config) if method.trainable is not None else None
+
     def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
+        if mask is not None:  # frozen parameters: no gradient computed at all
+            params = jax.tree.map(lambda p, m: p if np.any(m) else jax.lax.stop_gradient(p), params, mask)
         loss, metrics = method.loss(params, ref_params, micro, rng, ctx)
         return loss, metrics
 
@@ -161,8 +166,10 @@ def make_train_step(
         else:
             (grads, loss_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
         grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+        if mask is not None:
+            grads = _masked(grads, mask)
         loss = loss_sum / accum
-        new_state, grad_norm, finite = _guarded_update(tx, state, grads, loss)
+        new_state, grad_norm, finite = _guarded_update(tx, state, grads, loss, mask)
         metrics = {k: v / accum for k, v in metric_sums.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
         return new_state, metrics
@@ -170,14 +177,22 @@ def make_train_step(
     return step
 
 
+def _masked(tree: Any, mask: Any) -> Any:
+    """``tree`` with the entries a parameter mask marks frozen (0.0) set to zero (:attr:`Method.trainable`)."""
+    return jax.tree.map(lambda x, m: x * jnp.asarray(m, x.dtype), tree, mask)
+
+
 def _guarded_update(
-    tx: optax.GradientTransformation, state: State, grads: Any, loss: jax.Array
+    tx: optax.GradientTransformation, state: State, grads: Any, loss: jax.Array, mask: Any = None
 ) -> tuple[State, jax.Array, jax.Array]:
     """``(new_state, grad_norm, finite)``: the optimizer step on ``grads``, or the unchanged ``state`` when the loss,
-    the gradient norm or the updated parameters are not finite."""
+    the gradient norm or the updated parameters are not finite. With a parameter ``mask``, frozen entries get no
+    update at all (weight decay included)."""
     params = state["params"]
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    if mask is not None:
+        updates = _masked(updates, mask)
     new_params = optax.apply_updates(params, updates)
     # A finite loss and gradient can still give non-finite parameters (an infinite learning rate, an
     # overflowing moment): such a step is never applied, saved or exported.

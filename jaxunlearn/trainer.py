@@ -35,8 +35,17 @@ class Trainer:
     """``step_fn(state, ref_params, batch) -> (state, metrics)`` over steps ``[start, total)``, with hooks."""
 
     def __init__(
-        self, step_fn: Callable, batcher: StepBatcher, batch_shardings: Any, ref_params: Any, total: int
+        self,
+        step_fn: Callable,
+        batcher: StepBatcher,
+        batch_shardings: Any,
+        ref_params: Any,
+        total: int,
+        unlearned: Callable[[Any], Any] | None = None,
     ) -> None:
+        """``unlearned``: the unlearned model as a function of the trained parameters, for the hooks
+        (:attr:`StepInfo.params`); None when they are the same."""
+        self.unlearned = unlearned
         self.step_fn = step_fn
         self.batcher = batcher
         self.batch_shardings = batch_shardings
@@ -63,7 +72,7 @@ class Trainer:
                 "updated parameters are not finite; stopped without applying the step"
             )
         metrics["tokens_per_s"] = tokens / seconds
-        return StepInfo(step + 1, self.total, state, metrics, tokens, seconds)
+        return StepInfo(step + 1, self.total, state, metrics, tokens, seconds, unlearned=self.unlearned)
 
     def run(self, state: Any, start: int) -> LoopResult:
         """Steps from ``start`` until the last one, a stopping rule, or a signal (then KeyboardInterrupt)."""

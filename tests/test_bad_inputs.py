@@ -123,3 +123,45 @@ def test_export_target_that_is_a_link_is_refused_before_training(setup, tmp_path
     result = run_cli(setup, "ga", run, "--config.train.max_steps=1")
     _refused(result, str(run / "hf_model"), "symbolic link")
     assert sorted(p.name for p in run.iterdir()) == ["hf_model"]  # nothing trained, nothing written
+
+
+def test_rmu_settings_the_model_cannot_take_are_refused_before_any_work(setup, tmp_path):
+    """RMU's steered layer and trainable-parameter pattern are checked against the model (3 layers here)."""
+    result = run_cli(setup, "rmu", tmp_path / "run", "--config.method.layer=3")
+    _refused(result, "config.method.layer=3: the model has layers 0 to 2")
+    assert not (tmp_path / "run").exists()
+
+    from jaxunlearn.config import ConfigError, base_config
+    from jaxunlearn.hf_checkpoint import read_hf_config
+    from jaxunlearn.models import ModelConfig
+    from jaxunlearn.prepare import check_method
+
+    model_config = ModelConfig.from_hf(read_hf_config(setup["model"]))
+    method = base_config("rmu", preset="arxiv").method
+    method.layer = 1
+    method.trainable_params = r"model\.layers\.2\.mlp\.down_proj\.weight"  # after the steered layer: no gradient
+    with pytest.raises(ConfigError, match="matches no parameter in layers 0 to 1"):
+        check_method(method, model_config)
+    method.trainable_params = "model.layers.(0"
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        check_method(method, model_config)
+    method.trainable_params = r"model\.embed_tokens\.weight"  # the embedding is reached
+    check_method(method, model_config)
+
+
+def test_attacks_are_named_and_need_their_data(setup, tmp_path):
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.evaluation.attacks=relearn,quant4")
+    _refused(result, "config.evaluation.attacks='relearn,quant4'", "'quant4' is not one of", "nf4")
+
+    from jaxunlearn.config import ConfigError, base_config, metric_options, validate
+
+    config = base_config("ga", preset="arxiv")
+    config.model.path = "01-ai/Yi-6B"
+    config.evaluation.attacks = "relearn_related, nf4"
+    config.evaluation.quantization.schemes = "int8"
+    assert metric_options(config.evaluation, "quantization")["schemes"] == "int8,nf4"
+    assert metric_options(config.evaluation, "relearning")["corpora"] == "retain"
+    validate(config)
+    config.data.retain.path = ""
+    with pytest.raises(ConfigError, match="config.data.retain.path=''.*relearning on related text"):
+        validate(config)

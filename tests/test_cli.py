@@ -15,7 +15,7 @@ from tests.tiny_models import write_tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]  # the paper's
-BEYOND = ["npo", "npo_gd", "simnpo", "wga", "satimp"]
+BEYOND = ["npo", "npo_gd", "simnpo", "wga", "satimp", "rmu", "undial", "ce_u", "task_vector"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,12 @@ EXPECTED_METRICS = {
     "simnpo": {"simnpo", "forget_nll", "retain_nll"},
     "wga": {"wga", "forget_nll", "retain_nll"},
     "satimp": {"satimp", "forget_nll", "retain_nll"},
+    "rmu": {"rmu_forget", "rmu_retain"},
+    "undial": {"undial", "retain_nll"},
+    "ce_u": {"ce_u", "retain_nll"},
+    "task_vector": {"forget_nll"},
 }
+RETAIN_TERMS = {"retain_nll", "retain_kl", "rmu_retain"}
 
 
 @pytest.mark.parametrize("config", CONFIGS + BEYOND)
@@ -79,11 +84,30 @@ def test_each_config_runs_end_to_end(setup, tmp_path, config):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
     assert EXPECTED_METRICS[config] | {"loss", "grad_norm", "lr", "tokens_per_s"} == set(lines[-1]) - {"step", "split"}
-    trains_retain = bool(EXPECTED_METRICS[config] & {"retain_nll", "retain_kl"})
+    trains_retain = bool(EXPECTED_METRICS[config] & RETAIN_TERMS)
     assert (record["data"]["retain_chunks"] > 0) == trains_retain == record["needs"]["retain"]
     assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert "unlearned model:" in result.stdout
+
+
+def test_task_vector_exports_the_original_minus_alpha_times_the_fine_tuning_difference(setup, tmp_path):
+    """The same fine-tuning (alpha does not change training) exported with alpha 1 and 2: theta_2 - theta_0 =
+    2 (theta_1 - theta_0) for every tensor, theta_1 != theta_0, and the fine-tuned copy itself is never exported."""
+    original = load_file(setup["model"] / "model.safetensors")
+    exported = {}
+    for alpha in (1, 2):
+        run = tmp_path / f"alpha{alpha}"
+        result = run_cli(setup, "task_vector", run, "--config.train.max_steps=2", f"--config.method.alpha={alpha}.0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        exported[alpha] = load_file(run / "hf_model" / "model.safetensors")
+    assert set(exported[1]) == set(original)
+    moved = 0
+    for name, theta0 in original.items():
+        d1, d2 = exported[1][name] - theta0, exported[2][name] - theta0
+        np.testing.assert_allclose(d2, 2 * d1, atol=1e-6, err_msg=name)
+        moved += bool(np.abs(d1).max() > 1e-5)
+    assert moved == len(original)  # every tensor was fine-tuned, and negated
 
 
 def test_npo_with_a_retain_weight_trains_its_kl_term_and_refuses_a_missing_retain_set(setup, tmp_path):
@@ -193,7 +217,7 @@ def test_every_config_file_is_valid_in_every_preset(preset):
         if preset != "builtin":  # the paper's presets take the model from the user
             config.model.path = "01-ai/Yi-6B"
         validate(config)  # raises ConfigError naming the key
-        assert config.method.name == name.replace("_general", "")
+        assert config.method.name == name.replace("_general", "").replace("_capped", "")
         assert config.data.retain.path.startswith("world:general") == (preset == "builtin" and "general" in name)
 
 

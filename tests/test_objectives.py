@@ -4,6 +4,8 @@ The torch side uses transformers' own forward pass and autograd, with the offici
 written out by hand: per-sequence mean over valid target positions, then the mean over sequences.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -335,6 +337,227 @@ def test_token_weighted_ascent(models, name, hparams, weight, retain_weight):
     _compare_grads(lm, grads, model)
 
 
+def _valid_targets(split):
+    mask = torch.from_numpy(split["mask"]).bool()
+    return (mask[:, 1:] & mask[:, :-1]).float()
+
+
+def _token_mean(per_position, valid):
+    return ((per_position * valid).sum(1) / valid.sum(1)).mean()
+
+
+def _check_forget_term_plus_retain_nll(lm, model, value, grads, metric, term, wf, retain_weight):
+    """``wf x term + retain_weight x NLL(retain)`` in torch against the objective's value, metric and gradients."""
+    loss = wf * term
+    if retain_weight:
+        loss = loss + retain_weight * _torch_seq_nll(model, BATCH["retain"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
+    assert abs(metric - term.item()) < 1e-5
+    _compare_grads(lm, grads, model)
+
+
+@pytest.mark.parametrize("retain_weight", [0.0, 0.9])
+def test_undial(models, retain_weight):
+    """UNDIAL (Dong et al. 2024; open-unlearning's compute_undial_loss): the cross-entropy of the model against
+    softmax(teacher logits - beta onehot(next token)), the teacher the frozen original, plus the retain NLL."""
+    lm, params, ref_params, current, reference = models
+    beta, wf = 3.0, 0.7
+    hp = dict(beta=beta, forget_weight=wf, retain_weight=retain_weight)
+    value, metrics, grads, _ = _jax_value_and_grads("undial", lm, params, ref_params, hp)
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    labels = torch.from_numpy(forget["tokens"][:, 1:]).long()
+    with torch.no_grad():
+        teacher = _torch_logits(reference, forget).float()[:, :-1]
+        soft = torch.softmax(teacher - beta * torch.nn.functional.one_hot(labels, VOCAB).float(), dim=-1)
+    logp = torch.log_softmax(_torch_logits(model, forget).float()[:, :-1], dim=-1)
+    term = _token_mean(-(soft * logp).sum(-1), _valid_targets(forget))
+    _check_forget_term_plus_retain_nll(lm, model, value, grads, metrics["undial"], term, wf, retain_weight)
+
+
+@pytest.mark.parametrize("ignore_first_tokens, retain_weight", [(1, 0.0), (3, 1.2)])
+def test_ce_u(models, ignore_first_tokens, retain_weight):
+    """CE-U (Yang et al. 2025), transcribed from open-unlearning's cross_entropy_unlearning_loss: the target is the
+    model's own detached logits with the label's set to -inf; labels of the first n tokens are dropped."""
+    lm, params, _, current, _ = models
+    wf = 0.8
+    hp = dict(ignore_first_tokens=ignore_first_tokens, forget_weight=wf, retain_weight=retain_weight)
+    value, metrics, grads, _ = _jax_value_and_grads("ce_u", lm, params, None, hp)
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    labels = torch.from_numpy(forget["tokens"][:, 1:]).long()
+    logits = _torch_logits(model, forget).float()[:, :-1]
+    target = logits.detach().clone().scatter(-1, labels[..., None], float("-inf"))
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), torch.softmax(target, dim=-1).transpose(1, 2), reduction="none"
+    )
+    valid = _valid_targets(forget)
+    valid[:, : max(ignore_first_tokens - 1, 0)] = 0  # label index t + 1 < n: tokens 1 .. n - 1
+    term = _token_mean(ce, valid)
+    _check_forget_term_plus_retain_nll(lm, model, value, grads, metrics["ce_u"], term, wf, retain_weight)
+
+
+def _torch_layer_output(model, split, layer, grad=True):
+    """The output of ``model.model.layers[layer]`` from a forward hook, as the official RMU code caches it."""
+    cache = []
+    handle = model.model.layers[layer].register_forward_hook(
+        lambda module, inputs, output: cache.append(output[0] if isinstance(output, tuple) else output)
+    )
+    with torch.set_grad_enabled(grad):
+        model(input_ids=torch.from_numpy(split["tokens"]), attention_mask=torch.from_numpy(split["mask"]))
+    handle.remove()
+    return cache[0]
+
+
+def _torch_activation_loss(a, b, mask):
+    """open-unlearning's RMU compute_activation_loss: masked token mean of the per-position mean squared error."""
+    squared = torch.nn.functional.mse_loss(a, b, reduction="none")
+    mask = torch.from_numpy(mask).float()
+    per_seq = (squared * mask[..., None]).mean(dim=2).sum(dim=1) / mask.sum(dim=-1)
+    return per_seq.mean()
+
+
+@pytest.mark.parametrize("retain_weight", [0.0, 50.0])
+def test_rmu(models, retain_weight):
+    """RMU's loss (official rmu/unlearn.py, open-unlearning's masked form): MSE of the layer-l output on forget
+    chunks to c u, plus alpha x MSE to the frozen model's layer-l output on retain chunks; gradients of every
+    parameter, none past layer l."""
+    from jaxunlearn.objectives import control_vector
+
+    lm, params, ref_params, current, reference = models
+    layer, c, wf = 1, 7.0, 0.9
+    hp = dict(layer=layer, steering_coeff=c, forget_weight=wf, retain_weight=retain_weight)
+    value, metrics, grads, ctx = _jax_value_and_grads("rmu", lm, params, ref_params, hp)
+    model = _torch_model(current)
+    forget = BATCH["forget"]
+    acts = _torch_layer_output(model, forget, layer)
+    control = torch.from_numpy(np.asarray(control_vector(lm.config.hidden_size, ctx.seed, c)))
+    term = _torch_activation_loss(acts, control.expand_as(acts), forget["mask"])
+    loss = wf * term
+    if retain_weight:
+        retain = BATCH["retain"]
+        frozen = _torch_layer_output(reference, retain, layer, grad=False)
+        loss = loss + retain_weight * _torch_activation_loss(
+            _torch_layer_output(model, retain, layer), frozen, retain["mask"]
+        )
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
+    assert abs(metrics["rmu_forget"] - term.item()) < 1e-5
+    for _, p in model.named_parameters():  # the layers after l, the final norm and the head never ran
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    _compare_grads(lm, grads, model)
+
+
+def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
+    from jaxunlearn.objectives import control_vector
+
+    u = np.asarray(control_vector(64, 3, 6.5))
+    assert np.linalg.norm(u) == pytest.approx(6.5, rel=1e-6)
+    assert u.min() >= 0 and len(np.unique(u)) == 64
+    np.testing.assert_array_equal(u, np.asarray(control_vector(64, 3, 6.5)))
+    assert not np.allclose(u, np.asarray(control_vector(64, 4, 6.5)))
+
+
+def test_parameter_mask_selects_hf_tensors_by_name_and_layer(models):
+    from jaxunlearn.objectives import parameter_mask
+
+    lm = models[0]
+    mask = parameter_mask(lm.config, r"model\.layers\.(0|2)\.mlp\.down_proj\.weight|lm_head\.weight")
+    np.testing.assert_array_equal(mask["layers"]["mlp"]["down_proj"].ravel(), [1.0, 0.0, 1.0])
+    assert mask["layers"]["mlp"]["down_proj"].shape == (3, 1, 1)
+    assert float(mask["lm_head"]) == 1.0 and float(mask["embedding"]) == 0.0
+    assert not np.any(mask["layers"]["mlp"]["up_proj"]) and not np.any(mask["layers"]["attn"]["q_proj"])
+    assert jax.tree.structure(mask) == jax.tree.structure(models[1])  # one leaf per parameter
+
+
+def test_rmu_updates_only_its_trainable_parameters_as_torch_adamw_does(models):
+    """Two RMU steps of the jitted train step (AdamW, clipping over the trained parameters) against torch's AdamW on
+    the parameters the regex leaves trainable (requires_grad): the same values; every other parameter unchanged."""
+    import copy
+
+    import ml_collections
+
+    from jaxunlearn.models import family
+    from jaxunlearn.models.layouts import nested_get
+    from jaxunlearn.objectives import control_vector
+    from jaxunlearn.train import make_optimizer, make_train_step
+
+    lm, params, ref_params, current, reference = models
+    pattern = r"model\.layers\.(0|1)\.mlp\.down_proj\.weight"
+    hp = dict(layer=1, trainable_params=pattern, steering_coeff=5.0, forget_weight=1.0, retain_weight=10.0)
+    method = get_method("rmu")
+    ctx = Context(lm, hparams={**method.hparams, **hp}, seed=5, chunk_size=5)
+    optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, warmup_ratio=0.0, schedule="constant", clip_norm=0.5
+        )
+    )
+    tx, schedule = make_optimizer(optim, 2)
+    step = jax.jit(make_train_step(method, ctx, tx, schedule))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], BATCH)
+    for _ in range(2):
+        state, _ = step(state, ref_params, batch)
+
+    model = copy.deepcopy(current)
+    trained = {n: p for n, p in model.named_parameters() if re.fullmatch(pattern, n)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained.values(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    control = torch.from_numpy(np.asarray(control_vector(lm.config.hidden_size, 5, 5.0)))
+    for _ in range(2):
+        opt.zero_grad()
+        acts = _torch_layer_output(model, BATCH["forget"], 1)
+        frozen = _torch_layer_output(reference, BATCH["retain"], 1, grad=False)
+        loss = _torch_activation_loss(acts, control.expand_as(acts), BATCH["forget"]["mask"])
+        loss = loss + 10.0 * _torch_activation_loss(
+            _torch_layer_output(model, BATCH["retain"], 1), frozen, BATCH["retain"]["mask"]
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained.values(), 0.5)
+        opt.step()
+
+    after = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    before = {n: p.detach().numpy() for n, p in current.named_parameters()}
+    changed = 0
+    for entry in family(lm.config).hf_tensors(lm.config):
+        ours_all = np.asarray(nested_get(state["params"], entry.path))
+        for i in range(lm.config.num_layers) if entry.stacked else [None]:
+            name = entry.name.format(layer=i)
+            ours = to_hf_layout(entry.layout, ours_all[i] if i is not None else ours_all)
+            if name in trained:
+                assert not np.array_equal(after[name], before[name])
+                np.testing.assert_allclose(ours, after[name], atol=2e-6, err_msg=name)
+                changed += 1
+            else:
+                np.testing.assert_array_equal(ours, before[name], err_msg=name)  # bit-identical: frozen
+    assert changed == 2
+
+
+def test_task_vector_fine_tunes_on_forget_and_negates_the_difference(models):
+    """The fine-tuning objective is the forget NLL (descent), against torch; the unlearned model is
+    theta_0 - alpha (theta - theta_0), against numpy."""
+    lm, params, ref_params, current, _ = models
+    value, metrics, grads, _ = _jax_value_and_grads("task_vector", lm, params, ref_params)
+    model = _torch_model(current)
+    loss = _torch_seq_nll(model, BATCH["forget"]).mean()
+    loss.backward()
+    assert abs(value - loss.item()) < 1e-5 and abs(metrics["forget_nll"] - value) < 1e-6
+    _compare_grads(lm, grads, model)
+    method = get_method("task_vector")
+    negated = method.transform(params, ref_params, {"alpha": 1.7})
+    for ours, p, r in zip(jax.tree.leaves(negated), jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        p, r = np.asarray(p, np.float64), np.asarray(r, np.float64)
+        np.testing.assert_allclose(np.asarray(ours), r - 1.7 * (p - r), rtol=1e-6, atol=1e-7)
+    same = method.transform(ref_params, ref_params, {"alpha": 1.0})
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing fine-tuned: the original
+
+
 # --- what each method reads, decided from its hyper-parameters ---------------------------------------------
 
 # (method, hyper-parameters) -> (retain, reference, reference forwards per forget chunk, extras), by hand.
@@ -354,6 +577,13 @@ EXPECTED_NEEDS = [
     ("simnpo", {"retain_weight": 0.0}, (False, False, 0, set())),
     ("wga", {}, (True, False, 0, set())),  # no reference model: never loaded (open-unlearning builds one)
     ("satimp", {"retain_weight": 0.0}, (False, False, 0, set())),
+    ("undial", {}, (False, True, 1, set())),  # the teacher's forward on forget chunks; no retain term by default
+    ("undial", {"retain_weight": 1.0}, (True, True, 1, set())),
+    ("ce_u", {}, (False, False, 0, set())),  # forget chunks only, no reference model
+    ("ce_u", {"retain_weight": 1.0}, (True, False, 0, set())),
+    ("rmu", {}, (True, True, 1, set())),  # the frozen model's activations on retain chunks
+    ("rmu", {"retain_weight": 0.0}, (False, False, 0, set())),
+    ("task_vector", {}, (False, True, 0, set())),  # the original, to subtract the difference from; no forward
 ]
 
 

@@ -37,6 +37,8 @@ def finished_run(tmp_path_factory):
     config.evaluation.every_steps = 2
     config.evaluation.mia.gradnorm = "l2"
     config.evaluation.quantization.schemes = "int8,nf4"
+    config.evaluation.attacks = "relearn,relearn_related"  # relearning on held-out forget documents and on retain
+    config.evaluation.relearning.update(steps=4, every=2, batch_size=4, lr=3e-3)
     record = unlearn(config, root / "run")
     return root, setup, config, record
 
@@ -60,6 +62,16 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
             model["perplexity"]["forget"]["acc"]
         )
         assert model["verbatim"]["forget"]["n"] > 0 and model["verbatim"]["approximate"]["n"] > 0
+        relearned = model["relearning"]
+        assert {"forget", "retain"} <= set(relearned)
+        for corpus in ("forget", "retain"):
+            assert [p["step"] for p in relearned[corpus]["curve"]] == [0, 2, 4]
+            assert relearned[corpus]["before"] == relearned[corpus]["curve"][0]
+        # Both corpora start from the same model and measure the same held-out documents.
+        assert relearned["forget"]["before"] == relearned["retain"]["before"]
+    original = report["models"]["original"]["relearning"]
+    assert original["forget"]["steps_to_original"] == 0  # already at its own level
+    assert original["forget"]["after"]["forget_ppl"] < original["forget"]["before"]["forget_ppl"]
     bad = [(p, v) for p, v in _numbers(report) if not math.isfinite(v)]
     assert not bad, bad[:5]
     assert [h["step"] for h in report["history"]] == [0, 2, 4]
@@ -73,6 +85,7 @@ def test_report_has_every_section_and_only_finite_numbers(finished_run):
         assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
     assert "## Membership inference" in md and "| forget |" in md and "## Quantization attack" in md
+    assert "## Relearning attack" in md and "steps to original original" in md
     header = md.split("\n## ")[0]
     assert "{'" not in header and "[" not in header  # readable values, not Python reprs
     assert "- **method**: ga_gd (forget_nll_cap=0, forget_nll_cap_margin=0, forget_weight=1, retain_weight=1)" in header

@@ -111,46 +111,6 @@ def test_cache_reused_rebuilt_on_change_and_on_corruption(tmp_path, monkeypatch)
     assert len(calls) == 4
 
 
-def test_main_command_end_to_end_on_a_small_world(tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "jaxunlearn.main",
-        f"--config={REPO / 'configs' / 'ga_kl.py'}",
-        f"--workdir={tmp_path / 'run'}",
-        "--config.train.max_steps=4",
-        "--config.evaluation.max_chunks=32",
-        "--config.evaluation.in_run_max_chunks=16",
-        "--config.evaluation.verbatim.prompt_tokens=8",
-        "--config.evaluation.verbatim.new_tokens=8",
-        "--config.evaluation.verbatim.max_chunks=8",
-    ]
-    args += [f"--config.world.{k}={v}" for k, v in SMALL.items()]
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "JAXUNLEARN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "building the built-in world" in result.stderr
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert set(report["models"]) == {"original", "oracle", "unlearned"}
-    distance = {name: model.get("oracle_distance") for name, model in report["models"].items()}
-    assert distance["oracle"] is None and distance["original"] and distance["unlearned"]
-    assert {"forget_ppl_ratio", "min_k_0.4_auc_diff", "kl_forget", "kl_retain"} <= set(distance["unlearned"])
-    assert report["models"]["unlearned"]["mia"]["privleak"]["min_k_0.4"] == pytest.approx(
-        (
-            report["models"]["unlearned"]["mia"]["min_k_0.4"]["auc"]
-            - report["models"]["oracle"]["mia"]["min_k_0.4"]["auc"]
-        )
-        / report["models"]["oracle"]["mia"]["min_k_0.4"]["auc"]
-        * 100
-    )
-    assert np.isfinite(distance["unlearned"]["kl_forget"])
-    md = (tmp_path / "run" / "report.md").read_text()
-    assert "## Distance to the oracle" in md
-    assert md.startswith("# jaxunlearn report: ga_kl on world:target\n")  # not the cache path
-    assert "forget: world:forget (built-in world)" in md and "lr 0.0003" in md
-    assert "report" in json.loads((tmp_path / "run" / "run.json").read_text())
-
-
 def test_interrupted_builds_leave_nothing_that_outlives_them(tmp_path, monkeypatch):
     """A build killed mid-way leaves ``.<world>.tmp-<pid>``; the next build of that world removes it (its
     process is gone), but never the directory of a build that is still running."""
@@ -168,3 +128,122 @@ def test_interrupted_builds_leave_nothing_that_outlives_them(tmp_path, monkeypat
     world = ensure_world(recipe, tmp_path)
     assert world.directory.name == name and world_build.verify(world.directory) is not None
     assert not stale.exists() and alive.exists()
+
+
+def test_compare_across_world_seeds_runs_each_world_and_reports_attacks_against_the_oracle(tmp_path):
+    """``compare --world-seeds=0,1`` end to end on two small worlds, each built here: each world's own comparison in
+    seed-<s>/, every number as the mean and sample sd of the worlds' rows (recomputed here from each world's
+    compare.json), the relearning and NF4 columns relative to the oracle under the same attack (recomputed from
+    report.json), and each run's report with its oracle column, distances and PrivLeak against the oracle."""
+    args = [
+        sys.executable,
+        "-m",
+        "jaxunlearn.experiments.compare",
+        f"--config={REPO / 'configs' / 'ga_kl.py'}",
+        f"--workdir={tmp_path / 'compare'}",
+        "--methods=ga",
+        "--lr_multipliers=1",
+        "--world-seeds=0,1",
+        "--config.train.max_steps=2",
+        "--config.evaluation.stop_approx_multiple=0",
+        "--config.evaluation.max_chunks=32",
+        "--config.evaluation.in_run_max_chunks=16",
+        "--config.evaluation.verbatim.max_chunks=0",
+        "--config.evaluation.attacks=relearn,nf4",
+        "--config.evaluation.relearning.steps=2",
+        "--config.evaluation.relearning.batch_size=4",
+        "--config.checkpoint.export=False",
+    ]
+    args += [f"--config.world.{k}={v}" for k, v in SMALL.items()]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "JAXUNLEARN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    worlds = {s: json.loads((tmp_path / "compare" / f"seed-{s}" / "compare.json").read_text()) for s in (0, 1)}
+    assert worlds[0]["original"]["forget"] != worlds[1]["original"]["forget"]  # two different worlds
+    rows = {s: w["rows"][0] for s, w in worlds.items()}
+    (ga,) = out["methods"]
+    assert ga["variant"] == "ga" and ga["wins"] == 2 and out["best"]["variant"] == "ga"
+    for column in ("score", "forget_ppl", "auc", "relearn_forget_ppl", "nf4_auc", "relearn_auc_vs_oracle"):
+        values = [rows[s][column] for s in (0, 1)]
+        assert ga[column]["mean"] == pytest.approx(np.mean(values))
+        assert ga[column]["sd"] == pytest.approx(np.std(values, ddof=1))
+    run = tmp_path / "compare" / "seed-1" / "ga" / f"lr-{rows[1]['lr']:.3g}"
+    report = json.loads((run / "report.json").read_text())
+    ours, oracle = report["models"]["unlearned"], report["models"]["oracle"]
+    relearned = ours["relearning"]["forget"]["after"]["forget_ppl"]
+    assert rows[1]["relearn_ppl_vs_oracle"] == pytest.approx(
+        relearned / oracle["relearning"]["forget"]["after"]["forget_ppl"]
+    )
+    nf4 = ours["quantization"]["nf4"]["auc"] - oracle["quantization"]["nf4"]["auc"]
+    assert rows[1]["nf4_auc_vs_oracle"] == pytest.approx(nf4)
+    md = (tmp_path / "compare" / "compare.md").read_text()
+    assert "compared on 2 built-in worlds (seeds 0, 1)" in md and " ± " in md and "## Targets on every world" in md
+    assert "Oracle under the attacks: relearn: forget ppl" in md
+    # Each run on a built-in world has its oracle column and the distances to it.
+    assert result.stderr.count("building the built-in world") == 2
+    assert set(report["models"]) == {"original", "oracle", "unlearned"}
+    distance = {name: model.get("oracle_distance") for name, model in report["models"].items()}
+    assert distance["oracle"] is None and distance["original"] and distance["unlearned"]
+    assert {"forget_ppl_ratio", "min_k_0.4_auc_diff", "kl_forget", "kl_retain"} <= set(distance["unlearned"])
+    assert np.isfinite(distance["unlearned"]["kl_forget"])
+    assert ours["mia"]["privleak"]["min_k_0.4"] == pytest.approx(
+        (ours["mia"]["min_k_0.4"]["auc"] - oracle["mia"]["min_k_0.4"]["auc"]) / oracle["mia"]["min_k_0.4"]["auc"] * 100
+    )
+    run_md = (run / "report.md").read_text()
+    assert "## Distance to the oracle" in run_md and "## Relearning attack" in run_md
+    assert run_md.startswith("# jaxunlearn report: ga on world:target\n")  # not the cache path
+    assert "forget: world:forget (built-in world)" in run_md
+
+
+def _world_rows(scores):
+    targets = dict(forget_ppl_vs_reference=1.0, auc_vs_reference=0.0, retain_change=0.0, general_change=0.0)
+    return [
+        {"variant": v, "lr": lr, "score": s, "forget_ppl": 100 + s, "relearn_steps": None if s > 1 else 2, **targets}
+        for (v, lr), s in scores.items()
+    ]
+
+
+def test_across_worlds_keeps_one_learning_rate_per_method_and_counts_wins():
+    """Hand-made per-world rows: each method's learning rate is the one with the lowest mean score (not the best
+    on each world), wins are counted at that rate, and a column missing on a world has no mean."""
+    from jaxunlearn.experiments.compare import across_worlds
+
+    scores = {
+        0: {("a", 1e-3): 0.2, ("a", 3e-3): 0.1, ("b", 1e-3): 0.3},
+        1: {("a", 1e-3): 0.2, ("a", 3e-3): 0.9, ("b", 1e-3): 0.1},
+        2: {("a", 1e-3): 0.2, ("a", 3e-3): 0.1, ("b", 1e-3): 1.5},
+    }
+    original = {"forget": 1.0, "approximate": 1.0}
+    world = {"original": original, "oracle": None, "original_auc": 0.8, "oracle_auc": None, "attacks": {}}
+    report = {
+        "models": {"original": {"perplexity": {s: {"ppl": 1.0} for s in original}, "mia": {"min_k_0.4": {"auc": 0.8}}}}
+    }
+    per_world = {
+        s: ({**world, "rows": _world_rows(sc), "best": {"variant": "a", "lr": 1e-3}}, report)
+        for s, sc in scores.items()
+    }
+    out = across_worlds(per_world)
+    methods = {m["variant"]: m for m in out["methods"]}
+    assert methods["a"]["lr"] == 1e-3  # mean 0.2, against 3e-3's 0.367 (better on two worlds of three)
+    assert methods["a"]["score"]["mean"] == pytest.approx(0.2) and methods["a"]["score"]["sd"] == pytest.approx(0.0)
+    assert methods["b"]["score"]["mean"] == pytest.approx(np.mean([0.3, 0.1, 1.5]))
+    assert methods["b"]["score"]["sd"] == pytest.approx(np.std([0.3, 0.1, 1.5], ddof=1))
+    assert (methods["a"]["wins"], methods["b"]["wins"]) == (2, 1)  # world 1: b's 0.1 beats a's 0.2
+    assert out["best"] == {"variant": "a", "lr": 1e-3}
+    assert methods["b"]["relearn_steps"] == {"values": [2, 2, None]}  # no mean over a world that never got back
+
+
+def test_compare_passes_explicit_overrides_even_when_equal_to_the_base_configs_default():
+    """``--config.method.retain_weight=1.0`` on a GA+KL base (whose default it is) must still reach UNDIAL, whose
+    own default is 0; a value only the base config's file sets differently is passed as before."""
+    from jaxunlearn.config import base_config
+    from jaxunlearn.experiments.compare import command_line_overrides, variant_config
+
+    config = base_config("ga_kl")
+    config.train.epochs = 2
+    assert "method.retain_weight" not in command_line_overrides(config, "builtin")
+    overrides = command_line_overrides(config, "builtin", {"method.retain_weight": 1.0, "optim.lr": 1e-3})
+    assert overrides == {"method.retain_weight": 1.0, "train.epochs": 2}  # lr is the sweep's own
+    assert variant_config("undial", "builtin", overrides, 1.0).method.retain_weight == 1.0
+    assert "retain_weight" not in variant_config("ga", "builtin", overrides, 1.0).method

@@ -22,7 +22,7 @@ def perplexity_hook(evals: RunEvaluations, writer: Any) -> Hook:
     def hook(info: StepInfo) -> None:
         if info.step >= info.total:
             return
-        entry = evals.in_run(info.state["params"], info.step)
+        entry = evals.in_run(info.params, info.step)
         writer.write(info.step, {f"{k}_ppl": v["ppl"] for k, v in entry["perplexity"].items()}, prefix="eval")
         info.evaluations["perplexity"] = entry
 
@@ -61,7 +61,7 @@ class StoppingRule:
             if info.step >= info.total or (info.step % self.every and entry is None):
                 return
             if entry is None:  # the forget split alone (and approximate for "current"): cheaper than all
-                entry = evals.in_run(info.state["params"], info.step, only=self.splits)
+                entry = evals.in_run(info.params, info.step, only=self.splits)
                 writer.write(info.step, {f"{k}_ppl": v["ppl"] for k, v in entry["perplexity"].items()}, prefix="eval")
             self.check(info, entry)
 

@@ -52,6 +52,8 @@ class Evaluator:
         self.chunk_size = chunk_size
         self._stats_steps: dict[bool, Any] = {}
         self._grad_norm_steps: dict[float, Any] = {}
+        # Programs other passes compile once for this model and mesh (the relearning attack's train step), by key.
+        self.compiled: dict[Any, Any] = {}
 
     @classmethod
     def for_run(cls, lm: LanguageModel, mesh: Mesh, config: Any) -> Evaluator:

@@ -15,6 +15,14 @@ import numpy as np
 MIA_KS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 
 
+def subset(n: int, limit: int) -> np.ndarray:
+    """``limit`` evenly spaced indices out of ``n`` (all when ``limit`` is 0 or large): a cap that still spans
+    every document, unlike the first ``limit`` chunks, which come from a handful of documents."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
 # --- perplexity and accuracy -------------------------------------------------------------------------------
 
 
@@ -182,6 +190,18 @@ def attack_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> d
         "tpr@1%fpr": tpr_at_fpr(fpr, tpr, 0.01),
         "tpr@5%fpr": tpr_at_fpr(fpr, tpr, 0.05),
     }
+
+
+def paired_min_k_auc(members: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray], k: float = 0.4) -> float:
+    """Min-K% AUC of members against non-members from the evaluation loop's statistics (``logprob``,
+    ``target_mask``), on as many chunks of each side (evenly spaced on the larger one), as the ``mia`` metric pairs
+    them."""
+    n = min(len(members["logprob"]), len(nonmembers["logprob"]))
+    scores = []
+    for stats in (members, nonmembers):
+        rows = subset(len(stats["logprob"]), n)
+        scores.append(min_k_score(valid_rows(stats["logprob"][rows], stats["target_mask"][rows]), k))
+    return attack_summary(*scores)["auc"]
 
 
 def privacy_leakage(auc_unlearned: float, auc_retrained: float) -> float:

@@ -17,21 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from jaxunlearn.data.chunks import Chunks
 from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.metrics import subset
+
+__all__ = ["subset"]  # re-exported: metrics pick their chunks with it
 
 # A metric's result may carry arrays for its plots under this key; they are kept out of report.json.
 ARTIFACTS = "_artifacts"
-
-
-def subset(n: int, limit: int) -> np.ndarray:
-    """``limit`` evenly spaced indices out of ``n`` (all when ``limit`` is 0 or large): a cap that still spans
-    every document, unlike the first ``limit`` chunks, which come from a handful of documents."""
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,10 @@ CACHE_FORMAT = 4
 
 def selected_metrics(evaluation: ml_collections.ConfigDict) -> list[tuple[Metric, dict[str, Any]]]:
     """The metrics ``config.evaluation.metrics`` lists, in order, with their options as plain values."""
+    from jaxunlearn.config import metric_options
+
     metrics = [get_metric(name) for name in evaluation.metrics]
-    return [(m, evaluation[m.name].to_dict() if m.options else {}) for m in metrics]
+    return [(m, metric_options(evaluation, m.name) if m.options else {}) for m in metrics]
 
 
 def perplexities(evaluator: Evaluator, params: dict, splits: Mapping[str, Chunks], limit: int) -> dict[str, dict]:

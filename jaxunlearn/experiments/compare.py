@@ -1,12 +1,18 @@
 """The paper's experiment: all seven methods, each with a small learning-rate sweep, on one world.
 
     python -m jaxunlearn.experiments.compare --config=configs/ga_kl.py [--workdir=workdirs/compare]
-        [--methods=ga,ga_kl] [--lr_multipliers=0.3,1,3] [--config.KEY=VALUE ...]
+        [--methods=ga,ga_kl] [--lr_multipliers=0.3,1,3] [--world_seeds=0,1,2] [--config.KEY=VALUE ...]
 
 The config supplies everything but the method and learning rate (world, data, evaluation, training); each
 variant starts from its own config file's defaults for the same preset, with the command line's overrides
 applied on top. Every run is an ordinary resumable run in ``<workdir>/<variant>/lr-<lr>`` (finished runs are
 reused). Writes ``compare.md``, ``compare.json`` and ``compare.png`` to the workdir.
+
+``--world_seeds`` (or ``--world-seeds``) repeats the whole comparison on built-in worlds of those seeds
+(``config.world.seed``: other forget/retain documents, another tokenizer, other initialisations; each world built
+once and cached), in ``<workdir>/seed-<s>/``, and reports every number as mean +- sd across the worlds. Each method
+keeps one learning rate for all of them (the one with the lowest mean score), and the comparison counts on how
+many worlds each method is the best.
 
 Selection: the best learning rate of a method, and the best method, minimise the *distance to the oracle*
 ``|ln(forget ppl / oracle forget ppl)| + |Min-K% AUC - oracle AUC| + max(0, ln(retain ppl / original))
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -41,6 +48,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/compare", "Experiment direct
 _METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Shipped config names to compare.")
 _LRS = flags.DEFINE_list("lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's.")
 _PRESET = flags.DEFINE_string("preset", "builtin", "The preset the variants are built with (builtin/arxiv/github).")
+_SEEDS = flags.DEFINE_list(
+    "world_seeds", [], "Built-in world seeds to repeat the comparison on (default: the config's)."
+)
+flags.DEFINE_alias("world-seeds", "world_seeds")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -73,14 +84,17 @@ def variant_config(name: str, preset: str, overrides: dict[str, Any], lr_multipl
     return config
 
 
-def command_line_overrides(config, preset: str) -> dict[str, Any]:
-    """Fields of ``config`` that differ from its method's base defaults (method name and lr excluded)."""
+def command_line_overrides(config, preset: str, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fields of ``config`` that differ from its method's base defaults, and the ``explicit`` command-line
+    overrides (``--config.KEY=VALUE``, even when equal to the base config's default: ``retain_weight=1`` must reach
+    a method whose own default is 0); method name and lr excluded."""
     from jaxunlearn.config import base_config
 
     default = _flat(base_config(config.method.name, preset=preset).to_dict())
     given = _flat(config.to_dict())
     skip = ("method.name", "optim.lr", "data.retain.")
-    return {k: v for k, v in given.items() if default.get(k) != v and not k.startswith(skip)}
+    keys = [k for k, v in given.items() if default.get(k) != v] + [k for k in explicit or {} if k in given]
+    return {k: given[k] for k in dict.fromkeys(keys) if not k.startswith(skip)}
 
 
 def _ppl(model: dict, split: str) -> float:
@@ -102,7 +116,7 @@ def summarise(report: dict) -> dict[str, Any]:
         "general_change": _ppl(unlearned, "general") / _ppl(original, "general") - 1,
         "auc": unlearned["mia"][AUC_ATTACK]["auc"],
         "loss_auc": unlearned["mia"]["loss"]["auc"],
-        "verbatim_rougeL": unlearned["verbatim"]["forget"].get("rougeL_f1", math.nan),
+        "verbatim_rougeL": unlearned.get("verbatim", {}).get("forget", {}).get("rougeL_f1", math.nan),
         "retrain_over_unlearn": report["compute"]["retraining_over_unlearning"],
     }
     reference_ppl = _ppl(oracle, "forget") if oracle else _ppl(original, "approximate")
@@ -118,6 +132,44 @@ def summarise(report: dict) -> dict[str, Any]:
         + max(0.0, math.log1p(row["retain_change"]))
         + max(0.0, math.log1p(row["general_change"]))
     )
+    row.update(attack_columns(unlearned, oracle))
+    return row
+
+
+# Relearning corpora (the relearning metric's) -> column prefix.
+RELEARN_PREFIXES = {"forget": "relearn", "retain": "relearn_related"}
+
+
+def attack_measurements(model: dict) -> dict[str, dict[str, Any]]:
+    """``{attack: {forget_ppl, auc[, steps]}}`` of one model's report entry: its forget perplexity and Min-K%
+    AUC after each relearning attack (and the steps back to the original's level) and each quantization."""
+    out = {}
+    for corpus, prefix in RELEARN_PREFIXES.items():
+        attack = (model.get("relearning") or {}).get(corpus)
+        if attack:
+            after = attack["after"]
+            out[prefix] = {
+                "forget_ppl": after["forget_ppl"],
+                "auc": after["auc"],
+                "steps": attack.get("steps_to_original"),
+            }
+    for scheme, measured in (model.get("quantization") or {}).items():
+        if scheme != "none":
+            out[scheme] = {"forget_ppl": measured["forget_ppl"], "auc": measured.get("auc", math.nan)}
+    return out
+
+
+def attack_columns(unlearned: dict, oracle: dict | None) -> dict[str, Any]:
+    """The unlearned model under each attack, and against the oracle under the same attack: ``<attack>_forget_ppl``,
+    ``<attack>_auc``, ``<attack>_steps`` (relearning: steps back to the original's forget perplexity, None = not
+    within the attack), ``<attack>_ppl_vs_oracle`` (ratio) and ``<attack>_auc_vs_oracle`` (difference)."""
+    theirs = attack_measurements(oracle) if oracle else {}
+    row = {}
+    for attack, m in attack_measurements(unlearned).items():
+        row.update({f"{attack}_{k}": v for k, v in m.items()})
+        if attack in theirs:
+            row[f"{attack}_ppl_vs_oracle"] = m["forget_ppl"] / theirs[attack]["forget_ppl"]
+            row[f"{attack}_auc_vs_oracle"] = m["auc"] - theirs[attack]["auc"]
     return row
 
 
@@ -160,6 +212,8 @@ def targets(report: dict, best: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, float):
@@ -187,15 +241,22 @@ COLUMNS = (
 )
 
 
-def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) -> dict[str, Any]:
-    """``compare.json``, ``compare.md`` and ``compare.png`` from every run's row and one run's report."""
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns: :data:`COLUMNS`, then every attack column some row has, in first-seen order."""
+    extra = [k for row in rows for k in row if k not in COLUMNS and k != "stopped" and not k.endswith("_change")]
+    return list(COLUMNS) + list(dict.fromkeys(extra))
+
+
+def world_result(rows: list[dict[str, Any]], reference: dict) -> dict[str, Any]:
+    """One world's comparison: every row, each method's best learning rate, the best method, the original's and
+    the oracle's numbers (under each attack too) and the targets."""
     best_by_variant = {}
     for row in rows:
         if row["variant"] not in best_by_variant or row["score"] < best_by_variant[row["variant"]]["score"]:
             best_by_variant[row["variant"]] = row
     best = min(best_by_variant.values(), key=lambda r: r["score"])
     models = reference["models"]
-    result = {
+    return {
         "rows": rows,
         "best_per_method": best_by_variant,
         "best": best,
@@ -206,22 +267,39 @@ def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) 
         "original_auc": models["original"]["mia"][AUC_ATTACK]["auc"],
         "oracle_auc": models["oracle"]["mia"][AUC_ATTACK]["auc"] if "oracle" in models else None,
         "targets": [dict(target=t, value=v, met=m) for t, v, m in targets(reference, best)],
+        "attacks": {name: attack_measurements(models[name]) for name in ("original", "oracle") if name in models},
     }
+
+
+def write_outputs(directory: Path, rows: list[dict[str, Any]], reference: dict) -> dict[str, Any]:
+    """``compare.json``, ``compare.md`` and ``compare.png`` from every run's row and one run's report."""
+    result = world_result(rows, reference)
     import jax
 
     if jax.process_index() == 0:  # every process holds the same result; one writes it
         (directory / "compare.json").write_text(json.dumps(result, indent=2))
-        (directory / "compare.md").write_text(_markdown(result, rows, best_by_variant, best))
-        _plot(directory / "compare.png", best_by_variant, result)
+        (directory / "compare.md").write_text(_markdown(result, rows, result["best_per_method"], result["best"]))
+        _plot(directory / "compare.png", result["best_per_method"], result)
     return result
 
 
-def _table_rows(rows) -> list[str]:
-    return ["| " + " | ".join(_fmt(r.get(c, math.nan)) for c in COLUMNS) + " |" for r in rows]
+def _table_rows(rows, cols: list[str]) -> list[str]:
+    return ["| " + " | ".join(_fmt(r.get(c, math.nan)) for c in cols) + " |" for r in rows]
+
+
+def _attack_lines(result: dict) -> list[str]:
+    """One line per reference model with its numbers under each attack (the baseline the columns compare to)."""
+    lines = []
+    for name, attacks in result.get("attacks", {}).items():
+        if attacks:
+            parts = [f"{a}: forget ppl {_fmt(m['forget_ppl'])}, AUC {_fmt(m['auc'])}" for a, m in attacks.items()]
+            lines.append(f"{name.capitalize()} under the attacks: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _markdown(result: dict, rows: list[dict], best_by_variant: dict, best: dict) -> str:
-    header = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(rows)
+    header = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     o = result["original"]
     lines = ["# Unlearning methods compared", ""]
     lines.append(
@@ -235,12 +313,13 @@ def _markdown(result: dict, rows: list[dict], best_by_variant: dict, best: dict)
             f"{r['approximate']:.4g}, retain {r['retain']:.4g}, general {r['general']:.4g}; Min-K% AUC "
             f"{result['oracle_auc']:.3f}."
         )
+    lines += _attack_lines(result)
     lines += ["", "## Best learning rate per method (lower score = closer to the oracle)", "", *header]
-    lines += _table_rows(sorted(best_by_variant.values(), key=lambda r: r["score"]))
+    lines += _table_rows(sorted(best_by_variant.values(), key=lambda r: r["score"]), cols)
     lines += ["", f"Best: **{best['variant']}** at lr {best['lr']:.3g}.", "", "## Targets", ""]
     lines += ["| target | value | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {_fmt(t['met'])} |" for t in result["targets"]]
-    lines += ["", "## Every run", "", *header, *_table_rows(rows), "", "![comparison](compare.png)", ""]
+    lines += ["", "## Every run", "", *header, *_table_rows(rows, cols), "", "![comparison](compare.png)", ""]
     return "\n".join(lines)
 
 
@@ -291,6 +370,73 @@ def _plot(path: Path, best: dict[str, dict], result: dict) -> None:
     plt.close(fig)
 
 
+def _mean_pm_sd(cell: dict[str, Any] | None) -> str:
+    """``mean +- sd``, or the per-world values (``-`` = none) when some world has no number."""
+    if cell is None:
+        return "-"
+    if "mean" in cell and not math.isnan(cell["mean"]):
+        return f"{_fmt(cell['mean'])} ± {cell['sd']:.2g}"
+    return "/".join(_fmt(v) for v in cell["values"])
+
+
+def _worlds_markdown(result: dict[str, Any]) -> str:
+    seeds = result["world_seeds"]
+    methods = result["methods"]
+    cols = [c for c in columns([{k: 0 for k in m} for m in methods]) if c not in ("variant", "lr", "wins")]
+    cols = [c for c in cols if any(c in m for m in methods)]
+    lines = [f"# Unlearning methods compared on {len(seeds)} built-in worlds (seeds {', '.join(map(str, seeds))})", ""]
+    lines += [
+        "| world seed | original forget ppl | approximate ppl | oracle forget ppl | original Min-K% AUC | "
+        "oracle Min-K% AUC | best method |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        w = result["worlds"][seed]
+        oracle = w["oracle"] or {}
+        cells = [w["original"]["forget"], w["original"]["approximate"], oracle.get("forget"), w["original_auc"]]
+        cells += [w["oracle_auc"], f"{w['best']['variant']} (lr {w['best']['lr']:.3g})"]
+        lines.append(f"| {seed} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    for seed in seeds:
+        attack_lines = _attack_lines(result["worlds"][seed])
+        lines += [f"World {seed}: {line}" for line in attack_lines]
+    lines += [
+        "",
+        "## Each method at one learning rate (mean ± sd over the worlds; lower score = closer to the oracle)",
+        "",
+        "Each method's learning rate is the one with the lowest mean score; *wins*: on how many worlds it has the "
+        "lowest score of all methods.",
+        "",
+        "| " + " | ".join(["variant", "lr", "wins", *cols]) + " |",
+        "|" + "---|" * (len(cols) + 3),
+    ]
+    for m in methods:
+        lines.append(
+            "| "
+            + " | ".join(
+                [m["variant"], f"{m['lr']:.3g}", f"{m['wins']}/{len(seeds)}"] + [_mean_pm_sd(m.get(c)) for c in cols]
+            )
+            + " |"
+        )
+    best = result["best"]
+    lines += [
+        "",
+        f"Best: **{best['variant']}** at lr {best['lr']:.3g}.",
+        "",
+        "## Targets on every world (best method)",
+        "",
+    ]
+    lines += [
+        "| target | " + " | ".join(f"seed {s}" for s in seeds) + " | every world |",
+        "|" + "---|" * (len(seeds) + 2),
+    ]
+    for i, first in enumerate(result["targets"][seeds[0]]):
+        per_seed = [result["targets"][s][i] for s in seeds]
+        cells = [f"{t['value']} ({_fmt(t['met'])})" for t in per_seed]
+        lines.append(f"| {first['target']} | " + " | ".join(cells) + f" | {_fmt(all(t['met'] for t in per_seed))} |")
+    lines += ["", "Each world's own comparison: " + ", ".join(f"[seed {s}](seed-{s}/compare.md)" for s in seeds), ""]
+    return "\n".join(lines)
+
+
 def read_report(run_dir: str) -> dict[str, Any]:
     """A finished run's ``report.json``, as process 0 reads it (only process 0 writes it), on every process."""
     import jax
@@ -307,15 +453,13 @@ def read_report(run_dir: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def run_comparison(config, workdir: str | Path, methods, multipliers, preset: str) -> dict[str, Any]:
-    from jaxunlearn import sharding
+def compare_world(
+    base: str, methods, multipliers, preset: str, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method x learning rate on one world, in ``base``; writes its comparison and returns it with one run's
+    report (the world's original and oracle numbers)."""
     from jaxunlearn.engine import unlearn
 
-    if config.get("distributed", False):
-        sharding.initialize_distributed()  # once for every run below (each run's own call then does nothing)
-    base = locations.shown(workdir)
-    locations.check(base, "--workdir")  # before any run
-    overrides = command_line_overrides(config, preset)
     rows, reference = [], None
     for name in methods:
         for multiplier in multipliers:
@@ -327,7 +471,106 @@ def run_comparison(config, workdir: str | Path, methods, multipliers, preset: st
             reference = reference or report
             rows.append({"variant": name, "lr": variant.optim.lr, **summarise(report)})
     with locations.output_directory(base, "--workdir") as directory:
-        return write_outputs(directory, rows, reference)
+        return write_outputs(directory, rows, reference), reference
+
+
+def run_comparison(
+    config,
+    workdir: str | Path,
+    methods,
+    multipliers,
+    preset: str,
+    world_seeds: list[int] | None = None,
+    explicit: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The comparison on the config's world, or on each world of ``world_seeds`` and across them; ``explicit``:
+    the command line's ``--config.*`` overrides (:func:`command_line_overrides`)."""
+    from jaxunlearn import sharding
+
+    if config.get("distributed", False):
+        sharding.initialize_distributed()  # once for every run below (each run's own call then does nothing)
+    base = locations.shown(workdir)
+    locations.check(base, "--workdir")  # before any run
+    overrides = command_line_overrides(config, preset, explicit)
+    if not world_seeds:
+        return compare_world(base, methods, multipliers, preset, overrides)[0]
+    per_world = {}
+    for seed in world_seeds:
+        print(f"[compare] world seed {seed}", flush=True)
+        per_world[seed] = compare_world(
+            locations.join(base, f"seed-{seed}"), methods, multipliers, preset, {**overrides, "world.seed": seed}
+        )
+    result = across_worlds(per_world)
+    import jax
+
+    with locations.output_directory(base, "--workdir") as directory:
+        if jax.process_index() == 0:
+            (directory / "compare.json").write_text(json.dumps(result, indent=2))
+            (directory / "compare.md").write_text(_worlds_markdown(result))
+    return result
+
+
+# --- across worlds -------------------------------------------------------------------------------------------
+
+
+def _mean_sd(values: list[Any]) -> dict[str, Any]:
+    """``{mean, sd, values}`` of per-world values (sd: the sample standard deviation, 0 for one world); without
+    a mean when some world has no number (a relearning attack that never got back)."""
+    out: dict[str, Any] = {"values": values}
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        arr = np.asarray(values, np.float64)
+        out.update(mean=float(arr.mean()), sd=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
+    return out
+
+
+def across_worlds(per_world: dict[int, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """``per_world``: seed -> (its comparison, one of its reports). Each method's numbers as mean +- sd over the worlds, at the one learning rate per method with the lowest
+    mean score; on how many worlds each method is the best (at that learning rate); the targets on every world
+    for the method with the lowest mean score."""
+    seeds = list(per_world)
+    settings: dict[tuple[str, float], dict[int, dict]] = {}
+    for seed, (world, _) in per_world.items():
+        for row in world["rows"]:
+            settings.setdefault((row["variant"], row["lr"]), {})[seed] = row
+    complete = {k: v for k, v in settings.items() if len(v) == len(seeds)}
+    summaries = {}
+    for (variant, lr), by_seed in complete.items():
+        rows = [by_seed[s] for s in seeds]
+        cols = [c for c in columns(rows) if c not in ("variant", "lr")]
+        summaries[(variant, lr)] = {
+            "variant": variant,
+            "lr": lr,
+            **{c: _mean_sd([r.get(c) for r in rows]) for c in cols if any(c in r for r in rows)},
+        }
+    chosen = {}
+    for (variant, _), summary in summaries.items():
+        if variant not in chosen or summary["score"]["mean"] < chosen[variant]["score"]["mean"]:
+            chosen[variant] = summary
+    wins = dict.fromkeys(chosen, 0)
+    for seed in seeds:
+        scores = {v: complete[(v, c["lr"])][seed]["score"] for v, c in chosen.items()}
+        wins[min(scores, key=scores.get)] += 1
+    for variant, summary in chosen.items():
+        summary["wins"] = wins[variant]
+    best = min(chosen.values(), key=lambda r: r["score"]["mean"])
+    per_seed_targets = {
+        seed: [
+            dict(target=t, value=v, met=m)
+            for t, v, m in targets(reference, complete[(best["variant"], best["lr"])][seed])
+        ]
+        for seed, (_, reference) in per_world.items()
+    }
+    return {
+        "world_seeds": seeds,
+        "methods": sorted(chosen.values(), key=lambda r: r["score"]["mean"]),
+        "settings": list(summaries.values()),
+        "best": {"variant": best["variant"], "lr": best["lr"]},
+        "targets": per_seed_targets,
+        "worlds": {
+            seed: {k: w[k] for k in ("original", "oracle", "original_auc", "oracle_auc", "attacks", "best")}
+            for seed, (w, _) in per_world.items()
+        },
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -344,7 +587,18 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     multipliers = [float(x) for x in _LRS.value]
     cpu_devices.configure(_CONFIG.value)  # before JAX starts: one CPU device per core
-    result = run_comparison(_CONFIG.value, _WORKDIR.value, _METHODS.value, multipliers, _PRESET.value)
+    try:
+        seeds = [int(x) for x in _SEEDS.value]
+    except ValueError:
+        _fail(f"--world_seeds={','.join(_SEEDS.value)}: give integers, e.g. --world_seeds=0,1,2")
+    if seeds and len(set(seeds)) != len(seeds):
+        _fail(f"--world_seeds={','.join(_SEEDS.value)}: a seed appears twice")
+    if seeds and _PRESET.value != "builtin":
+        _fail(
+            f"--world_seeds repeats the comparison on built-in worlds: it needs --preset=builtin, not {_PRESET.value}"
+        )
+    explicit = config_flags.get_override_values(flags.FLAGS["config"])
+    result = run_comparison(_CONFIG.value, _WORKDIR.value, _METHODS.value, multipliers, _PRESET.value, seeds, explicit)
     print(f"comparison: {locations.join(locations.shown(_WORKDIR.value), 'compare.md')}", file=sys.stdout)
     print(f"best: {result['best']['variant']} at lr {result['best']['lr']:.3g}")
 

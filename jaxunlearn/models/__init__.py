@@ -89,6 +89,11 @@ class LanguageModel:
         """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype."""
         return self.bind(params).hidden_states(tokens, mask)
 
+    def residual_stream(self, params: dict, tokens: jax.Array, mask: jax.Array | None, layers: int) -> jax.Array:
+        """The residual stream ``[batch, length, embed]`` after the first ``layers`` decoder layers (no final
+        norm; only those layers run): transformers' ``output_hidden_states[layers]``."""
+        return self.bind(params).hidden_states(tokens, mask, upto=layers)
+
     def head(self, params: dict) -> jax.Array:
         """The ``[embed, vocab]`` output projection."""
         return self.bind(params).head_kernel()

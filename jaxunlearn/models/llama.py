@@ -342,13 +342,19 @@ class Transformer(nnx.Module):
         attention_mask: Array | None = None,
         positions: Array | None = None,
         cache: KVCache | None = None,
+        *,
+        upto: int | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype.
 
         With a ``cache``, ``tokens`` are appended to it (their keys/values written at ``cache.index``), queries
-        attend over every cached slot, and ``(hidden, new_cache)`` is returned.
+        attend over every cached slot, and ``(hidden, new_cache)`` is returned. With ``upto``, only the first
+        ``upto`` decoder layers run and the residual stream after them is returned, without the final norm
+        (transformers' ``hidden_states[upto]``: what a forward hook on ``model.layers[upto - 1]`` sees).
         """
         cfg = self.config
+        if upto is not None and not (1 <= upto <= cfg.num_layers and cache is None):
+            raise ValueError(f"upto={upto}: between 1 and num_layers={cfg.num_layers}, without a cache")
         b, t = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.index
@@ -360,10 +366,13 @@ class Transformer(nnx.Module):
         x = constrain(x, ACTIVATION)
 
         graphdef, state = nnx.split(self.layers)
+        num_layers = cfg.num_layers if upto is None else upto
+        if num_layers < cfg.num_layers:  # the stacked parameters of the first layers only: nothing else runs
+            state = jax.tree.map(lambda a: a[:num_layers], state)
         # One window for every layer (the usual case) is a constant, not a scanned value: the compiler then builds
         # no per-layer [length, length] mask, and none at all for full causal attention.
         uniform = len(set(cfg.sliding_windows)) == 1
-        windows = None if uniform else jnp.asarray(cfg.sliding_windows, jnp.int32)
+        windows = None if uniform else jnp.asarray(cfg.sliding_windows[:num_layers], jnp.int32)
         if cache is None:
             key_positions, key_valid = positions, valid
         else:
@@ -379,7 +388,9 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[cfg.remat], prevent_cse=False)
         scanned = (state, windows) if cache is None else (state, windows, cache.k, cache.v)
-        x, new_kv = _run_layers(layer_step, x, scanned, cfg.num_layers)
+        x, new_kv = _run_layers(layer_step, x, scanned, num_layers)
+        if upto is not None:
+            return x
         hidden = self.final_norm(x)
         if cache is None:
             return hidden

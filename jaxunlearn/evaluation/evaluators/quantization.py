@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxunlearn.evaluation import metrics as M
-from jaxunlearn.evaluation.registry import EvalContext, Option, register_metric, subset
+from jaxunlearn.evaluation.registry import EvalContext, Option, register_metric
 from jaxunlearn.evaluation.tables import section
 from jaxunlearn.quantization import SCHEMES, parse_schemes, quantize_params
 
@@ -29,22 +29,10 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     return section("Quantization attack", note, results, "weights", fields, 4)
 
 
-def _min_k_auc(stats: Mapping[str, dict]) -> float:
-    """Min-K% (k=0.4) AUC of as many forget (member) as approximate (non-member) chunks, as the mia metric pairs
-    them."""
-    n = min(len(stats[MEMBERS]["logprob"]), len(stats[NONMEMBERS]["logprob"]))
-    scores = []
-    for split in (MEMBERS, NONMEMBERS):
-        rows = subset(len(stats[split]["logprob"]), n)
-        logprobs = M.valid_rows(stats[split]["logprob"][rows], stats[split]["target_mask"][rows])
-        scores.append(M.min_k_score(logprobs, K))
-    return M.attack_summary(*scores)["auc"]
-
-
 def _measure(stats: Mapping[str, dict]) -> dict[str, float]:
     out = {f"{split}_ppl": M.perplexity_metrics(s)["ppl"] for split, s in stats.items()}
     if MEMBERS in stats and NONMEMBERS in stats:
-        out["auc"] = _min_k_auc(stats)
+        out["auc"] = M.paired_min_k_auc(stats[MEMBERS], stats[NONMEMBERS], K)
     return out
 
 
