@@ -453,11 +453,13 @@ def _check_evaluation(config: ml_collections.ConfigDict) -> None:
     e = config.evaluation
     metrics = registered()
     for name in e.metrics:
+        # `--config.evaluation.metrics=a,b` arrives as ("a,b",): a tuple flag needs a Python literal
+        hint = " (a list on the command line: \"--config.evaluation.metrics=('a','b')\")" if "," in name else ""
         _check(
             name in metrics,
             "config.evaluation.metrics",
             e.metrics,
-            f"{name!r} is not a metric; known: {', '.join(sorted(metrics))}",
+            f"{name!r} is not a metric; known: {', '.join(sorted(metrics))}{hint}",
         )
     for attack in parse_list(e.attacks):
         _check(attack in ATTACKS, "config.evaluation.attacks", e.attacks, f"{attack!r} is not one of {tuple(ATTACKS)}")

@@ -165,3 +165,8 @@ def test_attacks_are_named_and_need_their_data(setup, tmp_path):
     config.data.retain.path = ""
     with pytest.raises(ConfigError, match="config.data.retain.path=''.*relearning on related text"):
         validate(config)
+    config = base_config("ga", preset="arxiv")
+    config.model.path = "01-ai/Yi-6B"
+    config.evaluation.metrics = ("perplexity,mia",)  # what `--config.evaluation.metrics=perplexity,mia` gives
+    with pytest.raises(ConfigError, match=r"'perplexity,mia' is not a metric.*a list on the command line"):
+        validate(config)
