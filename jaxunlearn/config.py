@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxunlearn import presets
+from jaxunlearn.data.qa import check_template
 from jaxunlearn.evaluation.registry import registered
 from jaxunlearn.objectives import METHODS, get_method, method_hparams, resolve_needs
 from jaxunlearn.sharding import DEFAULT_RULES, MeshError, normalize_rules
@@ -19,6 +21,19 @@ from jaxunlearn.world.build import WorldRecipe
 
 # The paper's data set on the Hugging Face Hub (configs arxiv / github / general).
 PAPER_DATASET = "llmunlearn/unlearn_dataset"
+# The paper's third domain, books, was never released (only arXiv, GitHub and general text are on the Hub). The
+# `books` preset stands in PG-19 (DeepMind's Project Gutenberg books published before 1919; TensorFlow Datasets
+# `pg19`, text feature `book_text`; train 28,602 / validation 50 / test 100 books), prepared in a TFDS data_dir.
+# TFDS stores a split in a fixed order by a hash of each book's id, the same on every machine, so the first books of
+# `train` are a fixed pseudo-random sample of it: forget = the first 50 (about 20 MB of text at PG-19's mean of
+# ~0.4 MB a book, the size of the paper's arXiv forget set, 22 MB), in-distribution retain = the next 100 (disjoint
+# from forget), approximate = the 100 `test` books (never trained on by the unlearning, same era and source).
+BOOKS_COLUMN = "book_text"
+BOOKS_SPLITS = {
+    "forget": "tfds:pg19:train[:50]",
+    "retain": "tfds:pg19:train[50:150]",
+    "approximate": "tfds:pg19:test",
+}
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
 WORLD_POSITIVE = (
@@ -44,10 +59,29 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message starts with the key."""
 
 
-def split_config(path: str = "", name: str = "", split: str = "", column: str = "", max_documents: int = 0):
-    """One data split: a local file/directory or a Hub dataset (``path``, ``name``, ``split``)."""
+def split_config(
+    path: str = "",
+    name: str = "",
+    split: str = "",
+    column: str = "",
+    max_documents: int = 0,
+    tfds_data_dir: str = "",
+    question: str = "",
+):
+    """One data split: a local file/directory, a Hub dataset (``path``, ``name``, ``split``) or a TensorFlow Datasets
+    selection (``path="tfds:NAME[/CONFIG][:VERSION]:SPLIT"``, read from ``tfds_data_dir``, default TFDS's own).
+    ``question``: question-answer data, the question column (``column`` is the answer's, default ``answer``): one
+    chunk per record, laid out by ``data.qa_template``, whose loss counts the answer only."""
     return ml_collections.ConfigDict(
-        dict(path=path, name=name, split=split, column=column, max_documents=max_documents)
+        dict(
+            path=path,
+            name=name,
+            split=split,
+            column=column,
+            max_documents=max_documents,
+            tfds_data_dir=tfds_data_dir,
+            question=question,
+        )
     )
 
 
@@ -56,7 +90,8 @@ def method_config(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name=name, **get_method(name).hparams))
 
 
-PRESETS = ("builtin", "arxiv", "github")
+PAPER_PRESETS = ("builtin", "arxiv", "github", "books")
+PRESETS = PAPER_PRESETS + presets.names()  # and the benchmarks': tofu[_forget01|05|10], ...
 
 
 def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "in_distribution"):
@@ -64,7 +99,9 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
 
     ``preset``: ``builtin`` (default) runs on the built-in world, a small model pre-trained on this machine with
     its exact-retrain oracle (:mod:`jaxunlearn.world`); ``arxiv``/``github`` are the paper's recipe on its data
-    set (give the model with ``--config.model.path``; Yi-6B in the paper). Config files pass the preset through:
+    set (give the model with ``--config.model.path``; Yi-6B in the paper), and ``books`` the same recipe on PG-19
+    books from a TFDS data_dir (see ``BOOKS_SPLITS``); the benchmarks' presets (``tofu``, ...) are in
+    :mod:`jaxunlearn.presets`. Config files pass the preset through:
     ``--config=configs/ga_kl.py:arxiv``. ``retain`` picks the retain set of methods with a retain term: the
     domain's own retain split (``in_distribution``) or the general corpus (``general``).
     """
@@ -72,7 +109,7 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
         raise ConfigError(f"preset {preset!r}: choose one of {', '.join(PRESETS)} (e.g. --config=configs/ga.py:arxiv)")
     if retain not in ("in_distribution", "general"):
         raise ConfigError(f"retain={retain!r}: choose in_distribution or general")
-    domain = preset if preset != "builtin" else "arxiv"
+    domain = preset if preset in PAPER_PRESETS[1:] else "arxiv"
     c = ml_collections.ConfigDict()
     c.seed = 42
     c.model = _model_section()
@@ -115,6 +152,8 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
     if preset == "builtin":
         _use_builtin_world(c, method, retain)
+    elif preset not in PAPER_PRESETS:
+        presets.apply(c, preset, retain)
     return c
 
 
@@ -133,8 +172,15 @@ def _model_section() -> ml_collections.ConfigDict:
     )
 
 
+def _domain_split(domain: str, split: str) -> ml_collections.ConfigDict:
+    """One split of a paper domain: the Hub data set's, or PG-19's in TFDS for ``books``."""
+    if domain == "books":
+        return split_config(BOOKS_SPLITS[split], column=BOOKS_COLUMN)
+    return split_config(PAPER_DATASET, domain, split)
+
+
 def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
-    retain_split = split_config(PAPER_DATASET, domain, "retain")
+    retain_split = _domain_split(domain, "retain")
     if retain == "general":
         retain_split = split_config(PAPER_DATASET, "general", "retain")
     return ml_collections.ConfigDict(
@@ -142,12 +188,16 @@ def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
             max_length=4096,
             min_chunk_tokens=5,  # >= 2: a chunk needs a next-token target
             add_special_tokens=True,
+            # How a question-answer split (one with a `question` column) lays out each record: a string with
+            # {question} ending in {answer}, "chat[:SYSTEM PROMPT]" for the tokenizer's chat template, or "" for
+            # "Question: {question}\nAnswer: {answer}".
+            qa_template="",
             cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
-            forget=split_config(PAPER_DATASET, domain, "forget"),
+            forget=_domain_split(domain, "forget"),
             retain=retain_split,
             # Evaluation only: unseen same-domain documents (the MIA non-members and the "approximate
             # retraining" reference) and general held-out text. An empty path skips a split.
-            approximate=split_config(PAPER_DATASET, domain, "approximate"),
+            approximate=_domain_split(domain, "approximate"),
             general=split_config(PAPER_DATASET, "general", "evaluation"),
             # Retain-set utility is measured on this split when given, else on `retain`.
             eval_retain=split_config(),
@@ -384,7 +434,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # Settings that name a place: a local path, a Hub id, a ``world:`` name or a storage URL (gs://, file://, ...).
-_LOCATION_KEYS = ("path", "tokenizer", "oracle_model", "cache_dir")
+_LOCATION_KEYS = ("path", "tokenizer", "oracle_model", "cache_dir", "tfds_data_dir")
 
 
 def _check_locations(given: dict[str, Any]) -> None:
@@ -446,6 +496,20 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
         d.min_chunk_tokens,
         "in [2, max_length] (a chunk needs two tokens for one next-token target)",
     )
+    if d.qa_template and any(d[split].get("question") for split in DATA_SPLITS):
+        try:
+            check_template(d.qa_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    from jaxunlearn.data import tfds_source
+
+    for split in DATA_SPLITS:
+        path = d[split].path
+        if tfds_source.is_tfds_path(path):  # the selection's syntax; whether it is prepared is read with the data
+            try:
+                tfds_source.parse(path)
+            except ValueError as e:
+                raise ConfigError(f"config.data.{split}.path={path!r}: {e}") from None
 
 
 def _check_evaluation(config: ml_collections.ConfigDict) -> None:
@@ -485,7 +549,8 @@ def _check_evaluation(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.model.path={config.model.path!r} with the built-in world's oracle "
             f"(config.evaluation.oracle_model={e.oracle_model!r}), which is a retrain of the built-in target only: "
-            "for your own model use the paper's presets (e.g. --config=configs/ga_kl.py:arxiv or :github), or set "
+            "for your own model use the paper's presets (e.g. --config=configs/ga_kl.py:arxiv, :github or :books), "
+            "or set "
             "--config.evaluation.oracle_model to a model retrained without the forget set (or '' for none)"
         )
 

@@ -25,12 +25,29 @@ from jaxunlearn.sharding import constrain
 Array = jax.Array
 
 
-def next_token_targets(tokens: Array, mask: Array) -> tuple[Array, Array]:
-    """``(targets, target_mask)``: ``targets[:, t] = tokens[:, t + 1]``; the last position has no target."""
+def next_token_targets(tokens: Array, mask: Array, prompt_length: Array | None = None) -> tuple[Array, Array]:
+    """``(targets, target_mask)``: ``targets[:, t] = tokens[:, t + 1]``; the last position has no target.
+
+    ``prompt_length`` ``[batch]`` (question-answer chunks): the first ``prompt_length`` tokens are context only,
+    never targets, so only the answer's tokens are scored (0 for plain text: every token after the first).
+    """
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = mask.astype(bool)
     target_mask = jnp.concatenate([mask[:, 1:] & mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
+    if prompt_length is not None:
+        target_mask = target_mask & answer_positions(mask, prompt_length, shift=1)
     return targets, target_mask
+
+
+def answer_positions(mask: Array, prompt_length: Array | None, *, shift: int = 0) -> Array:
+    """``[batch, length]`` bool: the non-padding positions ``t`` with ``t + shift >= prompt_length`` (the answer's
+    tokens with ``shift=0``; the positions that predict them, and any after, with ``shift=1``). Without
+    ``prompt_length`` (plain text): every non-padding position."""
+    mask = mask.astype(bool)
+    if prompt_length is None:
+        return mask
+    positions = jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :] + shift
+    return mask & (positions >= jnp.asarray(prompt_length, jnp.int32)[:, None])
 
 
 def map_sequence_chunks(fn: Callable[..., Any], chunk_size: int, *arrays: Array) -> Any:

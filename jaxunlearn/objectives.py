@@ -206,7 +206,7 @@ class Context:
 
     def nll_of_hidden(self, params: dict, hidden: Array, split: Split, targets: Array | None = None) -> Array:
         """Per-sequence mean NLL ``[batch]`` of ``targets`` (default: the true next tokens) from hidden states."""
-        true_targets, target_mask = losses.next_token_targets(split["tokens"], split["mask"])
+        true_targets, target_mask = targets_of(split)
         targets = true_targets if targets is None else targets
         logp = losses.token_logprobs(hidden, self.model.head(params), targets, chunk_size=self.chunk_size)
         return losses.sequence_mean(-logp, target_mask)
@@ -231,11 +231,12 @@ class Context:
             self.model.head(params),
             chunk_size=self.chunk_size,
         )
-        return losses.sequence_mean(kl, split["mask"])
+        return losses.sequence_mean(kl, scored_positions(split, shift=1))
 
     def mean_kl_of_hidden(self, params: dict, hidden: Array, ref_params: dict, split: Split) -> Array:
         """The mean over non-empty sequences of :meth:`kl_of_hidden`."""
-        return mean_over_sequences(self.kl_of_hidden(params, hidden, ref_params, split), split["mask"].any(-1))
+        valid = scored_positions(split, shift=1).any(-1)
+        return mean_over_sequences(self.kl_of_hidden(params, hidden, ref_params, split), valid)
 
     def mean_kl(self, params: dict, ref_params: dict, split: Split) -> Array:
         """The mean over non-empty sequences of ``KL(p_ref || p)`` on ``split``."""
@@ -252,9 +253,21 @@ def mean_over_sequences(values: Array, valid: Array) -> Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def targets_of(split: Split) -> tuple[Array, Array]:
+    """``(targets, target_mask)`` of a split's chunks: the next tokens, scored only in the answer of a
+    question-answer chunk (its ``prompt_length`` first tokens are context; :func:`losses.next_token_targets`)."""
+    return losses.next_token_targets(split["tokens"], split["mask"], split.get("prompt_length"))
+
+
+def scored_positions(split: Split, shift: int) -> Array:
+    """``[batch, length]`` bool: the non-padding positions of a split's chunks outside a question-answer chunk's
+    prompt (``shift=0``: the answer's tokens; ``shift=1``: the positions that predict them; plain text: all)."""
+    return losses.answer_positions(split["mask"], split.get("prompt_length"), shift=shift)
+
+
 def has_target(split: Split) -> Array:
     """``[batch]`` bool: the sequence has at least one next-token target (two real tokens)."""
-    return losses.next_token_targets(split["tokens"], split["mask"])[1].any(-1)
+    return targets_of(split)[1].any(-1)
 
 
 # --- the paper's methods ----------------------------------------------------------------------------------
@@ -350,7 +363,7 @@ def random_label(params, ref_params, batch, rng, ctx: Context):
 
 def adversarial_labels(params: dict, split: Split, ctx: Context) -> Array:
     """At each position, the original model's most likely next token other than the true next token."""
-    true_targets, _ = losses.next_token_targets(split["tokens"], split["mask"])
+    true_targets, _ = targets_of(split)
     hidden = ctx.forward(params, split)
     labels = losses.top_token_excluding(hidden, ctx.model.head(params), true_targets, chunk_size=ctx.chunk_size)
     return jax.lax.stop_gradient(labels)
@@ -402,7 +415,7 @@ def npo_term(
 ) -> tuple[Array, dict[str, Array]]:
     """``-(2/beta) log sigmoid(-beta (log p(x) - log p_ref(x)))`` averaged over forget chunks, with sequence
     log-likelihoods summed over tokens (``hidden``: the trained model's hidden states on ``forget``)."""
-    _, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    _, target_mask = targets_of(forget)
     valid = target_mask.any(-1)
     n_tokens = jnp.maximum(jnp.sum(target_mask, axis=-1), 1)
     logp = -ctx.nll_of_hidden(params, hidden, forget) * n_tokens
@@ -453,7 +466,7 @@ def weighted_ascent_term(
     ``p_t`` the probability of the true next token with no gradient through the weight. Minimising it is gradient
     ascent on each token's NLL weighted by ``weight(p_t)``. (open-unlearning averages over every token of the batch
     at once; here each chunk weighs the same, as in every jaxunlearn objective: equal for full chunks.)"""
-    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    targets, target_mask = targets_of(forget)
     logp = losses.token_logprobs(hidden, ctx.model.head(params), targets, chunk_size=ctx.chunk_size)
     w = weight(jax.lax.stop_gradient(jnp.exp(logp)))
     valid = has_target(forget)
@@ -499,7 +512,7 @@ def undial(params, ref_params, batch, rng, ctx: Context):
     ``retain_weight`` x NLL(retain) when > 0 (open-unlearning's default weight is 0)."""
     hidden = trained_hidden(params, batch, ctx)
     forget = ctx.split(batch, "forget")
-    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
+    targets, target_mask = targets_of(forget)
     teacher = jax.lax.stop_gradient(ctx.forward(ref_params, forget))
     ce = losses.token_dampened_distillation(
         teacher,
@@ -525,9 +538,11 @@ def cross_entropy_unlearning(params, ref_params, batch, rng, ctx: Context):
     the first answer tokens; token 0 is never a target, so the default 1 skips nothing in plain text."""
     hidden = trained_hidden(params, batch, ctx)
     forget = ctx.split(batch, "forget")
-    targets, target_mask = losses.next_token_targets(forget["tokens"], forget["mask"])
-    # Target t is token t + 1: skip those whose token index is below ignore_first_tokens.
-    target_mask = target_mask & (jnp.arange(targets.shape[1]) + 1 >= ctx.hparams["ignore_first_tokens"])[None]
+    targets, target_mask = targets_of(forget)
+    # Target t is token t + 1: skip those whose index within the answer (the whole chunk for plain text) is below
+    # ignore_first_tokens.
+    first = ctx.hparams["ignore_first_tokens"] + forget.get("prompt_length", 0)
+    target_mask = target_mask & (jnp.arange(targets.shape[1])[None, :] + 1 >= jnp.reshape(first, (-1, 1)))
     ce = losses.token_excluded_target_ce(hidden["forget"], ctx.model.head(params), targets, chunk_size=ctx.chunk_size)
     term = mean_over_sequences(losses.sequence_mean(ce, target_mask), target_mask.any(-1))
     loss = ctx.hparams["forget_weight"] * term
@@ -633,15 +648,15 @@ def representation_misdirection(params, ref_params, batch, rng, ctx: Context):
     activations = dict(zip(names, ctx.hidden(params, *splits, upto=upto)))
     forget = splits[0]
     control = control_vector(ctx.model.config.hidden_size, ctx.seed, ctx.hparams["steering_coeff"])
-    term = mean_over_sequences(activation_mse(activations["forget"], control, forget["mask"]), forget["mask"].any(-1))
+    positions = scored_positions(forget, shift=0)
+    term = mean_over_sequences(activation_mse(activations["forget"], control, positions), positions.any(-1))
     loss = ctx.hparams["forget_weight"] * term
 
     def retain_term() -> Array:
         retain = ctx.split(batch, "retain")
         frozen = jax.lax.stop_gradient(ctx.forward(ref_params, retain, upto=upto))
-        return mean_over_sequences(
-            activation_mse(activations["retain"], frozen, retain["mask"]), retain["mask"].any(-1)
-        )
+        positions = scored_positions(retain, shift=0)
+        return mean_over_sequences(activation_mse(activations["retain"], frozen, positions), positions.any(-1))
 
     return _with_retain_term(loss, {"rmu_forget": term}, "rmu_retain", retain_term, ctx)
 

@@ -153,6 +153,7 @@ def load_splits(
                 min_tokens=d.min_chunk_tokens,
                 add_special_tokens=d.add_special_tokens,
                 cache_dir=cache_dir or None,
+                qa_template=d.get("qa_template", ""),
             )
     for split, c in chunks.items():
         top = int(c.tokens.max())

@@ -26,12 +26,6 @@ from jaxunlearn.train import batch_shardings, compile_train_step, init_state, ma
 from jaxunlearn.train import state_shardings as train_state_shardings
 
 
-def take(chunks: Chunks, index: np.ndarray) -> Chunks:
-    """The chunks at ``index`` (their documents renumbered from 0)."""
-    docs, doc_index = np.unique(chunks.doc_index[index], return_inverse=True)
-    return Chunks(chunks.tokens[index], chunks.lengths[index], doc_index.astype(np.int32), len(docs))
-
-
 def split_by_document(chunks: Chunks, fraction: float, seed: int) -> tuple[Chunks, Chunks]:
     """``(relearn, measured)``: the chunks of a seeded ``fraction`` of the documents (at least one), and those of
     the others (at least one). Whole documents go to one side, so the measured text was never relearned."""
@@ -41,7 +35,7 @@ def split_by_document(chunks: Chunks, fraction: float, seed: int) -> tuple[Chunk
     n = min(max(1, round(fraction * len(docs))), len(docs) - 1)
     chosen = np.random.default_rng([seed, 0x4E1]).permutation(docs)[:n]
     relearn = np.isin(chunks.doc_index, chosen)
-    return take(chunks, np.flatnonzero(relearn)), take(chunks, np.flatnonzero(~relearn))
+    return chunks.take(np.flatnonzero(relearn)), chunks.take(np.flatnonzero(~relearn))
 
 
 @dataclasses.dataclass(frozen=True)

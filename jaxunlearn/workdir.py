@@ -80,7 +80,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ and that matter for the trained parameters (compared as JSON, as checkpoints
     store them: a tuple equals the list it was saved as)."""
     a, b = (_flat(json.loads(json.dumps(d, default=str))) for d in (old, new))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    # A setting added since the run started, at an empty default ("", 0, off), is the behaviour it ran with.
+    added = {k for k in set(a) ^ set(b) if not (a.get(k) or b.get(k))}
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in added)
     return [k for k in keys if not k.startswith(resumable_changes())]
 
 

@@ -170,3 +170,26 @@ def test_attacks_are_named_and_need_their_data(setup, tmp_path):
     config.evaluation.metrics = ("perplexity,mia",)  # what `--config.evaluation.metrics=perplexity,mia` gives
     with pytest.raises(ConfigError, match=r"'perplexity,mia' is not a metric.*a list on the command line"):
         validate(config)
+
+
+def test_tfds_selections_are_refused_before_any_work(setup, tmp_path):
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.data.forget.path=tfds:pg19")
+    _refused(result, "config.data.forget.path='tfds:pg19': not a TFDS selection", "tfds:NAME[/CONFIG][:VERSION]:SPLIT")
+    result = run_cli(setup, "ga", tmp_path / "run", "--config.data.forget.path=tfds:pg19:train[:5%")
+    _refused(result, "config.data.forget.path='tfds:pg19:train[:5%'", "is not a TFDS split expression")
+    empty = tmp_path / "tensorflow_datasets"
+    empty.mkdir()
+    result = run_cli(
+        setup,
+        "ga",
+        tmp_path / "run",
+        "--config.data.forget.path=tfds:pg19:train[:50]",
+        f"--config.data.forget.tfds_data_dir={empty}",
+    )
+    _refused(
+        result,
+        f"data.forget: tfds:pg19:train[:50]: no dataset 'pg19' is prepared in the TFDS data_dir {empty}",
+        "tfds build pg19 --data_dir=DIR",
+        "data.forget.tfds_data_dir",
+    )
+    assert not (tmp_path / "run").exists()

@@ -229,7 +229,9 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
     assert "holds a run with a different configuration (config.optim.lr)" in changed.stderr
 
 
-@pytest.mark.parametrize("preset", ["builtin", "arxiv", "github"])
+@pytest.mark.parametrize(
+    "preset", ["builtin", "arxiv", "github", "books", "tofu", "tofu_forget01", "muse_news", "muse_books"]
+)
 def test_every_config_file_is_valid_in_every_preset(preset):
     from jaxunlearn.cli import config_files
     from jaxunlearn.config import validate

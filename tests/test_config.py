@@ -96,3 +96,23 @@ def test_bad_numerics_settings_are_rejected():
         ModelConfig.from_hf(YI_6B, dtype="float13")
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf(dict(YI_6B, hidden_act="gelu"))
+
+
+def test_every_config_accepts_the_books_preset():
+    """``:books`` (PG-19 from a TFDS data_dir) is a preset of every shipped config, validated like arxiv/github."""
+    from jaxunlearn.cli import config_files
+    from jaxunlearn.config import BOOKS_SPLITS, PRESETS, ConfigError, validate
+    from tests.tiny_models import load_config_file
+
+    assert "books" in PRESETS
+    for name in config_files():
+        config = load_config_file(name, "books")
+        config.model.path = "01-ai/Yi-6B"
+        validate(config)
+        assert config.data.forget.path == BOOKS_SPLITS["forget"] and config.data.forget.column == "book_text"
+        assert config.data.approximate.path == BOOKS_SPLITS["approximate"]
+        general = "general" in name
+        assert config.data.retain.path == ("llmunlearn/unlearn_dataset" if general else BOOKS_SPLITS["retain"])
+    config.data.retain.tfds_data_dir = "gs:/bucket/tfds"
+    with pytest.raises(ConfigError, match=r"^config.data.retain.tfds_data_dir=gs:/bucket/tfds: malformed URL"):
+        validate(config)

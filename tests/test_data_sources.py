@@ -1,7 +1,9 @@
-"""Where documents come from: local copies of Hub datasets, and files that cannot be read (refused, never guessed)."""
+"""Where documents come from: local copies of Hub datasets, TensorFlow Datasets prepared on disk (no TensorFlow), and
+files that cannot be read (refused, never guessed)."""
 
 import gzip
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -188,3 +190,328 @@ def test_a_hub_copy_with_a_bad_file_names_it_and_other_splits_do_not_matter(hub_
     )
     with pytest.raises(DataError, match=_not_utf8(text_copy / "data" / "forget.jsonl", 0xE9, 11, 1)):
         load_chunks(_src(text_copy, split="forget"), CharTokenizer(), 8, cache_dir="")
+
+
+# --- TensorFlow Datasets ------------------------------------------------------------------------------------
+
+# What the tiny TFDS builder below generates, known here independently of TFDS: two configs, two splits each.
+TINY_BOOKS = {
+    "novels": {
+        "train": [f"Novel {i}: the whale, the sea and café number {i}." for i in range(6)],
+        "test": ["Unseen novel A, naïve.", "Unseen novel B, 北京."],
+    },
+    "poems": {
+        "train": [f"Poem {i}, a sonnet in fourteen lines." for i in range(4)],
+        "test": ["Unseen poem."],
+    },
+}
+
+
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C one bit at a time (the reader under test uses a table)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(data: bytes) -> int:
+    crc = _crc32c_bitwise(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _write_tfrecord(cls, path, iterator):
+    """TFDS writes TFRecord shards with tf.io.TFRecordWriter; TensorFlow is not installed, so write the same
+    framing here (length, masked CRC32C of the length, data, masked CRC32C of the data)."""
+    import struct
+
+    with open(path, "wb") as f:
+        for _, record in iterator:
+            header = struct.pack("<Q", len(record))
+            f.write(header + struct.pack("<I", _masked(header)) + record + struct.pack("<I", _masked(record)))
+
+
+# TFDS 4.9.10 looks for a builder's checksums next to its code; for a class in a package module (tests.*) that
+# lookup imports the importlib_resources backport, which TFDS does not install. A one-part module name skips it.
+OUTSIDE_A_PACKAGE = "tiny_tfds_builders"
+
+
+def _tiny_builder(books, *, shuffled=False, name="tiny_books"):
+    """A TFDS GeneratorBasedBuilder class generating ``books[config][split]`` (unshuffled: stored in generation
+    order, so slices are known here)."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    class TinyBooks(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        __module__ = OUTSIDE_A_PACKAGE
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in books]
+
+        def _info(self):
+            features = {"book_text": tfds.features.Text(), "book_id": np.int32, "title": np.str_}
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=not shuffled
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in books[self.builder_config.name]}
+
+        def _generate_examples(self, split):
+            for i, text in enumerate(books[self.builder_config.name][split]):
+                yield i, {"book_text": text, "book_id": i, "title": f"{split} {i}"}
+
+    TinyBooks.name = name
+    return TinyBooks
+
+
+def _prepare(builder_cls, data_dir, file_format, configs=None):
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import file_adapters
+
+    tfds.disable_progress_bar()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(file_adapters.TfRecordFileAdapter, "write_examples", classmethod(_write_tfrecord))
+        for config in configs or [c.name for c in builder_cls.BUILDER_CONFIGS]:
+            builder = builder_cls(config=config, data_dir=str(data_dir), file_format=file_format)
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return data_dir
+
+
+FORMATS = ("array_record", "parquet", "tfrecord")
+
+
+@pytest.fixture(scope="module")
+def tfds_dirs(tmp_path_factory):
+    """The tiny builder's data prepared in each file format TFDS writes, one data_dir each."""
+    assert _crc32c_bitwise(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    builder = _tiny_builder(TINY_BOOKS)
+    return {f: _prepare(builder, tmp_path_factory.mktemp(f"tfds_{f}"), f) for f in FORMATS}
+
+
+def _tfds(path, data_dir, column="book_text", **kw):
+    return DocumentSource(label="forget", path=path, tfds_data_dir=str(data_dir), column=column, **kw)
+
+
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_a_tfds_selection_yields_exactly_the_generated_documents(tfds_dirs, file_format):
+    data_dir = tfds_dirs[file_format]
+    for config, splits in TINY_BOOKS.items():
+        for split, books in splits.items():
+            assert load_documents(_tfds(f"tfds:tiny_books/{config}:{split}", data_dir)) == books
+    novels = TINY_BOOKS["novels"]
+    # TFDS split slicing: absolute, negative, percent, sums, a pinned version; max_documents on top.
+    assert load_documents(_tfds("tfds:tiny_books/novels:train[1:4]", data_dir)) == novels["train"][1:4]
+    assert load_documents(_tfds("tfds:tiny_books/novels:train[-2:]", data_dir)) == novels["train"][-2:]
+    assert load_documents(_tfds("tfds:tiny_books/novels:train[:50%]", data_dir)) == novels["train"][:3]
+    both = load_documents(_tfds("tfds:tiny_books/poems:test+train[2:]", data_dir))
+    assert both == TINY_BOOKS["poems"]["test"] + TINY_BOOKS["poems"]["train"][2:]
+    assert load_documents(_tfds("tfds:tiny_books/poems:1.0.0:train[:2]", data_dir)) == TINY_BOOKS["poems"]["train"][:2]
+    assert load_documents(_tfds("tfds:tiny_books/novels:train", data_dir, max_documents=2)) == novels["train"][:2]
+    # No config: TFDS's default (the first), recorded in the data_dir's metadata.
+    assert load_documents(_tfds("tfds:tiny_books:test", data_dir)) == novels["test"]
+    source = _tfds("tfds:tiny_books/novels:train[1:4]", data_dir, name="arxiv", split="forget")  # both ignored
+    assert load_documents(source) == novels["train"][1:4]
+    assert source.describe() == f"tfds:tiny_books/novels:train[1:4] (TFDS data_dir {data_dir})"
+    chunks = load_chunks(_tfds("tfds:tiny_books/novels:test", data_dir), CharTokenizer(), 8, cache_dir="")
+    assert chunks.num_documents == 2
+
+
+def test_the_default_tfds_data_dir_is_tfds_own(tfds_dirs, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dirs["array_record"]))
+    source = DocumentSource(label="forget", path="tfds:tiny_books/poems:test", column="book_text")
+    assert load_documents(source) == TINY_BOOKS["poems"]["test"]
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+    with pytest.raises(DataError, match=r"the TFDS data_dir /nonexistent-home/tensorflow_datasets does not exist"):
+        load_documents(source)
+
+
+def test_a_tfds_selection_that_selects_nothing_names_the_culprit(tfds_dirs, tmp_path):
+    data_dir = tfds_dirs["array_record"]
+
+    def refused(path, data_dir=data_dir, **kw):
+        with pytest.raises(DataError) as e:
+            load_documents(_tfds(path, data_dir, **kw))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    missing = tmp_path / "nowhere"
+    message = refused("tfds:pg19:train", missing)
+    assert message.startswith(f"data.forget: tfds:pg19:train: the TFDS data_dir {missing} does not exist ")
+    assert "(data.forget.tfds_data_dir)" in message and "tfds build pg19 --data_dir=DIR" in message
+    assert "nothing is downloaded" in message
+    assert refused("tfds:pg19:train") == (
+        f"data.forget: tfds:pg19:train: no dataset 'pg19' is prepared in the TFDS data_dir {data_dir} "
+        "(prepared there: tiny_books); nothing is downloaded at run time: prepare it on a machine with network "
+        "access and TensorFlow (pip install tensorflow tensorflow-datasets; tfds build pg19 --data_dir=DIR), then "
+        f"copy DIR/pg19 into {data_dir} or point data.forget.tfds_data_dir (default $TFDS_DATA_DIR, else "
+        "~/tensorflow_datasets) at DIR"
+    )
+    message = refused("tfds:tiny_books/plays:train")
+    assert message.startswith(
+        f"data.forget: tfds:tiny_books/plays:train: dataset 'tiny_books' in {data_dir} has no config 'plays' "
+        "prepared (configs there: novels, poems); nothing is downloaded at run time: prepare it"
+    )
+    assert "tfds build tiny_books/plays --data_dir=DIR" in message
+    assert refused("tfds:tiny_books/novels:validation") == (
+        "data.forget: tfds:tiny_books/novels:validation: tiny_books/novels/1.0.0 has no split 'validation' "
+        "(splits: train, test)"
+    )
+    assert refused("tfds:tiny_books/novels:test+valid[:1]").endswith("has no split 'valid' (splits: train, test)")
+    assert refused("tfds:tiny_books/novels:train[:10]") == (
+        "data.forget: tfds:tiny_books/novels:train[:10]: split 'train[:10]' of tiny_books/novels/1.0.0: "
+        "Requested slice [:10] incompatible with 6 examples."
+    )
+    assert refused("tfds:tiny_books/novels:2.0.0:train") == (
+        f"data.forget: tfds:tiny_books/novels:2.0.0:train: {data_dir}/tiny_books/novels has no version 2.0.0 "
+        "(versions there: 1.0.0)"
+    )
+    assert refused("tfds:tiny_books/novels:train", column="book_id") == (
+        "data.forget: tfds:tiny_books/novels:train: feature 'book_id' of tiny_books/novels/1.0.0 is not text "
+        "(Tensor, shape (), int32); set data.forget.column to a text feature (text features: book_text, title)"
+    )
+    assert refused("tfds:tiny_books/novels:train", column="body") == (
+        "data.forget: column 'body' not found in tfds:tiny_books/novels:train (features of tiny_books/novels/1.0.0) "
+        "(columns: book_id, book_text, title)"
+    )
+    assert refused("tfds:tiny_books/novels:train", column="") == (
+        "data.forget: tfds:tiny_books/novels:train (features of tiny_books/novels/1.0.0) has no 'text' or "
+        "'content' column (columns: book_id, book_text, title); set data.forget.column"
+    )
+    assert refused("tfds:tiny_books/novels:train[", column="book_text").startswith(
+        "data.forget.path='tfds:tiny_books/novels:train[': 'train[' is not a TFDS split expression"
+    )
+    # Two configs and no default recorded: the selection must name one.
+    (data_dir / "tiny_books" / ".config" / "metadata.json").rename(tmp_path / "metadata.json")
+    try:
+        assert refused("tfds:tiny_books:train", column="book_text") == (
+            f"data.forget: tfds:tiny_books:train: dataset 'tiny_books' in {data_dir} has several configs: write "
+            "tfds:tiny_books/CONFIG:train (configs there: novels, poems)"
+        )
+    finally:
+        (tmp_path / "metadata.json").rename(data_dir / "tiny_books" / ".config" / "metadata.json")
+    # An interrupted preparation (TFDS's incomplete.* directory) is not a prepared dataset.
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "tiny_books" / "novels" / "incomplete.ABC123_1.0.0").mkdir(parents=True)
+    assert "holds no complete prepared version (an interrupted preparation leaves incomplete.* directories)" in (
+        refused("tfds:tiny_books/novels:train", interrupted, column="book_text")
+    )
+
+
+def test_tfds_text_that_is_not_utf8_is_refused_with_the_record(tmp_path):
+    books = {"latin": {"train": ["fine", "caf\xe9".encode("latin-1"), "also fine"]}}  # é at byte 3
+    data_dir = _prepare(_tiny_builder(books), tmp_path / "tfds", "array_record")
+    shard = data_dir / "tiny_books" / "latin" / "1.0.0" / "tiny_books-train.array_record-00000-of-00001"
+    with pytest.raises(DataError) as e:
+        load_documents(_tfds("tfds:tiny_books/latin:train", data_dir, column="book_text"))
+    assert str(e.value) == (
+        f"data.forget: tfds:tiny_books/latin:train: record 1 of {shard}: feature 'book_text' is not UTF-8 text: "
+        "byte 0xe9 at byte offset 3; re-prepare the dataset with UTF-8 text"
+    )
+    assert load_documents(_tfds("tfds:tiny_books/latin:train[:1]", data_dir)) == ["fine"]  # only what is read
+
+
+def test_damaged_tfds_shards_are_refused_with_the_file(tfds_dirs, tmp_path):
+    import shutil
+
+    for file_format, problem in [
+        ("tfrecord", "is truncated: record 5 at byte offset"),
+        ("array_record", "is not a readable ArrayRecord shard (no readable records, dataset_info.json says 6)"),
+        ("parquet", "is not a readable Parquet shard (ArrowInvalid"),
+    ]:
+        data_dir = tmp_path / file_format
+        shutil.copytree(tfds_dirs[file_format], data_dir)
+        shard = next((data_dir / "tiny_books" / "novels" / "1.0.0").glob("tiny_books-train.*"))
+        shard.write_bytes(shard.read_bytes()[:-20])
+        with pytest.raises(
+            DataError, match=rf"^data\.forget: tfds:tiny_books/novels:train: {re.escape(f'{shard} {problem}')}"
+        ):
+            load_documents(_tfds("tfds:tiny_books/novels:train", data_dir))
+    shard = next((tmp_path / "tfrecord" / "tiny_books" / "novels" / "1.0.0").glob("tiny_books-train.*"))
+    shard.write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match="is not a TFRecord file or is damaged: bad length checksum of record 0"):
+        load_documents(_tfds("tfds:tiny_books/novels:train", tmp_path / "tfrecord"))
+
+
+def test_the_chunk_cache_key_follows_the_tfds_data(tfds_dirs, tmp_path):
+    cache = tmp_path / "cache"
+    source = _tfds("tfds:tiny_books/novels:train", tfds_dirs["tfrecord"])
+    first = load_chunks(source, CharTokenizer(), 16, cache_dir=cache)
+    assert len(list((cache / "chunks").glob("*.npz"))) == 1
+    again = load_chunks(
+        _tfds("tfds:tiny_books/novels:train", tfds_dirs["parquet"]), CharTokenizer(), 16, cache_dir=cache
+    )
+    assert len(list((cache / "chunks").glob("*.npz"))) == 1  # the same documents in another format: a cache hit
+    assert (again.tokens == first.tokens).all()
+    changed = {"novels": {"train": [*TINY_BOOKS["novels"]["train"][:-1], "A different last novel."]}}
+    rebuilt = _prepare(_tiny_builder(changed), tmp_path / "rebuilt", "tfrecord")  # same name, config, version
+    load_chunks(_tfds("tfds:tiny_books/novels:train", rebuilt), CharTokenizer(), 16, cache_dir=cache)
+    assert len(list((cache / "chunks").glob("*.npz"))) == 2
+
+
+def test_a_tfds_data_dir_at_a_url_mirrors_only_the_shards_read(tfds_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXUNLEARN_CACHE", str(tmp_path / "cache"))
+    data_dir = tfds_dirs["array_record"]
+    source = _tfds("tfds:tiny_books/poems:test", f"file://{data_dir}")
+    assert load_documents(source) == TINY_BOOKS["poems"]["test"]
+    mirror = tmp_path / "cache" / "remote" / "file" / str(data_dir).lstrip("/") / "tiny_books" / "poems" / "1.0.0"
+    shards = [p.name for p in mirror.iterdir() if p.name.endswith("-00000-of-00001")]
+    assert shards == ["tiny_books-test.array_record-00000-of-00001"]  # not the train shard
+    assert source.describe() == f"tfds:tiny_books/poems:test (TFDS data_dir file://{data_dir})"
+
+
+def _pg19_builder():
+    """A stand-in for TFDS's pg19: its name, version, splits and features, a few short books, shuffled as TFDS
+    stores it."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    books = {
+        "train": [f"Train book {i} of the old library." for i in range(160)],
+        "validation": ["Validation book 0.", "Validation book 1."],
+        "test": [f"Test book {i}, not in train." for i in range(5)],
+    }
+
+    class Pg19(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        __module__ = OUTSIDE_A_PACKAGE
+        VERSION = tfds.core.Version("0.1.1")
+
+        def _info(self):
+            features = {"book_text": tfds.features.Text(), "book_id": np.int32, "book_title": np.str_}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in books}
+
+        def _generate_examples(self, split):
+            for i, text in enumerate(books[split]):
+                key = 1000 * len(split) + i
+                yield key, {"book_text": text, "book_id": key, "book_title": f"{split} {i}"}
+
+    return Pg19, books
+
+
+def test_the_books_preset_reads_pg19_from_a_tfds_data_dir(tmp_path):
+    from jaxunlearn.config import PAPER_DATASET, validate
+    from tests.tiny_models import load_config_file
+
+    builder, books = _pg19_builder()
+    data_dir = _prepare(builder, tmp_path / "tensorflow_datasets", "array_record", configs=[None])
+    config = load_config_file("ga_kl", "books")
+    config.model.path = "01-ai/Yi-6B"
+    for split in ("forget", "retain", "approximate"):
+        config.data[split].tfds_data_dir = str(data_dir)
+    validate(config)
+    d = config.data
+    assert (d.max_length, d.min_chunk_tokens) == (4096, 5)  # the paper's chunking
+    assert (d.general.path, d.general.name, d.general.split) == (PAPER_DATASET, "general", "evaluation")
+    docs = {s: load_documents(DocumentSource.from_config(s, d[s])) for s in ("forget", "retain", "approximate")}
+    stored = load_documents(_tfds("tfds:pg19:train", data_dir, column="book_text"))
+    assert sorted(stored) == sorted(books["train"]) and stored != books["train"]  # TFDS's hashed order
+    assert docs["forget"] == stored[:50]  # a fixed pseudo-random sample of the train books
+    assert docs["retain"] == stored[50:150]  # other train books
+    assert sorted(docs["approximate"]) == sorted(books["test"])  # unseen books
+    general = load_config_file("ga_kl_general", "books").data.retain
+    assert (general.path, general.name, general.split) == (PAPER_DATASET, "general", "retain")

@@ -42,6 +42,8 @@ def _assert_trees_equal(a, b):
         "mistral_sliding_window",
         "llama3_rope_scaling",
         "qwen2_mixed_windows",
+        "gpt_neox_pythia",
+        "gpt_neox_sequential_tied",
     ],
 )
 def test_export_loads_in_transformers_and_round_trips(variant, tmp_path, one_device):
@@ -54,7 +56,12 @@ def test_export_loads_in_transformers_and_round_trips(variant, tmp_path, one_dev
 
     out = save_pretrained(model, tmp_path / "export")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    expected_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    expected_class = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "gpt_neox": "GPTNeoXForCausalLM",
+    }
     assert type(hf).__name__ == expected_class[model.config.model_type]
     tokens, mask = padded_batch()
     ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))

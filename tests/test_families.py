@@ -22,6 +22,7 @@ from jaxunlearn.models import (
     supported_model_types,
 )
 from jaxunlearn.models import registry as family_registry
+from jaxunlearn.models.gpt_neox import GPTNeoXFamily
 from jaxunlearn.models.llama import LlamaFamily, MistralFamily, Qwen2Family
 from tests.tiny_models import make_hf_model, padded_batch, torch_logits
 
@@ -33,8 +34,9 @@ def registry(monkeypatch):
 
 
 def test_builtin_families_are_registered():
-    assert supported_model_types() == ("llama", "mistral", "qwen2")
+    assert supported_model_types() == ("llama", "mistral", "qwen2", "gpt_neox")
     assert isinstance(get_family("llama"), LlamaFamily)
+    assert isinstance(get_family("gpt_neox"), GPTNeoXFamily)
     assert isinstance(get_family("mistral"), MistralFamily)
     assert isinstance(get_family("qwen2"), Qwen2Family)
     assert family(ModelConfig(model_type="qwen2")) is get_family("qwen2") is ModelConfig(model_type="qwen2").family
@@ -162,10 +164,13 @@ def test_the_family_table_decides_which_tensors_a_checkpoint_needs(registry, tmp
         (LlamaFamily, {"attention_bias": True, "mlp_bias": True}, (True, True, True)),
         (MistralFamily, {"attention_bias": True, "mlp_bias": True}, (False, False, False)),
         (Qwen2Family, {}, (True, False, False)),
+        (GPTNeoXFamily, {}, (True, True, True)),
+        (GPTNeoXFamily, {"attention_bias": False}, (False, False, True)),
     ],
 )
 def test_bias_layout_is_the_familys(family_cls, hf, expected):
-    # As transformers: Llama has biases only when asked, Mistral never, Qwen2 always on q/k/v.
+    # As transformers: Llama has biases only when asked, Mistral never, Qwen2 always on q/k/v, GPT-NeoX on the
+    # attention unless attention_bias is false and always in the MLP.
     base = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     config = ModelConfig.from_hf({**base, **hf, "model_type": family_cls.model_type})
     assert (config.qkv_bias, config.o_bias, config.mlp_bias) == expected
@@ -175,3 +180,52 @@ def test_bias_layout_is_the_familys(family_cls, hf, expected):
 def test_missing_config_key_is_named():
     with pytest.raises(UnsupportedModelError, match=r"config.json \(model_type 'llama'\) has no 'num_hidden_layers'"):
         ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=16, num_attention_heads=2))
+
+
+NEOX = dict(model_type="gpt_neox", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize(
+    "hf",
+    [
+        dict(num_attention_heads=2),  # no RoPE keys: transformers' defaults (base 10000, 25%)
+        dict(num_attention_heads=2, rotary_pct=0.5, rotary_emb_base=500),  # Pythia's config.json (transformers 4)
+        dict(num_attention_heads=4, rope_parameters=dict(rope_theta=123, partial_rotary_factor=1.0)),  # transformers 5
+        # rope_parameters win over the legacy keys; top-level rope_theta/partial_rotary_factor are not read
+        dict(num_attention_heads=2, rope_parameters=dict(rope_theta=77), rotary_pct=0.5, rotary_emb_base=9),
+        dict(num_attention_heads=2, rope_theta=5.0, partial_rotary_factor=0.5),
+        dict(num_attention_heads=2, rope_scaling=dict(type="linear", factor=2.0), rotary_pct=1.0),
+    ],
+)
+def test_gpt_neox_rotary_keys_are_read_as_transformers_reads_them(hf):
+    import transformers
+
+    config = ModelConfig.from_hf({**NEOX, **hf})
+    theirs = transformers.GPTNeoXConfig.from_dict(json.loads(json.dumps({**NEOX, **hf}))).rope_parameters
+    assert config.rope_theta == theirs["rope_theta"]
+    assert config.partial_rotary_factor == theirs["partial_rotary_factor"]
+    assert (dict(config.rope_scaling or {}).get("factor"), config.rope_scaling is None) == (
+        theirs.get("factor"),
+        theirs["rope_type"] == "default",
+    )
+    # What we write is read back the same, by us and by transformers.
+    written = config.to_hf()
+    assert ModelConfig.from_hf(written) == config
+    again = transformers.GPTNeoXConfig.from_dict(json.loads(json.dumps(written))).rope_parameters
+    assert {k: again[k] for k in ("rope_theta", "partial_rotary_factor", "rope_type")} == {
+        k: theirs[k] for k in ("rope_theta", "partial_rotary_factor", "rope_type")
+    }
+
+
+@pytest.mark.parametrize(
+    ("hf", "named"),
+    [
+        (dict(hidden_act="gelu_10"), "hidden_act='gelu_10'"),
+        (dict(rotary_pct=0.375), r"rotary_pct \(partial_rotary_factor\)=0.375 rotates 3"),  # head_dim 8
+        (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope scaling type 'dynamic'"),
+        (dict(hidden_size=30), "hidden_size=30 is not a multiple of num_attention_heads=4"),
+    ],
+)
+def test_gpt_neox_refuses_what_it_does_not_implement(hf, named):
+    with pytest.raises(UnsupportedModelError, match=named):
+        ModelConfig.from_hf({**NEOX, "num_attention_heads": 4, **hf})

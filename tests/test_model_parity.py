@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from jaxunlearn import hf_checkpoint, losses, sharding
 from jaxunlearn.hf_checkpoint import from_pretrained, load_model
-from jaxunlearn.models import ModelConfig, abstract_model, split_model
+from jaxunlearn.models import ModelConfig, abstract_model, gpt_neox, split_model
 from tests.tiny_models import VARIANTS, make_hf_model, padded_batch, save_hf_model, torch_logits
 
 
@@ -31,6 +32,59 @@ def test_logits_match_transformers(variant, tmp_path, one_device):
     err = np.abs(ours - ref)[valid].max()
     assert err < 1e-4, f"{variant}: max |logit diff| {err:.2e}"
     assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero tensors
+
+
+def test_gpt_neox_checkpoint_buffers_are_skipped_and_other_extra_tensors_refused(tmp_path, one_device):
+    # Pythia's files (saved by transformers 4) also hold each layer's causal-mask buffers and RoPE frequencies.
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = save_hf_model("gpt_neox_pythia", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(3):
+        tensors[f"gpt_neox.layers.{i}.attention.bias"] = np.tril(np.ones((1, 1, 64, 64), bool))
+        tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = np.asarray(-1e9, np.float32)
+        tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = from_pretrained(tmp_path, mesh=one_device, dtype="float32")
+    tokens, mask = padded_batch()
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    assert np.abs(ours - torch_logits(hf_model, tokens, mask))[mask.astype(bool)].max() < 1e-4
+    tensors["gpt_neox.layers.0.attention.extra.weight"] = np.ones(2, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(hf_checkpoint.CheckpointError, match=r"unexpected: gpt_neox.layers.0.attention.extra.weight$"):
+        from_pretrained(tmp_path, mesh=one_device, dtype="float32")
+
+
+@pytest.mark.parametrize("variant", ["llama_mha_untied", "gpt_neox_pythia"])
+def test_residual_stream_matches_transformers_layer_outputs(variant, tmp_path, one_device):
+    # RMU steers the residual stream after a decoder layer: what a forward hook on that torch layer sees (for the
+    # last layer too, where transformers' output_hidden_states holds the final norm's output instead).
+    hf_model = save_hf_model(variant, tmp_path)
+    lm, params = split_model(from_pretrained(tmp_path, mesh=one_device, dtype="float32"))
+    tokens, mask = padded_batch()
+    seen = []
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        for layer in hf_model.base_model.layers
+    ]
+    torch_logits(hf_model, tokens, mask)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == lm.config.num_layers
+    valid = mask.astype(bool)
+    for layers, ref in enumerate(seen, start=1):
+        ours = np.asarray(lm.residual_stream(params, jnp.asarray(tokens), jnp.asarray(mask), layers))
+        ref = ref.numpy()
+        assert np.abs(ours - ref)[valid].max() < 1e-4 * max(1.0, np.abs(ref).max()), f"{variant}: after {layers}"
+
+
+@pytest.mark.parametrize("name", sorted(gpt_neox.ACTIVATIONS))
+def test_gpt_neox_activations_match_transformers(name):
+    from transformers.activations import ACT2FN
+
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(gpt_neox.ACTIVATIONS[name](jnp.asarray(x))), ref, atol=2e-6, rtol=1e-5)
 
 
 def test_hidden_states_are_returned_and_consistent(tmp_path, one_device):
@@ -134,7 +188,13 @@ def test_compiled_program_does_not_grow_with_depth():
 
 
 def test_param_count_matches_transformers():
-    for variant in ("llama_biases", "qwen2_bias_tied", "llama_wide_head_dim"):
+    for variant in (
+        "llama_biases",
+        "qwen2_bias_tied",
+        "llama_wide_head_dim",
+        "gpt_neox_pythia",
+        "gpt_neox_sequential_tied",
+    ):
         hf_model = make_hf_model(variant)
         config = ModelConfig.from_hf(hf_model.config.to_dict())
         assert config.num_params == sum(p.numel() for p in hf_model.parameters()), variant

@@ -12,24 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import from_pretrained, to_hf_layout
-from jaxunlearn.models import split_model
+from jaxunlearn.hf_checkpoint import to_hf_layout
 from jaxunlearn.objectives import METHODS, Context, adversarial_labels, get_method, random_labels
-from tests.tiny_models import VOCAB, padded_batch, save_hf_model
+from tests.tiny_models import VOCAB, current_and_reference, padded_batch
 
 VARIANT = "llama_mha_untied"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objectives")
-    current = save_hf_model(VARIANT, root / "current", seed=0)
-    reference = save_hf_model(VARIANT, root / "reference", seed=1)
-    mesh = sharding.single_device_mesh()
-    lm, params = split_model(from_pretrained(root / "current", mesh=mesh, dtype="float32"))
-    _, ref_params = split_model(from_pretrained(root / "reference", mesh=mesh, dtype="float32"))
-    return lm, params, ref_params, current, reference
+    return current_and_reference(tmp_path_factory.mktemp("objectives"), VARIANT)
 
 
 def _split(seed):

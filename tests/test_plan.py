@@ -154,6 +154,8 @@ def test_shipped_shapes_resolve_offline_and_have_the_published_sizes():
         "llama-3-8b": 8.03e9,
         "mistral-7b": 7.24e9,
         "qwen2.5-7b": 7.62e9,
+        "pythia-1b": 1.01e9,  # 1,011,781,632 (Pythia paper, Table 1)
+        "pythia-6.9b": 6.86e9,  # 6,857,302,016
     }
     assert hf_checkpoint.shape_names() == sorted(published)
     for name, params in published.items():
@@ -185,6 +187,7 @@ def one_step(config, mesh, seed=0):
     for split in batch.values():
         split["mask"] = np.ones_like(split["mask"])
         split["chunk_id"] = np.arange(split["chunk_id"].size, dtype=np.int32).reshape(split["chunk_id"].shape)
+        split["prompt_length"] = np.zeros_like(split["prompt_length"])  # plain text
     ctx = Context.for_run(lm, config.method, seed=0, tokenizer=None, chunk_size=t.logits_chunk_size)
     step, b_shardings = setup.compile(get_method(config.method.name), ctx, batch, reference=True)
     state = init_state(params, setup.tx, setup.shardings)

@@ -37,7 +37,12 @@ def test_quantize_rows_equals_an_element_by_element_reference(scheme):
     assert all(len(np.unique(r)) <= levels[scheme] for r in ours)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa_tied", "qwen2_bias_tied"])
+# Weight matrices per decoder layer: q, k, v, o, gate, up, down; GPT-NeoX's fused query_key_value, dense, and the
+# two MLP matrices.
+MATRICES_PER_LAYER = {"llama": 7, "qwen2": 7, "gpt_neox": 4}
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_tied", "qwen2_bias_tied", "gpt_neox_pythia"])
 def test_every_weight_matrix_is_quantized_per_hf_row_and_vectors_are_kept(tmp_path, variant):
     save_hf_model(variant, tmp_path / "m")
     lm, params = split_model(
@@ -60,4 +65,5 @@ def test_every_weight_matrix_is_quantized_per_hf_row_and_vectors_are_kept(tmp_pa
                 expected = np.stack([_reference(r, "int4") for r in hf_before])
                 np.testing.assert_allclose(hf_after, expected, rtol=1e-6, atol=1e-7, err_msg=entry.name)
                 checked += 1
-    assert checked >= 1 + 7 * lm.config.num_layers  # the embedding and every layer's seven matrices
+    # the embedding (and an untied head) and every layer's matrices
+    assert checked >= 1 + MATRICES_PER_LAYER[lm.config.model_type] * lm.config.num_layers

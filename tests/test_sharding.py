@@ -34,10 +34,11 @@ def checkpoint(tmp_path_factory):
     # 4 heads / 2 KV heads / vocab 96 / mlp 48 / embed 32 all divide fsdp=4 and tensor=2.
     save_hf_model("qwen2_bias_tied", path / "qwen2")
     save_hf_model("llama_mha_untied", path / "llama")
+    save_hf_model("gpt_neox_pythia", path / "gpt_neox")  # fused q/k/v read shard by shard
     return path
 
 
-@pytest.mark.parametrize("variant", ["qwen2", "llama"])
+@pytest.mark.parametrize("variant", ["qwen2", "llama", "gpt_neox"])
 @pytest.mark.parametrize("shape", [dict(data=1, fsdp=4, tensor=2), dict(data=8, fsdp=1, tensor=1)])
 def test_sharded_forward_equals_single_device(checkpoint, variant, shape):
     tokens, mask = padded_batch(batch=8)

@@ -50,26 +50,43 @@ VARIANTS = {
         "Qwen2ForCausalLM",
         dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     ),
+    # Pythia's layout: parallel residual, RoPE on a quarter of each 16-dim head (4 dims), exact GELU, biases.
+    "gpt_neox_pythia": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_attention_heads=2, rotary_pct=0.25)),
+    "gpt_neox_sequential_tied": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            use_parallel_residual=False,
+            rotary_pct=1.0,
+            rotary_emb_base=500,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            attention_bias=False,
+            tie_word_embeddings=True,
+            hidden_act="gelu_new",
+            layer_norm_eps=1e-2,
+        ),
+    ),
 }
 
 
 def make_hf_model(variant: str, seed: int = 0, num_layers: int = 3) -> torch.nn.Module:
     cfg_cls, model_cls, extra = VARIANTS[variant]
-    config = getattr(transformers, cfg_cls)(
+    eps = "layer_norm_eps" if cfg_cls == "GPTNeoXConfig" else "rms_norm_eps"
+    sizes = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        **extra,
+        **{eps: 1e-5},
     )
+    config = getattr(transformers, cfg_cls)(**{**sizes, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight"):  # norm scales around 1; LayerNorm biases as others
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
@@ -178,3 +195,18 @@ def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **trai
         section, field = key.split("__")
         config[section][field] = value
     return config
+
+
+def current_and_reference(root: Path, variant: str = "llama_mha_untied"):
+    """Two tiny models of ``variant`` (seeds 0 and 1) as jaxunlearn loads them in fp32 on one device, and as torch
+    models: ``(lm, params, ref_params, torch_current, torch_reference)``."""
+    from jaxunlearn import sharding
+    from jaxunlearn.hf_checkpoint import from_pretrained
+    from jaxunlearn.models import split_model
+
+    current = save_hf_model(variant, root / "current", seed=0)
+    reference = save_hf_model(variant, root / "reference", seed=1)
+    mesh = sharding.single_device_mesh()
+    lm, params = split_model(from_pretrained(root / "current", mesh=mesh, dtype="float32"))
+    _, ref_params = split_model(from_pretrained(root / "reference", mesh=mesh, dtype="float32"))
+    return lm, params, ref_params, current, reference

@@ -1,7 +1,8 @@
 """Which chunks go into which optimizer step: a pure function of (seed, step).
 
 A step holds ``grad_accum_steps`` micro-batches of ``micro_batch_size`` forget chunks (and, for methods with a
-retain term, as many retain chunks: the paper's 1:1 mix). Forget chunks are visited once per epoch in an order
+retain term, as many retain chunks: the paper's 1:1 mix): their tokens, mask, chunk ids and prompt lengths (0 for
+plain text; a question-answer chunk's loss counts its answer only). Forget chunks are visited once per epoch in an order
 shuffled by ``(seed, epoch)``; retain chunks are drawn from their own shuffled stream, cycling over the whole
 retain set. Because the batch of step ``s`` depends only on ``s``, a resumed run sees exactly the data an
 uninterrupted run would have seen, with no iterator state to save.
@@ -70,6 +71,7 @@ class StepBatcher:
             .astype(np.int32)
             .reshape(*shape, -1),
             "chunk_id": idx.astype(np.int32).reshape(shape),
+            "prompt_length": chunks.prompts[idx].astype(np.int32).reshape(shape),
         }
 
     @staticmethod
@@ -82,6 +84,7 @@ class StepBatcher:
             "tokens": jax.ShapeDtypeStruct((*shape, length), np.int32),
             "mask": jax.ShapeDtypeStruct((*shape, length), np.int32),
             "chunk_id": jax.ShapeDtypeStruct(shape, np.int32),
+            "prompt_length": jax.ShapeDtypeStruct(shape, np.int32),
         }
         return {"forget": split, **({"retain": dict(split)} if retain else {})}
 

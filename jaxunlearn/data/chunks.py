@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn.data.documents import DataError, DocumentSource, documents_fingerprint, load_documents
+from jaxunlearn.data.documents import DataError, DocumentSource, documents_fingerprint, load_documents, load_records
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,15 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Chunks:
-    """``tokens`` int32 ``[n, max_length]`` right-padded, ``lengths`` int32 ``[n]``, ``doc_index`` int32 ``[n]``."""
+    """``tokens`` int32 ``[n, max_length]`` right-padded, ``lengths`` int32 ``[n]``, ``doc_index`` int32 ``[n]``;
+    ``prompt_lengths`` int32 ``[n]`` for question-answer chunks (their first ``prompt_lengths`` tokens are the
+    question: context, never a target), ``None`` for plain text (every token after the first is a target)."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     doc_index: np.ndarray
     num_documents: int
+    prompt_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -55,6 +58,26 @@ class Chunks:
     @property
     def mask(self) -> np.ndarray:
         return (np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(np.int32)
+
+    @property
+    def prompts(self) -> np.ndarray:
+        """``prompt_lengths``, zeros for plain text."""
+        return self.prompt_lengths if self.prompt_lengths is not None else np.zeros(len(self), np.int32)
+
+    def target_mask(self, index: np.ndarray | None = None) -> np.ndarray:
+        """``[n, max_length]`` bool of the chunks at ``index`` (default: all): position ``t`` scores token ``t + 1``
+        when both are real tokens and ``t + 1`` is not in the prompt (:func:`jaxunlearn.losses.next_token_targets`
+        on the host)."""
+        index = np.arange(len(self)) if index is None else index
+        lengths, prompts = self.lengths[index], self.prompts[index]
+        t = np.arange(self.tokens.shape[1])[None, :]
+        return (t + 1 < lengths[:, None]) & (t + 1 >= prompts[:, None])
+
+    def take(self, index: np.ndarray) -> Chunks:
+        """The chunks at ``index``, their documents renumbered from 0 in order of first id."""
+        docs, doc_index = np.unique(self.doc_index[index], return_inverse=True)
+        prompts = None if self.prompt_lengths is None else self.prompt_lengths[index]
+        return Chunks(self.tokens[index], self.lengths[index], doc_index.astype(np.int32), len(docs), prompts)
 
     @property
     def num_tokens(self) -> int:
@@ -126,7 +149,8 @@ def _read_cache(path: Path, key: str) -> Chunks | None:
         with np.load(path, allow_pickle=False) as f:
             if bytes(f["key"]).decode() != key:
                 raise ValueError("key mismatch")
-            chunks = Chunks(f["tokens"], f["lengths"], f["doc_index"], int(f["num_documents"]))
+            prompts = f["prompt_lengths"] if "prompt_lengths" in f.files else None
+            chunks = Chunks(f["tokens"], f["lengths"], f["doc_index"], int(f["num_documents"]), prompts)
         if not (len(chunks.tokens) == len(chunks.lengths) == len(chunks.doc_index)):
             raise ValueError("inconsistent array lengths")
         return chunks
@@ -151,6 +175,7 @@ def _write_cache(path: Path, key: str, chunks: Chunks) -> None:
                 lengths=chunks.lengths,
                 doc_index=chunks.doc_index,
                 num_documents=np.asarray(chunks.num_documents),
+                **({} if chunks.prompt_lengths is None else {"prompt_lengths": chunks.prompt_lengths}),
             )
         os.replace(tmp, path)
     except OSError as e:  # read-only or full disk, a teammate's directory: run on without caching
@@ -158,6 +183,11 @@ def _write_cache(path: Path, key: str, chunks: Chunks) -> None:
     finally:
         with contextlib.suppress(OSError):  # nothing to remove, or no directory to remove it from
             tmp.unlink(missing_ok=True)
+
+
+def _question_answers(source: DocumentSource) -> list[tuple[str, str]]:
+    records = load_records(source, [source.question, source.answer_column])
+    return [(str(r[source.question]), str(r[source.answer_column])) for r in records]
 
 
 def load_chunks(
@@ -168,23 +198,41 @@ def load_chunks(
     min_tokens: int = 5,
     add_special_tokens: bool = True,
     cache_dir: str | Path | None = None,
+    qa_template: str = "",
 ) -> Chunks:
-    """The chunks of one split, from the cache when present (``cache_dir=""`` disables caching)."""
-    docs = load_documents(source)
-    if not docs:
+    """The chunks of one split, from the cache when present (``cache_dir=""`` disables caching). A split with a
+    question column (``source.question``) gives one chunk per question-answer pair, laid out by ``qa_template``
+    (:mod:`jaxunlearn.data.qa`; ``min_tokens`` does not apply)."""
+    from jaxunlearn.data import qa
+
+    pairs = _question_answers(source) if source.question else None
+    docs = load_documents(source) if pairs is None else [qa_template, *(x for pair in pairs for x in pair)]
+    if not (pairs if pairs is not None else docs):
         raise DataError(f"data.{source.label}: {source.describe()} has no documents")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     key = _cache_key(
-        documents_fingerprint(docs),
+        documents_fingerprint(docs),  # question-answer data: the template, then each question and answer
         tokenizer_fingerprint(tokenizer),
         max_length,
-        min_tokens,
+        min_tokens if pairs is None else 0,
         add_special_tokens,
         pad_id,
     )
     cache = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / "chunks" / f"{key}.npz"
     chunks = _read_cache(cache, key) if cache else None
-    if chunks is None:
+    if chunks is None and pairs is not None:
+        chunks = qa.tokenize_question_answers(
+            pairs,
+            tokenizer,
+            max_length,
+            qa_template or qa.DEFAULT_TEMPLATE,
+            add_special_tokens=add_special_tokens,
+            pad_id=pad_id,
+            desc=f"tokenising {source.label}",
+        )
+        if cache:
+            _write_cache(cache, key, chunks)
+    elif chunks is None:
         chunks = tokenize_and_chunk(
             docs,
             tokenizer,

@@ -7,6 +7,11 @@ and ``max_documents`` (0 = all). Local files: ``.jsonl``/``.json`` (one document
 order. A directory laid out as a Hugging Face dataset (a ``README.md`` whose front matter lists ``configs``), or
 any directory given with a ``name`` or ``split``, is read by ``datasets.load_dataset(dir, name, split=split)``
 like the Hub id: only that split's files. A single local file ignores ``name`` and ``split``.
+
+``path = "tfds:NAME[/CONFIG][:VERSION]:SPLIT"`` reads a TensorFlow Datasets data set prepared in
+``tfds_data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``), without TensorFlow and never
+downloading; the path carries the configuration and split, so ``name`` and ``split`` are ignored there too (see
+:mod:`jaxunlearn.data.tfds_source`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +46,26 @@ class DocumentSource:
     split: str = ""
     column: str = ""
     max_documents: int = 0
+    tfds_data_dir: str = ""  # only for a ``tfds:`` path; default: TFDS's own
+    # Question-answer data: the question column (``column`` is then the answer's, default ``answer``); each
+    # record becomes one chunk whose loss counts the answer only (:mod:`jaxunlearn.data.qa`).
+    question: str = ""
+
+    @property
+    def answer_column(self) -> str:
+        return self.column or "answer"
 
     @classmethod
     def from_config(cls, label: str, section: Mapping[str, Any]) -> DocumentSource:
-        return cls(label=label, **{f.name: section[f.name] for f in dataclasses.fields(cls) if f.name != "label"})
+        """From a ``data.<split>`` section; a field the section lacks (a config written before it existed) keeps
+        its default."""
+        fields = [f for f in dataclasses.fields(cls) if f.name != "label"]
+        return cls(label=label, **{f.name: section[f.name] for f in fields if f.name in section})
+
+    @property
+    def is_tfds(self) -> bool:
+        """``path`` names a TensorFlow Datasets selection (``tfds:NAME[/CONFIG][:VERSION]:SPLIT``)."""
+        return self.path.strip().startswith("tfds:")
 
     @property
     def local_paths(self) -> list[Path]:
@@ -54,6 +75,8 @@ class DocumentSource:
 
     @property
     def is_local(self) -> bool:
+        if self.is_tfds:
+            return False
         paths = self.local_paths
         return bool(paths) and all(p.exists() for p in paths)
 
@@ -63,6 +86,10 @@ class DocumentSource:
         return f"[{self.name or 'default'}:{self.split or 'train'}]"
 
     def describe(self) -> str:
+        if self.is_tfds:
+            from jaxunlearn.data import tfds_source
+
+            return tfds_source.describe(self)
         if self.is_local:
             return self.path
         return f"{self.path}{self.selection}"
@@ -84,17 +111,46 @@ def _pick_column(record_keys: list[str], source: DocumentSource, where: str) -> 
     )
 
 
-def _read_text(path: Path, source: DocumentSource) -> str:
-    """The file as ``Path.read_text`` gives it (universal newlines), refusing bytes that are not UTF-8 text."""
-    data = path.read_bytes()
-    bad = [data.find(b"\0")]  # a NUL is valid UTF-8 but never text: a binary file (or UTF-16)
+# What a read keeps of each record: ``None`` = the split's text column (``column``, else text/content) as a string;
+# a tuple of column names = those columns' values, as a dict per record (question-answer data).
+Columns = tuple[str, ...] | None
+
+
+def _columns(record_keys: list[str], source: DocumentSource, where: str, columns: Columns) -> list[str]:
+    """The columns to keep from records with ``record_keys``; DataError naming a missing one."""
+    if columns is None:
+        return [_pick_column(record_keys, source, where)]
+    missing = [c for c in columns if c not in record_keys]
+    if missing:
+        raise DataError(
+            f"data.{source.label}: {where} has no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(record_keys)})"
+        )
+    return list(columns)
+
+
+def _value(row: Mapping[str, Any], keep: list[str], columns: Columns) -> Any:
+    return str(row[keep[0]]) if columns is None else {c: row[c] for c in keep}
+
+
+def utf8_text(data: bytes) -> tuple[str | None, int]:
+    """``(text, -1)`` for UTF-8 text, else ``(None, offset of the first bad byte)``; a NUL is valid UTF-8 but never
+    text (a binary file, or UTF-16), so it counts as bad."""
+    bad = [data.find(b"\0")]
+    text = None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         bad.append(e.start)
     bad = [i for i in bad if i >= 0]
-    if bad:
-        at = min(bad)
+    return (None, min(bad)) if bad else (text, -1)
+
+
+def _read_text(path: Path, source: DocumentSource) -> str:
+    """The file as ``Path.read_text`` gives it (universal newlines), refusing bytes that are not UTF-8 text."""
+    data = path.read_bytes()
+    text, at = utf8_text(data)
+    if text is None:
         line = data.count(b"\n", 0, at) + 1
         raise DataError(
             f"data.{source.label}: {path} is not UTF-8 text: byte 0x{data[at]:02x} at byte offset {at} "
@@ -103,7 +159,7 @@ def _read_text(path: Path, source: DocumentSource) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _records_from_json(path: Path, source: DocumentSource) -> list[str]:
+def _records_from_json(path: Path, source: DocumentSource, columns: Columns) -> list[Any]:
     texts = []
     if path.suffix == ".jsonl":
         rows = []
@@ -120,13 +176,13 @@ def _records_from_json(path: Path, source: DocumentSource) -> list[str]:
             raise DataError(f"data.{source.label}: {path} is not valid JSON: {e}") from e
         rows = data if isinstance(data, list) else [data]
     for i, row in enumerate(rows):
-        if isinstance(row, str):
+        if isinstance(row, str) and columns is None:
             texts.append(row)
             continue
         if not isinstance(row, dict):
-            raise DataError(f"data.{source.label}: record {i} of {path} is neither an object nor a string")
-        column = _pick_column(sorted(row), source, f"{path} record {i}")
-        texts.append(str(row[column]))
+            what = "not an object" if columns else "neither an object nor a string"
+            raise DataError(f"data.{source.label}: record {i} of {path} is {what}")
+        texts.append(_value(row, _columns(sorted(row), source, f"{path} record {i}", columns), columns))
     return texts
 
 
@@ -155,9 +211,12 @@ def _parquet_table(path: Path, source: DocumentSource, columns: list[str] | None
         return pq.read_table(path, columns=columns)
 
 
-def _records_from_parquet(path: Path, source: DocumentSource) -> list[str]:
-    column = _pick_column(_parquet_columns(path, source), source, str(path))
-    return [str(x) for x in _parquet_table(path, source, [column]).column(column).to_pylist()]
+def _records_from_parquet(path: Path, source: DocumentSource, columns: Columns) -> list[Any]:
+    keep = _columns(_parquet_columns(path, source), source, str(path), columns)
+    table = _parquet_table(path, source, keep)
+    if columns is None:
+        return [str(x) for x in table.column(keep[0]).to_pylist()]
+    return table.to_pylist()
 
 
 def _has_dataset_configs(root: Path) -> bool:
@@ -182,25 +241,27 @@ def _local_files(root: Path, source: DocumentSource) -> list[Path]:
     return [root]
 
 
-def _file_documents(path: Path, source: DocumentSource) -> list[str]:
+def _file_documents(path: Path, source: DocumentSource, columns: Columns) -> list[Any]:
     if path.suffix in (".jsonl", ".json"):
-        return _records_from_json(path, source)
+        return _records_from_json(path, source, columns)
     if path.suffix == ".parquet":
-        return _records_from_parquet(path, source)
+        return _records_from_parquet(path, source, columns)
+    if columns is not None:
+        raise DataError(f"data.{source.label}: {path} is plain text; records with columns need jsonl/json/parquet")
     return [_read_text(path, source)]
 
 
-def _local_documents(source: DocumentSource) -> list[str]:
+def _local_documents(source: DocumentSource, columns: Columns) -> list[Any]:
     roots = source.local_paths
     datasets_dirs = {r for r in roots if r.is_dir() and (source.name or source.split or _has_dataset_configs(r))}
     files = {r: _local_files(r, source) for r in roots if r not in datasets_dirs}  # bad suffixes fail first
-    docs: list[str] = []
+    docs: list[Any] = []
     for root in roots:
         if root in datasets_dirs:
-            docs.extend(_dataset_documents(source, str(root)))
+            docs.extend(_dataset_documents(source, str(root), columns))
         else:
             for f in files[root]:
-                docs.extend(_file_documents(f, source))
+                docs.extend(_file_documents(f, source, columns))
     return docs
 
 
@@ -271,7 +332,7 @@ def _split_files(source: DocumentSource, path: str, builder: Any) -> list[Path]:
     return files
 
 
-def _dataset_documents(source: DocumentSource, path: str) -> list[str]:
+def _dataset_documents(source: DocumentSource, path: str, columns: Columns) -> list[Any]:
     """One split of a Hugging Face dataset: a Hub id or a local directory laid out like one."""
     import datasets
 
@@ -284,18 +345,42 @@ def _dataset_documents(source: DocumentSource, path: str) -> list[str]:
             if f.suffix == ".parquet":
                 _parquet_table(f, source)
         raise DataError(f"data.{source.label}: cannot read {where} ({type(e).__name__}: {e})") from e
-    column = _pick_column(list(ds.column_names), source, where)
-    return [str(x) for x in ds[column]]
+    keep = _columns(list(ds.column_names), source, where, columns)
+    if columns is None:
+        return [str(x) for x in ds[keep[0]]]
+    return list(ds.select_columns(keep))
+
+
+def _load(source: DocumentSource, columns: Columns) -> list[Any]:
+    if not source.path:
+        raise DataError(
+            f"data.{source.label}.path is empty: give a local file/directory, a Hub dataset id or a tfds: selection"
+        )
+    if source.is_tfds:
+        if columns is not None:
+            raise DataError(f"data.{source.label}: {source.path} is a tfds: selection, which gives text documents only")
+        from jaxunlearn.data import tfds_source
+
+        docs = tfds_source.documents(source)
+    else:
+        docs = (
+            _local_documents(source, columns) if source.is_local else _dataset_documents(source, source.path, columns)
+        )
+    if source.max_documents:
+        docs = docs[: source.max_documents]
+    return docs
 
 
 def load_documents(source: DocumentSource) -> list[str]:
     """All documents of one split, in a stable order, truncated to ``max_documents`` when set."""
-    if not source.path:
-        raise DataError(f"data.{source.label}.path is empty: give a local file/directory or a Hub dataset id")
-    docs = _local_documents(source) if source.is_local else _dataset_documents(source, source.path)
-    if source.max_documents:
-        docs = docs[: source.max_documents]
-    return docs
+    return _load(source, None)
+
+
+def load_records(source: DocumentSource, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """All records of one split with the values of ``columns`` (strings, or lists for list columns such as TOFU's
+    ``perturbed_answer``), in a stable order, truncated to ``max_documents``; jsonl/json/parquet files or a
+    Hugging Face dataset. DataError naming a missing column."""
+    return _load(source, tuple(columns))
 
 
 def documents_fingerprint(docs: list[str]) -> str:

@@ -32,6 +32,11 @@ MOMENT_KEYS = ("mean", "std")
 CPU_CHUNK_ROWS = 512
 
 
+def _prompts(tokens: np.ndarray, prompts: np.ndarray | None) -> np.ndarray:
+    """Prompt lengths ``[n]`` int32 (zeros: plain text)."""
+    return np.zeros(tokens.shape[0], np.int32) if prompts is None else np.asarray(prompts, np.int32)
+
+
 class Evaluator:
     """Teacher-forced statistics for any parameters of one model structure, on one mesh."""
 
@@ -89,12 +94,12 @@ class Evaluator:
     def _kl_step(self):
         lm, mesh, chunk, rules = self.lm, self.mesh, self.chunk_size, self.rules
 
-        def kl(ref_params, params, tokens, mask):
+        def kl(ref_params, params, tokens, mask, prompts):
             with sharding.activation_sharding(mesh, rules):
                 ref_hidden = lm.hidden_states(ref_params, tokens, mask)
                 hidden = lm.hidden_states(params, tokens, mask)
                 per_token = losses.token_kl(ref_hidden, lm.head(ref_params), hidden, lm.head(params), chunk_size=chunk)
-                return losses.sequence_mean(per_token, mask)
+                return losses.sequence_mean(per_token, losses.answer_positions(mask, prompts, shift=1))
 
         return jax.jit(kl, out_shardings=NamedSharding(mesh, P()))
 
@@ -111,9 +116,9 @@ class Evaluator:
                 norms.append(jnp.linalg.norm(g, ord=p, axis=-1))
             return jnp.concatenate(norms)
 
-        def one(params, tokens, mask):
+        def one(params, tokens, mask, prompt):
             def mean_nll(params):
-                targets, target_mask = losses.next_token_targets(tokens[None], mask[None])
+                targets, target_mask = losses.next_token_targets(tokens[None], mask[None], prompt[None])
                 hidden = lm.hidden_states(params, tokens[None], mask[None])
                 logp = losses.token_logprobs(hidden, lm.head(params), targets, chunk_size=chunk)
                 return losses.sequence_mean(-logp, target_mask)[0]
@@ -122,50 +127,58 @@ class Evaluator:
 
         unbatched = sharding.normalize_rules([(n, None if n == "batch" else a) for n, a in rules])  # one row at a time
 
-        def norms(params, tokens, mask):
+        def norms(params, tokens, mask, prompts):
             with sharding.activation_sharding(mesh, unbatched):
-                return jax.lax.map(lambda row: one(params, *row), (tokens, mask))
+                return jax.lax.map(lambda row: one(params, *row), (tokens, mask, prompts))
 
         replicated = NamedSharding(mesh, P())
-        return jax.jit(norms, in_shardings=(None, replicated, replicated), out_shardings=replicated)
+        return jax.jit(norms, in_shardings=(None, replicated, replicated, replicated), out_shardings=replicated)
 
-    def gradient_norms(self, params: dict, tokens: np.ndarray, mask: np.ndarray, p: float = 2.0) -> np.ndarray:
+    def gradient_norms(
+        self, params: dict, tokens: np.ndarray, mask: np.ndarray, p: float = 2.0, prompts: np.ndarray | None = None
+    ) -> np.ndarray:
         """Per sequence, the mean over the model's (Hugging Face) parameter tensors of the ``p``-norm of the
-        gradient of the sequence's mean token NLL (open-unlearning's GradNorm attack statistic), ``[n]``. One
-        backward pass per sequence, one sequence at a time (memory: one gradient)."""
+        gradient of the sequence's mean token NLL (open-unlearning's GradNorm attack statistic), ``[n]``; only the
+        answer's tokens count in question-answer chunks (``prompts``: their prompt lengths). One backward pass per
+        sequence, one sequence at a time (memory: one gradient)."""
         if p not in self._grad_norm_steps:
             self._grad_norm_steps[p] = self._make_gradient_norm_step(p)
         out = [
-            np.asarray(jax.device_get(self._grad_norm_steps[p](params, t, m)))[:rows]
-            for t, m, rows in self._batches(tokens, mask, replicated=True)
+            np.asarray(jax.device_get(self._grad_norm_steps[p](params, t, m, q)))[:rows]
+            for (t, m, q), rows in self._batches(tokens, mask, _prompts(tokens, prompts), replicated=True)
         ]
         return np.concatenate(out) if out else np.zeros((0,))
 
-    def sequence_kl(self, ref_params: dict, params: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Per-sequence mean ``KL(p_ref || p)`` over non-padding positions, ``[n]`` (same model structure)."""
+    def sequence_kl(
+        self, ref_params: dict, params: dict, tokens: np.ndarray, mask: np.ndarray, prompts: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Per-sequence mean ``KL(p_ref || p)`` over non-padding positions, ``[n]`` (same model structure); in
+        question-answer chunks (``prompts``: their prompt lengths) over the positions that predict the answer."""
         out = [
-            np.asarray(jax.device_get(self._kl_step(ref_params, params, t, m)))[:rows]
-            for t, m, rows in self._batches(tokens, mask)
+            np.asarray(jax.device_get(self._kl_step(ref_params, params, t, m, q)))[:rows]
+            for (t, m, q), rows in self._batches(tokens, mask, _prompts(tokens, prompts))
         ]
         return np.concatenate(out) if out else np.zeros((0,))
 
-    def _batches(self, tokens: np.ndarray, mask: np.ndarray, desc: str | None = None, replicated: bool = False):
-        """Device batches of ``batch_size`` rows (the last one padded with empty rows) and their real row count;
-        split over the batch-parallel mesh axes, or on every device (``replicated``)."""
-        n, length = tokens.shape
+    def _batches(self, *arrays: np.ndarray, desc: str | None = None, replicated: bool = False):
+        """``(arrays, rows)``: device batches of ``batch_size`` rows of each ``[n, ...]`` array (the last one padded
+        with empty rows) and their real row count; split over the batch-parallel mesh axes, or on every device
+        (``replicated``)."""
+        n = arrays[0].shape[0]
         bs = self.batch_size
-        spec = (
-            NamedSharding(self.mesh, P())
-            if replicated
-            else sharding.named_sharding(("batch", "length"), self.rules, self.mesh, (bs, length))
-        )
+
+        def spec(a: np.ndarray) -> NamedSharding:
+            if replicated:
+                return NamedSharding(self.mesh, P())
+            axes = ("batch", "length")[: a.ndim]
+            return sharding.named_sharding(axes, self.rules, self.mesh, (bs, *a.shape[1:]))
+
         for start in tqdm(range(0, n, bs), desc=desc, disable=None if desc else True, leave=False, unit="batch"):
-            t, m = tokens[start : start + bs], mask[start : start + bs]
-            rows = len(t)
+            parts = [a[start : start + bs] for a in arrays]
+            rows = len(parts[0])
             if rows < bs:
-                t = np.concatenate([t, np.zeros((bs - rows, length), t.dtype)])
-                m = np.concatenate([m, np.zeros((bs - rows, length), m.dtype)])
-            yield sharding.host_to_global(t, spec), sharding.host_to_global(m, spec), rows
+                parts = [np.concatenate([a, np.zeros((bs - rows, *a.shape[1:]), a.dtype)]) for a in parts]
+            yield tuple(sharding.host_to_global(a, spec(a)) for a in parts), rows
 
     def token_stats(
         self, params: dict, tokens: np.ndarray, mask: np.ndarray, *, desc: str | None = None, moments: bool = True
@@ -179,7 +192,7 @@ class Evaluator:
         keys = [k for k in STAT_KEYS if moments or k not in MOMENT_KEYS]
         out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         step = self.stats_step(moments)
-        for t, m, rows in self._batches(tokens, mask, desc):
+        for (t, m), rows in self._batches(tokens, mask, desc=desc):
             for k, v in jax.device_get(step(params, t, m)).items():
                 out[k].append(np.asarray(v)[:rows])
         return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}

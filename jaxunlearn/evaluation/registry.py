@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxunlearn.data.chunks import Chunks
 from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.metrics import subset
@@ -70,6 +72,42 @@ class EvalContext:
             self._stats[split] = split_stats(self.evaluator, self.params, self.splits[split], self.max_chunks, split)
         return self._stats[split]
 
+    def generate_text(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """The greedy continuation of each prompt (token ids, each cut to its last ``max_length`` tokens, left-padded
+        into one batch), cut at EOS, decoded without special tokens, then cut before the first of ``stop``."""
+        from jaxunlearn.generation import generate
+
+        prompts = [list(p)[-self.max_length :] for p in prompts]
+        if not prompts:
+            return []
+        width = max(len(p) for p in prompts)
+        tokens = np.zeros((len(prompts), width), np.int32)
+        mask = np.zeros((len(prompts), width), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        ev = self.evaluator
+        out = generate(
+            ev.lm,
+            self.params,
+            tokens,
+            mask,
+            max_new_tokens=max_new_tokens,
+            mesh=ev.mesh,
+            batch_size=ev.batch_size,
+            rules=ev.rules,
+        )
+        eos, texts = self.tokenizer.eos_token_id, []
+        for row in out.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for word in stop:
+                text = text.split(word)[0]
+            texts.append(text)
+        return texts
+
 
 def split_stats(
     evaluator: Evaluator, params: dict, chunks: Chunks, limit: int, name: str, *, moments: bool = True
@@ -77,6 +115,7 @@ def split_stats(
     """The evaluation loop's statistics of ``limit`` evenly spaced chunks of one split (and their ``index``)."""
     idx = subset(len(chunks), limit)
     out = evaluator.token_stats(params, chunks.tokens[idx], chunks.mask[idx], desc=f"eval {name}", moments=moments)
+    out["target_mask"] = out["target_mask"] & chunks.target_mask(idx)  # a question-answer chunk: its answer only
     out["index"] = idx
     return out
 

@@ -22,7 +22,6 @@ compared with the approximate split's instead.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -37,6 +36,7 @@ from ml_collections import config_flags
 from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, config_files, run_command
 from jaxunlearn.cli import fail as _fail
+from jaxunlearn.experiments.runs import read_report
 
 VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")  # the paper's
 AUC_ATTACK = "min_k_0.4"
@@ -435,22 +435,6 @@ def _worlds_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {first['target']} | " + " | ".join(cells) + f" | {_fmt(all(t['met'] for t in per_seed))} |")
     lines += ["", "Each world's own comparison: " + ", ".join(f"[seed {s}](seed-{s}/compare.md)" for s in seeds), ""]
     return "\n".join(lines)
-
-
-def read_report(run_dir: str) -> dict[str, Any]:
-    """A finished run's ``report.json``, as process 0 reads it (only process 0 writes it), on every process."""
-    import jax
-
-    from jaxunlearn import sharding
-
-    text = None
-    if jax.process_index() == 0:
-        with contextlib.suppress(FileNotFoundError):
-            text = locations.read_text(locations.join(run_dir, "report.json"), "--workdir")
-    text = sharding.from_process0(text)
-    if text is None:
-        raise FileNotFoundError(f"{run_dir} has no report.json: the comparison needs config.evaluation.enabled=True")
-    return json.loads(text)
 
 
 def compare_world(

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxunlearn import sharding
-from jaxunlearn.models import llama  # noqa: F401  (registers llama, mistral, qwen2)
+from jaxunlearn.models import gpt_neox, llama  # noqa: F401  (register gpt_neox; llama, mistral, qwen2)
 from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.registry import (
     Family,

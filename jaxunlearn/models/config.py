@@ -50,6 +50,8 @@ class ModelConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # The leading fraction of each head's dimensions that RoPE rotates (GPT-NeoX's ``rotary_pct``); 1 rotates all.
+    partial_rotary_factor: float = 1.0
     # Sorted (key, value) pairs of the HF rope scaling dict, or None for plain RoPE.
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 4096
@@ -57,6 +59,11 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # GPT-NeoX: LayerNorm epsilon, MLP activation (transformers' ``hidden_act`` name), and the parallel residual
+    # ``x + attn(ln1(x)) + mlp(ln2(x))``. The Llama family ignores them (RMSNorm, SwiGLU, sequential residual).
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    parallel_residual: bool = False
     # One entry per layer: NO_WINDOW for full causal attention, else the sliding-window size.
     sliding_windows: tuple[int, ...] = ()
     initializer_range: float = 0.02
@@ -72,8 +79,12 @@ class ModelConfig:
         get_family(self.model_type)  # an unregistered model_type fails here, naming the supported ones
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        rotary = int(self.head_dim * self.partial_rotary_factor)  # as transformers truncates it
+        if not 0.0 <= self.partial_rotary_factor <= 1.0 or rotary % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim} with partial_rotary_factor={self.partial_rotary_factor} rotates {rotary} "
+                "dimensions; rotary embeddings need an even number of them (and a factor between 0 and 1)"
+            )
         self._check_numerics()
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (NO_WINDOW,) * self.num_layers)

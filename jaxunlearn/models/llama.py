@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -271,11 +271,11 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ACTIVATION), new_kv
 
 
-def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs, layer_class: type[nnx.Module] = DecoderLayer) -> nnx.Module:
     """``num_layers`` decoder layers as one module whose parameters have a leading ``layers`` axis."""
     keys = jax.random.split(rngs.params(), config.num_layers)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
-    state = jax.vmap(lambda key: nnx.state(DecoderLayer(config, rngs=nnx.Rngs(key))))(keys)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: layer_class(config, rngs=nnx.Rngs(0))))
+    state = jax.vmap(lambda key: nnx.state(layer_class(config, rngs=nnx.Rngs(key))))(keys)
     layers = nnx.merge(graphdef, state)
     for _, node in nnx.iter_graph(layers):
         if isinstance(node, nnx.Variable):
@@ -313,14 +313,19 @@ class Transformer(nnx.Module):
 
     Layers are stacked and run with ``jax.lax.scan`` so compile time does not grow with depth; ``config.remat``
     chooses what the backward pass recomputes. Inputs are right-padded token ids with a 1/0 attention mask.
+    Another family reuses everything here by subclassing with its own ``layer_class`` (called as
+    :class:`DecoderLayer` is) and ``norm_class`` (the final norm).
     """
+
+    layer_class: ClassVar[type[nnx.Module]] = DecoderLayer
+    norm_class: ClassVar[type[nnx.Module]] = RMSNorm
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         e, v = config.hidden_size, config.vocab_size
         self.embedding = _param(rngs, (v, e), ("vocab", "embed"), config, "normal")
-        self.layers = _stacked_layers(config, rngs)
-        self.final_norm = RMSNorm(config)
+        self.layers = _stacked_layers(config, rngs, self.layer_class)
+        self.final_norm = self.norm_class(config)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (e, v), ("embed", "vocab"), config, "normal")
 

@@ -48,9 +48,16 @@ def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def rotary_dims(config: ModelConfig) -> int:
+    """How many leading dimensions of each head RoPE rotates: ``head_dim x partial_rotary_factor``, truncated (as
+    transformers computes it); all of them unless the config says otherwise (GPT-NeoX)."""
+    return int(config.head_dim * config.partial_rotary_factor)
+
+
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Per-pair inverse frequencies, float32, with ``linear`` or ``llama3`` scaling applied."""
-    dim = config.head_dim
+    """Per-pair inverse frequencies of the rotated dimensions, float32, with ``linear`` or ``llama3`` scaling
+    applied."""
+    dim = rotary_dims(config)
     inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
         np.float32
     )
@@ -77,8 +84,12 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotate ``x`` of shape ``[batch, length, heads, head_dim]`` by ``positions`` ``[batch, length]``.
 
-    Computed in float32 and cast back to ``x.dtype``.
+    The first ``2 * len(inv_freq)`` dimensions are rotated (all of them unless the rotation is partial) and the
+    rest pass through. Computed in float32 and cast back to ``x.dtype``.
     """
+    rotated = 2 * inv_freq.shape[-1]
+    if rotated < x.shape[-1]:  # partial rotary (GPT-NeoX): rotate_half within the leading dimensions only
+        return jnp.concatenate([apply_rotary(x[..., :rotated], positions, inv_freq), x[..., rotated:]], axis=-1)
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
     cos = jnp.cos(freqs)[:, :, None, :]
     sin = jnp.sin(freqs)[:, :, None, :]

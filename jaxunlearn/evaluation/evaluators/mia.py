@@ -37,13 +37,16 @@ def _scores(ctx: EvalContext, split: str, n: int, options: Mapping[str, Any], re
     stats = ctx.stats(split)
     rows = subset(len(stats["logprob"]), n)  # balance the two sides, spanning both
     chunks, idx = ctx.splits[split], stats["index"][rows]
-    texts = [ctx.tokenizer.decode(t[:length]) for t, length in zip(chunks.tokens[idx], chunks.lengths[idx])]
+    # zlib's compressed length of the scored text: a question-answer chunk's answer only
+    spans = zip(chunks.tokens[idx], chunks.prompts[idx], chunks.lengths[idx])
+    texts = [ctx.tokenizer.decode(t[start:length]) for t, start, length in spans]
     ref = _rows(ctx.stats(split, *reference), rows) if reference else None
     ks = tuple(float(k) for k in options["ks"])
     scores = M.mia_scores(_rows(stats, rows), texts, ref, ks)
     if options["gradnorm"]:  # members have smaller gradients: minus the norm, so that higher means member
         p = GRADNORM_ORDERS[options["gradnorm"]]
-        scores["gradnorm"] = -ctx.evaluator.gradient_norms(ctx.params, chunks.tokens[idx], chunks.mask[idx], p)
+        norms = ctx.evaluator.gradient_norms(ctx.params, chunks.tokens[idx], chunks.mask[idx], p, chunks.prompts[idx])
+        scores["gradnorm"] = -norms
     return scores
 
 

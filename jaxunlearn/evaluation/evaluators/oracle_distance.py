@@ -42,6 +42,8 @@ def oracle_distance(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, f
         if split in ctx.splits:
             chunks = ctx.splits[split]
             idx = subset(len(chunks), ctx.max_chunks)
-            kl = ctx.evaluator.sequence_kl(ctx.oracle.params, ctx.params, chunks.tokens[idx], chunks.mask[idx])
+            kl = ctx.evaluator.sequence_kl(
+                ctx.oracle.params, ctx.params, chunks.tokens[idx], chunks.mask[idx], chunks.prompts[idx]
+            )
             out[f"kl_{split}"] = float(np.mean(kl))
     return out

@@ -1,0 +1,170 @@
+"""MUSE on a tiny local copy with its real schema: VerbMem and KnowMem against transformers' greedy ``generate`` and
+rouge-score, then the preset end to end (main command, evaluate) and the scalability/sustainability runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from jaxunlearn import sharding
+from jaxunlearn.evaluation.evaluators import muse as M
+from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.registry import EvalContext
+from jaxunlearn.hf_checkpoint import from_pretrained
+from jaxunlearn.models import split_model
+from tests.tiny_benchmarks import write_muse
+from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model
+
+REPO = Path(__file__).resolve().parent.parent
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def muse_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("muse")
+    tok = make_tokenizer()
+    for name, seed in (("target", 0), ("retrained", 1)):
+        save_hf_model("llama_gqa_tied", root / name, seed=seed)
+        tok.save_pretrained(root / name)
+    return {"root": root, "data": write_muse(root / "MUSE"), "target": root / "target", "retrained": root / "retrained"}
+
+
+def rows(data: Path, config: str, split: str) -> list[dict]:
+    return [json.loads(line) for line in (data / config / f"{split}.jsonl").read_text().splitlines()]
+
+
+def reference(model_dir: Path, data: Path) -> dict:
+    """MUSE's eval written out: greedy generate per prompt, decode, stop words, rouge-score without stemming."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def answer(prompt: str, stop=()) -> str:
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        with torch.no_grad():
+            x = torch.tensor([ids])  # an explicit mask: <unk> is id 0, which generate would take for padding
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False)
+        out = out[0, len(ids) :].tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id)]
+        text = tok.decode(out, skip_special_tokens=True)
+        for word in stop:
+            text = text.split(word)[0]
+        return text
+
+    def score(pairs):
+        s = [scorer.score(ref, pred)["rougeL"] for pred, ref in pairs]
+        return {"rougeL_f1": np.mean([x.fmeasure for x in s]), "rougeL_recall": np.mean([x.recall for x in s])}
+
+    out = {"verbmem_forget": score([(answer(r["prompt"]), r["gt"]) for r in rows(data, "verbmem", "forget")])}
+    for side in ("forget", "retain"):
+        icl = "".join(
+            f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows(data, "knowmem", f"{side}_qa_icl")
+        )
+        qa = rows(data, "knowmem", f"{side}_qa")
+        stop = ("\n\n", "\nQuestion", "Question:")
+        out[f"knowmem_{side}"] = score(
+            [(answer(f"{icl}Question: {r['question']}\nAnswer: ", stop), r["answer"]) for r in qa]
+        )
+    return out
+
+
+def test_muse_criteria_equal_transformers_generate_and_rouge_score(muse_setup):
+    mesh = sharding.single_device_mesh()
+    lm, params = split_model(from_pretrained(muse_setup["target"], mesh=mesh, dtype="float32"))
+    tok = AutoTokenizer.from_pretrained(muse_setup["target"])
+    ctx = EvalContext(Evaluator(lm, mesh, batch_size=4, chunk_size=16), params, tok, {}, 0, 256, "unlearned")
+    opts = {
+        **{k: o.default for k, o in M.OPTIONS.items()},
+        "path": str(muse_setup["data"]),
+        "verbmem_new_tokens": NEW,
+        "knowmem_new_tokens": NEW,
+    }
+    ours = M.muse(ctx, opts)
+    theirs = reference(muse_setup["target"], muse_setup["data"])
+    for key, values in theirs.items():
+        for field, value in values.items():
+            assert ours[key][field] == pytest.approx(value, abs=1e-9), (key, field)
+    assert ours["verbmem_forget"]["n"] == 4 and ours["knowmem_retain"]["n"] == 4
+
+
+def muse_config(muse_setup, method: str, cache: Path, *, oracle: bool = True):
+    config = load_config_file(method, "muse_news")
+    data = str(muse_setup["data"])
+    assert (config.data.forget.name, config.data.forget.split) == ("raw", "forget")
+    assert (config.data.retain.name, config.data.retain.split) == ("raw", "retain1")
+    assert (config.data.approximate.name, config.data.approximate.split) == ("privleak", "holdout")
+    config.model.path, config.model.dtype = str(muse_setup["target"]), "float32"
+    config.evaluation.oracle_model = str(muse_setup["retrained"]) if oracle else ""
+    for split in ("forget", "retain", "approximate", "eval_retain"):
+        config.data[split].path = data
+    config.data.max_length, config.data.cache_dir = 64, str(cache)
+    config.evaluation.muse.update(path=data, verbmem_new_tokens=NEW, knowmem_new_tokens=NEW)
+    config.train.update(micro_batch_size=4, grad_accum_steps=1, max_steps=2)
+    config.optim.lr = 1e-3
+    config.mesh.fsdp, config.mesh.tensor = 4, 2
+    return config
+
+
+def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, tmp_path):
+    from jaxunlearn.engine import unlearn
+
+    unlearn(muse_config(muse_setup, "npo_gd", tmp_path / "cache"), tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
+    for name in ("original", "unlearned", "oracle"):
+        assert set(report[name]["muse"]) == {"verbmem_forget", "knowmem_forget", "knowmem_retain"}
+    assert report["oracle"]["mia"]["privleak"]["min_k_0.4"] == pytest.approx(0.0)  # against itself
+    assert "## MUSE" in (tmp_path / "run" / "report.md").read_text()
+
+    data = muse_setup["data"]
+    args = [
+        sys.executable,
+        "-m",
+        "jaxunlearn.evaluate",
+        "--config=npo_gd:muse_news",
+        f"--model={tmp_path / 'run'}",
+        f"--workdir={tmp_path / 'eval'}",
+        "--config.model.dtype=float32",
+        "--config.data.max_length=64",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        f"--config.evaluation.muse.path={data}",
+        f"--config.evaluation.muse.verbmem_new_tokens={NEW}",
+        f"--config.evaluation.muse.knowmem_new_tokens={NEW}",
+        "--config.mesh.fsdp=1",
+    ] + [f"--config.data.{s}.path={data}" for s in ("forget", "retain", "approximate", "eval_retain")]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())["models"]["model"]["muse"]
+    for key, values in report["unlearned"]["muse"].items():
+        assert evaluated[key]["rougeL_f1"] == pytest.approx(values["rougeL_f1"], abs=1e-9)
+
+
+def test_scalability_grows_the_forget_set_and_sustainability_chains_the_runs(muse_setup, tmp_path):
+    from jaxunlearn.experiments.muse import run_muse
+
+    config = muse_config(muse_setup, "ga", tmp_path / "cache", oracle=False)
+    config.evaluation.metrics = ("perplexity", "muse")
+    result = run_muse(config, str(tmp_path / "exp"), ["scal", "sust"], [1, 2])
+    assert [r["run"] for r in result["rows"]] == [
+        "main",
+        "scal forget_1",
+        "scal forget_2",
+        "sust forget_1",
+        "sust forget_2",
+    ]
+    record = lambda *p: json.loads((tmp_path / "exp").joinpath(*p, "run.json").read_text())  # noqa: E731
+    scal = [record("scal", f"forget_{k}")["data"]["forget_chunks"] for k in (1, 2)]
+    assert scal[1] > scal[0]  # forget_2 holds forget_1 and more
+    first, second = record("sust", "forget_1"), record("sust", "forget_2")
+    assert first["model"]["path"] == str(muse_setup["target"])
+    assert second["model"]["path"] == str(tmp_path / "exp" / "sust" / "forget_1" / "hf_model")
+    assert "C4 KnowMem retain" in (tmp_path / "exp" / "muse.md").read_text()
+    assert json.loads((tmp_path / "exp" / "muse.json").read_text())["rows"][0]["run"] == "main"
