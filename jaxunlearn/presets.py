@@ -97,12 +97,44 @@ def apply_muse(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
     e.muse.path = path
 
 
-PRESETS = {"tofu": apply_tofu, "muse": apply_muse}
+WMDP_CORPORA = (
+    "cais/wmdp-corpora"  # cyber-forget-corpus (public); the bio forget corpus is gated: cais/wmdp-bio-forget-corpus
+)
+WMDP_TASKS = (
+    "wmdp:cais/wmdp:wmdp-bio:test",
+    "wmdp:cais/wmdp:wmdp-cyber:test",
+    "mmlu:cais/mmlu:all:test",
+)
+
+
+def apply_wmdp(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
+    """WMDP (Li et al. 2024): remove hazardous knowledge with its forget corpus (the public cyber corpus; point
+    ``data.forget.path`` at a local copy of the gated bio corpus to add it) while keeping Wikitext, as the official
+    ``rmu/unlearn.py``: 512-token chunks, batches of 4, 80 steps at a constant lr 5e-5, no clipping; with RMU its
+    defaults (steer layer 7 to 20 x u, alpha 100, MLP down-projections of layers 5-7). Evaluation: WMDP-Bio and
+    WMDP-Cyber multiple-choice accuracy and MMLU (lm-eval's zero-shot prompts), and perplexity of the corpora."""
+    from jaxunlearn.config import PAPER_DATASET, split_config
+
+    d = c.data
+    d.max_length = 512
+    d.forget = split_config(WMDP_CORPORA, "cyber-forget-corpus", "train")
+    retain_split = split_config("wikitext", "wikitext-2-raw-v1", "test")
+    d.retain = split_config(PAPER_DATASET, "general", "retain") if retain == "general" else retain_split
+    d.approximate, d.general = split_config(), split_config()
+    d.eval_retain = retain_split if retain == "general" else split_config()
+    c.optim.update(lr=5e-5, warmup_ratio=0.0, schedule="constant", weight_decay=0.0, clip_norm=0.0)
+    c.train.update(micro_batch_size=4, grad_accum_steps=1, epochs=1, max_steps=80)
+    e = c.evaluation
+    e.metrics = ("perplexity", "tasks")
+    e.tasks.specs = WMDP_TASKS
+
+
+PRESETS = {"tofu": apply_tofu, "muse": apply_muse, "wmdp": apply_wmdp}
 
 
 def names() -> tuple[str, ...]:
     """Every benchmark preset name."""
-    return tofu_presets() + tuple(f"muse_{v}" for v in MUSE_DATASETS)
+    return tofu_presets() + tuple(f"muse_{v}" for v in MUSE_DATASETS) + ("wmdp",)
 
 
 def apply(c: ml_collections.ConfigDict, preset: str, retain: str) -> None:

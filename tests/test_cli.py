@@ -230,7 +230,7 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "preset", ["builtin", "arxiv", "github", "books", "tofu", "tofu_forget01", "muse_news", "muse_books"]
+    "preset", ["builtin", "arxiv", "github", "books", "tofu", "tofu_forget01", "muse_news", "muse_books", "wmdp"]
 )
 def test_every_config_file_is_valid_in_every_preset(preset):
     from jaxunlearn.cli import config_files

@@ -90,3 +90,39 @@ def write_muse(root: Path, seed: int = 0) -> Path:
         "sust": {f"forget_{k}": forget if k == 1 else texts(6) for k in range(1, 5)},
     }
     return write_hf_dataset(root, configs)
+
+
+def multiple_choice(rng: np.random.Generator, n: int, subject: str | None = None) -> list[dict]:
+    """WMDP/MMLU records: question, four choices, the answer's index (and MMLU's subject)."""
+    rows = []
+    for _ in range(n):
+        row = {
+            "question": phrase(rng, 5),
+            "choices": [phrase(rng, 2) for _ in range(4)],
+            "answer": int(rng.integers(4)),
+        }
+        rows.append({**row, "subject": subject} if subject else row)
+    return rows
+
+
+def write_wmdp(root: Path, seed: int = 0) -> dict[str, Path]:
+    """WMDP's data sets: the questions (``cais/wmdp``: wmdp-bio, wmdp-cyber), the forget corpus
+    (``cais/wmdp-corpora``: cyber-forget-corpus), Wikitext (``wikitext``: wikitext-2-raw-v1) and MMLU
+    (``cais/mmlu``: all, and the subject anatomy, with test and dev splits)."""
+    rng = np.random.default_rng(seed)
+    mmlu = multiple_choice(rng, 6, "anatomy")
+    return {
+        "wmdp": write_hf_dataset(
+            root / "wmdp",
+            {"wmdp-bio": {"test": multiple_choice(rng, 8)}, "wmdp-cyber": {"test": multiple_choice(rng, 8)}},
+        ),
+        "corpora": write_hf_dataset(
+            root / "wmdp-corpora", {"cyber-forget-corpus": {"train": [{"text": phrase(rng, 50)} for _ in range(6)]}}
+        ),
+        "wikitext": write_hf_dataset(
+            root / "wikitext", {"wikitext-2-raw-v1": {"test": [{"text": phrase(rng, 50)} for _ in range(8)]}}
+        ),
+        "mmlu": write_hf_dataset(
+            root / "mmlu", {"all": {"test": mmlu, "dev": mmlu[:2]}, "anatomy": {"test": mmlu, "dev": mmlu[:2]}}
+        ),
+    }

@@ -6,12 +6,17 @@ highest sum divided by the choice's length in characters (lm-evaluation-harness'
 follows its HF model too: no special tokens, trailing context whitespace moved into the continuation, the
 continuation's tokens taken from the tokenised concatenation.
 
-A task is named by a spec ``FORMAT:PATH[:CONFIG[:SPLIT]]`` where ``PATH`` is a local ``.jsonl``/``.json`` file
-or a Hub dataset id, and ``FORMAT`` maps its columns to items:
+A task is named by a spec ``FORMAT:PATH[:CONFIG[:SPLIT]]`` where ``PATH`` is a local ``.jsonl``/``.json`` file,
+a Hub dataset id or a local directory laid out like one (``CONFIG`` and ``SPLIT``, default ``test``, select from
+it), and ``FORMAT`` maps its columns to items:
 
 * ``generic``: ``context`` (str), ``choices`` (list of str), ``gold`` (int);
 * ``arc``: AI2 ARC (``question``, ``choices.text``, ``choices.label``, ``answerKey``), prompted as lm-eval does;
-* ``mmlu``: ``question``, ``choices`` (4), ``answer`` (int), prompted as lm-eval's zero-shot MMLU.
+* ``mmlu``: ``question``, ``choices`` (4), ``answer`` (int) and, in ``cais/mmlu``, ``subject``, prompted as
+  lm-eval's zero-shot MMLU subject tasks (``The following are multiple choice questions (with answers) about
+  <subject>.``, the lettered choices, ``Answer:``, choices `` A`` to `` D``);
+* ``wmdp``: WMDP (``cais/wmdp``, configurations ``wmdp-bio``/``-chem``/``-cyber``; the same columns), prompted as
+  lm-eval's ``wmdp_bio``/``_chem``/``_cyber`` (the same layout about biology, chemistry or cybersecurity).
 
 Everything lm-evaluation-harness offers (with network) is available through
 :mod:`jaxunlearn.evaluation.lm_eval_adapter`.
@@ -37,11 +42,11 @@ class Item:
     gold: int
 
 
-def _generic(row: dict) -> Item:
+def _generic(row: dict, config: str) -> Item:
     return Item(row["context"], tuple(row["choices"]), int(row["gold"]))
 
 
-def _arc(row: dict) -> Item:
+def _arc(row: dict, config: str) -> Item:
     labels = list(row["choices"]["label"])
     return Item(
         f"Question: {row['question']}\nAnswer:",
@@ -50,15 +55,36 @@ def _arc(row: dict) -> Item:
     )
 
 
-def _mmlu(row: dict) -> Item:
+def _lettered(row: dict, description: str) -> Item:
+    """lm-evaluation-harness's MMLU/WMDP prompt: the task description, the question, the lettered choices and
+    ``Answer:``, each choice scored as `` A``, `` B``, ..."""
     letters = "ABCD"
     lines = [row["question"].strip()] + [f"{letters[i]}. {c}" for i, c in enumerate(row["choices"])]
-    return Item(
-        "\n".join(lines) + "\nAnswer:", tuple(f" {letters[i]}" for i in range(len(row["choices"]))), int(row["answer"])
-    )
+    context = description + "\n".join(lines) + "\nAnswer:"
+    return Item(context, tuple(f" {letters[i]}" for i in range(len(row["choices"]))), int(row["answer"]))
 
 
-FORMATS: dict[str, Callable[[dict], Item]] = {"generic": _generic, "arc": _arc, "mmlu": _mmlu}
+def _about(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
+
+
+def _mmlu(row: dict, config: str) -> Item:
+    # lm-eval's per-subject tasks describe the subject (cais/mmlu rows name it: high_school_biology, ...)
+    subject = row.get("subject") or ("" if config in ("", "all", "auxiliary_train") else config)
+    return _lettered(row, _about(subject.replace("_", " ")))
+
+
+# WMDP's configurations and the subject lm-eval's wmdp_bio/_chem/_cyber tasks describe.
+WMDP_SUBJECTS = {"wmdp-bio": "biology", "wmdp-chem": "chemistry", "wmdp-cyber": "cybersecurity"}
+
+
+def _wmdp(row: dict, config: str) -> Item:
+    """WMDP (cais/wmdp; question, choices, answer), prompted as lm-eval's wmdp tasks: the subject from the
+    configuration (wmdp-bio, -chem, -cyber; none for another name)."""
+    return _lettered(row, _about(WMDP_SUBJECTS.get(config, "")))
+
+
+FORMATS: dict[str, Callable[[dict, str], Item]] = {"generic": _generic, "arc": _arc, "mmlu": _mmlu, "wmdp": _wmdp}
 
 
 def load_task(spec: str, max_items: int = 0) -> tuple[str, list[Item]]:
@@ -68,7 +94,8 @@ def load_task(spec: str, max_items: int = 0) -> tuple[str, list[Item]]:
         raise DataError(f"task {spec!r}: expected FORMAT:PATH[:CONFIG[:SPLIT]] with FORMAT in {sorted(FORMATS)}")
     parts = rest.split(":")
     path = Path(parts[0]).expanduser()
-    if path.exists():
+    config = parts[1] if len(parts) > 1 else ""
+    if path.is_file():
         text = path.read_text(encoding="utf-8")
         rows = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(text)
         name = path.stem
@@ -76,18 +103,18 @@ def load_task(spec: str, max_items: int = 0) -> tuple[str, list[Item]]:
         import datasets
 
         try:
-            rows = list(
+            rows = list(  # a Hub id, or a local directory laid out like the Hub data set
                 datasets.load_dataset(
-                    parts[0],
-                    parts[1] if len(parts) > 1 and parts[1] else None,
+                    str(path) if path.is_dir() else parts[0],
+                    config or None,
                     split=parts[2] if len(parts) > 2 else "test",
                 )
             )
         except Exception as e:
             raise DataError(f"task {spec!r}: cannot load {parts[0]} ({type(e).__name__}: {e})") from e
-        name = ":".join(parts[:2]).replace("/", "_")
+        name = (path.name if path.is_dir() else parts[0]).replace("/", "_") + (f":{config}" if config else "")
     try:
-        items = [FORMATS[fmt](row) for row in rows]
+        items = [FORMATS[fmt](row, config) for row in rows]
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"task {spec!r}: a record does not have the {fmt!r} fields ({type(e).__name__}: {e})") from e
     if max_items:
