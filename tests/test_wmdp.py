@@ -109,3 +109,8 @@ def test_the_rmu_wmdp_preset_runs_end_to_end(wmdp_setup, tmp_path):
         assert {t.split(":")[-1] for t in tasks} == {"wmdp-bio", "wmdp-cyber", "all"}
         assert all(0 <= t["acc"] <= 1 and t["n"] in (6, 8) for t in tasks.values())
     assert "## Multiple-choice tasks" in (tmp_path / "run" / "report.md").read_text()
+    from jaxunlearn.evaluate import evaluate  # what the evaluate command runs, on the unlearned model
+
+    evaluated = evaluate(config, str(tmp_path / "run"), tmp_path / "eval")["models"]["model"]["tasks"]
+    for task, values in report["unlearned"]["tasks"].items():
+        assert evaluated[task]["acc"] == values["acc"] and evaluated[task]["acc_norm"] == values["acc_norm"]
