@@ -247,3 +247,42 @@ def test_compare_passes_explicit_overrides_even_when_equal_to_the_base_configs_d
     assert overrides == {"method.retain_weight": 1.0, "train.epochs": 2}  # lr is the sweep's own
     assert variant_config("undial", "builtin", overrides, 1.0).method.retain_weight == 1.0
     assert "retain_weight" not in variant_config("ga", "builtin", overrides, 1.0).method
+
+
+def _report(models: dict, steps: int = 10) -> dict:
+    return {"models": models, "stamp": {"steps": steps}, "compute": {"retraining_over_unlearning": 5.0}}
+
+
+def test_compare_rows_of_benchmark_runs_skip_what_the_benchmark_lacks(tmp_path):
+    """A TOFU-like run (no general text; TOFU's metric) and a WMDP-like run (no membership; task accuracies), made
+    by hand: each row's score leaves the missing terms out, the benchmark's numbers become columns, and the
+    comparison's files are written."""
+    from jaxunlearn.experiments.compare import summarise, write_outputs
+
+    def model(forget, retain, auc=None, **extra):
+        out = {"perplexity": {"forget": {"ppl": forget}, "approximate": {"ppl": 50.0}, "retain": {"ppl": retain}}}
+        if auc is not None:
+            out["mia"] = {"min_k_0.4": {"auc": auc}, "loss": {"auc": auc}}
+        return {**out, **extra}
+
+    tofu = {"forget_quality": 0.4, "model_utility": 0.55}
+    report = _report(
+        {
+            "original": model(10.0, 20.0, 0.9, tofu={**tofu, "model_utility": 0.6}),
+            "unlearned": model(40.0, 22.0, 0.6, tofu=tofu, oracle_distance={"kl_forget": 0.3}),
+            "oracle": model(50.0, 19.0, 0.5, tofu={**tofu, "forget_quality": 1.0}),
+        }
+    )
+    row = summarise(report)
+    expected = abs(np.log(40 / 50)) + abs(0.6 - 0.5) + np.log(22 / 20)  # no general split: no general term
+    assert row["score"] == pytest.approx(expected)
+    assert (row["tofu_forget_quality"], row["tofu_model_utility"], row["kl_forget"]) == (0.4, 0.55, 0.3)
+    assert np.isnan(row["general_ppl"])
+    tasks = {"cais_wmdp:wmdp-bio": {"acc": 0.25}, "cais_mmlu:all": {"acc": 0.5}}
+    wmdp = _report({"original": model(10.0, 20.0, tasks=tasks), "unlearned": model(30.0, 21.0, tasks=tasks)})
+    wrow = summarise(wmdp)
+    assert (wrow["acc_wmdp-bio"], wrow["acc_all"]) == (0.25, 0.5)
+    assert wrow["score"] == pytest.approx(abs(np.log(30 / 50)) + np.log(21 / 20))  # against the approximate split
+    result = write_outputs(tmp_path, [{"variant": "ga", "lr": 1e-5, **row}], report)
+    assert result["best"]["variant"] == "ga" and "tofu_forget_quality" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").is_file()

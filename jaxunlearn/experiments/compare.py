@@ -47,7 +47,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/compare", "Experiment directory.")
 _METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Shipped config names to compare.")
 _LRS = flags.DEFINE_list("lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's.")
-_PRESET = flags.DEFINE_string("preset", "builtin", "The preset the variants are built with (builtin/arxiv/github).")
+_PRESET = flags.DEFINE_string(
+    "preset",
+    "builtin",
+    "The preset the variants are built with (builtin, arxiv, github, books, tofu, muse_news, wmdp, ...).",
+)
 _SEEDS = flags.DEFINE_list(
     "world_seeds", [], "Built-in world seeds to repeat the comparison on (default: the config's)."
 )
@@ -98,7 +102,32 @@ def command_line_overrides(config, preset: str, explicit: dict[str, Any] | None 
 
 
 def _ppl(model: dict, split: str) -> float:
-    return model["perplexity"][split]["ppl"]
+    """A split's perplexity, NaN for a split the run does not have (the benchmark presets have no general text)."""
+    return model["perplexity"].get(split, {}).get("ppl", math.nan)
+
+
+def _auc(model: dict | None, attack: str = AUC_ATTACK) -> float:
+    """A membership attack's AUC, NaN for a run without the ``mia`` metric (WMDP)."""
+    return (model or {}).get("mia", {}).get(attack, {}).get("auc", math.nan)
+
+
+def _term(x: float) -> float:
+    """A score term; a missing number (NaN) counts 0."""
+    return 0.0 if math.isnan(x) else x
+
+
+def benchmark_columns(unlearned: dict) -> dict[str, Any]:
+    """The benchmarks' headline numbers of a run: TOFU's forget quality and model utility, MUSE's criteria (ROUGE-L
+    F1 x 100) and each multiple-choice task's accuracy (WMDP, MMLU, ...)."""
+    row = {}
+    if "tofu" in unlearned:
+        row.update(tofu_forget_quality=unlearned["tofu"].get("forget_quality", math.nan))
+        row.update(tofu_model_utility=unlearned["tofu"]["model_utility"])
+    for key, value in unlearned.get("muse", {}).items():
+        row[f"muse_{key}"] = 100 * value["rougeL_f1"]
+    for task, value in unlearned.get("tasks", {}).items():
+        row[f"acc_{task.rsplit(':', 1)[-1]}"] = value["acc"]
+    return row
 
 
 def summarise(report: dict) -> dict[str, Any]:
@@ -114,25 +143,26 @@ def summarise(report: dict) -> dict[str, Any]:
         "general_ppl": _ppl(unlearned, "general"),
         "retain_change": _ppl(unlearned, "retain") / _ppl(original, "retain") - 1,
         "general_change": _ppl(unlearned, "general") / _ppl(original, "general") - 1,
-        "auc": unlearned["mia"][AUC_ATTACK]["auc"],
-        "loss_auc": unlearned["mia"]["loss"]["auc"],
+        "auc": _auc(unlearned),
+        "loss_auc": _auc(unlearned, "loss"),
         "verbatim_rougeL": unlearned.get("verbatim", {}).get("forget", {}).get("rougeL_f1", math.nan),
         "retrain_over_unlearn": report["compute"]["retraining_over_unlearning"],
     }
     reference_ppl = _ppl(oracle, "forget") if oracle else _ppl(original, "approximate")
-    reference_auc = oracle["mia"][AUC_ATTACK]["auc"] if oracle else 0.5
+    reference_auc = _auc(oracle) if oracle else 0.5
     row["forget_ppl_vs_reference"] = row["forget_ppl"] / reference_ppl
     row["auc_vs_reference"] = row["auc"] - reference_auc
-    if oracle:
-        distance = report["models"]["unlearned"]["oracle_distance"]
-        row.update(kl_forget=distance["kl_forget"], kl_retain=distance.get("kl_retain", math.nan))
+    if oracle and "oracle_distance" in unlearned:
+        distance = unlearned["oracle_distance"]
+        row.update(kl_forget=distance.get("kl_forget", math.nan), kl_retain=distance.get("kl_retain", math.nan))
     row["score"] = (
-        abs(math.log(row["forget_ppl_vs_reference"]))
-        + abs(row["auc_vs_reference"])
-        + max(0.0, math.log1p(row["retain_change"]))
-        + max(0.0, math.log1p(row["general_change"]))
+        _term(abs(math.log(row["forget_ppl_vs_reference"])))
+        + _term(abs(row["auc_vs_reference"]))
+        + _term(max(0.0, math.log1p(row["retain_change"])))
+        + _term(max(0.0, math.log1p(row["general_change"])))
     )
     row.update(attack_columns(unlearned, oracle))
+    row.update(benchmark_columns(unlearned))
     return row
 
 
@@ -178,7 +208,7 @@ def targets(report: dict, best: dict[str, Any]) -> list[tuple[str, str, bool]]:
     models = report["models"]
     original, oracle = models["original"], models.get("oracle")
     ratio = _ppl(original, "forget") / _ppl(original, "approximate")
-    auc0 = original["mia"][AUC_ATTACK]["auc"]
+    auc0 = _auc(original)
     out = [
         ("before: forget ppl <= 0.8 x approximate ppl", f"{ratio:.3f} x", ratio <= 0.8),
         ("before: Min-K% (k=0.4) AUC >= 0.75", f"{auc0:.3f}", auc0 >= 0.75),
@@ -264,8 +294,8 @@ def world_result(rows: list[dict[str, Any]], reference: dict) -> dict[str, Any]:
         "oracle": {s: _ppl(models["oracle"], s) for s in models["oracle"]["perplexity"]}
         if "oracle" in models
         else None,
-        "original_auc": models["original"]["mia"][AUC_ATTACK]["auc"],
-        "oracle_auc": models["oracle"]["mia"][AUC_ATTACK]["auc"] if "oracle" in models else None,
+        "original_auc": _auc(models["original"]),
+        "oracle_auc": _auc(models["oracle"]) if "oracle" in models else None,
         "targets": [dict(target=t, value=v, met=m) for t, v, m in targets(reference, best)],
         "attacks": {name: attack_measurements(models[name]) for name in ("original", "oracle") if name in models},
     }
@@ -297,21 +327,22 @@ def _attack_lines(result: dict) -> list[str]:
     return lines
 
 
+def _model_line(ppl: dict[str, float], auc: float) -> str:
+    """``forget ppl 62.06, approximate 109.7, ...; Min-K% (k=0.4) AUC 0.824`` for the splits the run has."""
+    parts = [f"{split} {'ppl ' if split == 'forget' else ''}{ppl[split]:.4g}" for split in ppl]
+    if auc is not None and not math.isnan(auc):
+        return ", ".join(parts) + f"; Min-K% (k=0.4) AUC {auc:.3f}"
+    return ", ".join(parts)
+
+
 def _markdown(result: dict, rows: list[dict], best_by_variant: dict, best: dict) -> str:
     cols = columns(rows)
     header = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    o = result["original"]
     lines = ["# Unlearning methods compared", ""]
-    lines.append(
-        f"Original model: forget ppl {o['forget']:.4g}, approximate {o['approximate']:.4g}, "
-        f"retain {o['retain']:.4g}, general {o['general']:.4g}; Min-K% (k=0.4) AUC {result['original_auc']:.3f}."
-    )
+    lines.append(f"Original model: {_model_line(result['original'], result['original_auc'])}.")
     if result["oracle"]:
-        r = result["oracle"]
         lines.append(
-            f"Oracle (retrained without the forget set): forget ppl {r['forget']:.4g}, approximate "
-            f"{r['approximate']:.4g}, retain {r['retain']:.4g}, general {r['general']:.4g}; Min-K% AUC "
-            f"{result['oracle_auc']:.3f}."
+            f"Oracle (retrained without the forget set): {_model_line(result['oracle'], result['oracle_auc'])}."
         )
     lines += _attack_lines(result)
     lines += ["", "## Best learning rate per method (lower score = closer to the oracle)", "", *header]
@@ -330,26 +361,21 @@ def _plot(path: Path, best: dict[str, dict], result: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(best)
+
+    def level(model: str, split: str) -> float | None:
+        value = (result[model] or {}).get(split)
+        return None if value is None or math.isnan(value) else value
+
+    def auc(model: str) -> float | None:
+        value = result[f"{model}_auc"]
+        return None if value is None or math.isnan(value) else value
+
     panels = [
-        (
-            "forget_ppl",
-            "forget perplexity",
-            result["oracle"]["forget"] if result["oracle"] else None,
-            result["original"]["forget"],
-        ),
-        (
-            "retain_ppl",
-            "retain perplexity",
-            result["oracle"]["retain"] if result["oracle"] else None,
-            result["original"]["retain"],
-        ),
-        (
-            "general_ppl",
-            "general perplexity",
-            result["oracle"]["general"] if result["oracle"] else None,
-            result["original"]["general"],
-        ),
-        ("auc", "Min-K% (k=0.4) AUC", result["oracle_auc"], result["original_auc"]),
+        (f"{split}_ppl", f"{split} perplexity", level("oracle", split), level("original", split))
+        for split in ("forget", "retain", "general")
+    ]
+    panels += [
+        ("auc", "Min-K% (k=0.4) AUC", auc("oracle"), auc("original")),
         ("verbatim_rougeL", "verbatim ROUGE-L (forget)", None, None),
         ("kl_forget", "KL(oracle || model), forget", None, None),
     ]
