@@ -228,3 +228,18 @@ def test_headless_progress_lines_log_file_and_shared_permissions(setup, tmp_path
     for path in [run / "hf_model", *(run / "hf_model").iterdir(), run / "run.json", run / "log.txt"]:
         expected = 0o755 if path.is_dir() else 0o644
         assert path.stat().st_mode & 0o777 == expected, path
+
+
+def test_a_setting_added_since_the_run_started_blocks_resume_only_when_it_changes_something():
+    """A checkpointed run's stored config lacks keys added to jaxunlearn since: at an empty default ("", 0, off) they
+    are the behaviour the run had, anything else is a different configuration."""
+    from jaxunlearn.workdir import config_differences
+
+    old = {"data": {"forget": {"path": "f.jsonl"}}, "optim": {"lr": 1e-5}}
+    added = {"data": {"forget": {"path": "f.jsonl", "tfds_data_dir": "", "question": ""}, "qa_template": ""}}
+    assert config_differences(old, {**added, "optim": {"lr": 1e-5}}) == []
+    changed = {"data": {"forget": {"path": "f.jsonl", "question": "question"}}, "optim": {"lr": 1e-5}}
+    assert config_differences(old, changed) == ["config.data.forget.question"]
+    assert config_differences(old, {**added, "optim": {"lr": 2e-5}}) == ["config.optim.lr"]
+    removed = {"data": {"forget": {"path": "f.jsonl"}}}
+    assert config_differences(old, removed) == ["config.optim.lr"]  # a value that was set and is gone
