@@ -147,24 +147,19 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
         assert evaluated[key]["rougeL_f1"] == pytest.approx(values["rougeL_f1"], abs=1e-9)
 
 
-def test_scalability_grows_the_forget_set_and_sustainability_chains_the_runs(muse_setup, tmp_path):
-    from jaxunlearn.experiments.muse import run_muse
+def test_scalability_takes_each_fold_and_sustainability_chains_the_runs(muse_setup, tmp_path):
+    from jaxunlearn.experiments.muse import fold_config, run_muse
 
     config = muse_config(muse_setup, "ga", tmp_path / "cache", oracle=False)
     config.evaluation.metrics = ("perplexity", "muse")
-    result = run_muse(config, str(tmp_path / "exp"), ["scal", "sust"], [1, 2])
-    assert [r["run"] for r in result["rows"]] == [
-        "main",
-        "scal forget_1",
-        "scal forget_2",
-        "sust forget_1",
-        "sust forget_2",
-    ]
+    scal = fold_config(config, "scal", 3, None)  # scal: the fold's forget set, from the target
+    assert (scal.data.forget.name, scal.data.forget.split, scal.model.path) == ("scal", "forget_3", config.model.path)
+    result = run_muse(config, str(tmp_path / "exp"), ["sust"], [1, 2])  # sust runs chain: each from the last
+    assert [r["run"] for r in result["rows"]] == ["main", "sust forget_1", "sust forget_2"]
     record = lambda *p: json.loads((tmp_path / "exp").joinpath(*p, "run.json").read_text())  # noqa: E731
-    scal = [record("scal", f"forget_{k}")["data"]["forget_chunks"] for k in (1, 2)]
-    assert scal[1] > scal[0]  # forget_2 holds forget_1 and more
     first, second = record("sust", "forget_1"), record("sust", "forget_2")
     assert first["model"]["path"] == str(muse_setup["target"])
     assert second["model"]["path"] == str(tmp_path / "exp" / "sust" / "forget_1" / "hf_model")
+    assert first["data"]["forget_chunks"] == record("main")["data"]["forget_chunks"]  # sust forget_1 = raw forget
     assert "C4 KnowMem retain" in (tmp_path / "exp" / "muse.md").read_text()
     assert json.loads((tmp_path / "exp" / "muse.json").read_text())["rows"][0]["run"] == "main"
