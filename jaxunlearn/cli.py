@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -83,15 +85,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{type(e).__name__}: {e}")
 
 
-def run_command(main: Any, module_name: str) -> None:
-    """``app.run(main)`` with the flag parsing above. Run as a console script (``jaxunlearn-plan``), ``--help`` shows
+def run_command(main: Callable[[list[str], Any], None], module_name: str, define_flags: Callable[[], Any]) -> None:
+    """``app.run(main)`` with the flag parsing above; ``main(argv, args)`` gets what ``define_flags()`` returned
+    (the flag holders). A command defines its flags here, when it runs, not when its module is imported: the
+    commands' modules are also libraries (``evaluate``, ``run_comparison``), and two of them imported into one
+    process would otherwise both define ``--config``. Run as a console script (``jaxunlearn-plan``), ``--help`` shows
     the command's docstring and flags as ``python -m`` does (absl documents ``__main__`` and ``sys.argv[0]``)."""
+    args = define_flags()
     module = sys.modules[module_name]
     if sys.modules["__main__"] is not module:
         sys.modules["__main__"].__doc__ = module.__doc__
         for flag in flags.FLAGS.get_key_flags_for_module(module_name):
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main, flags_parser=parse_flags)
+    app.run(functools.partial(main, args=args), flags_parser=parse_flags)
 
 
 def loaded_config(holder: Any, name: str = "config") -> Any:

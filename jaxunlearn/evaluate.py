@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from absl import flags
 from ml_collections import config_flags
@@ -20,10 +21,6 @@ from ml_collections import config_flags
 from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, loaded_config, refusals, run_command
 from jaxunlearn.cli import fail as _fail
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
-_MODEL = flags.DEFINE_string("model", None, "HF directory, Hub id, or jaxunlearn run directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the report (default: workdirs/eval-<model>).")
 
 
 def resolve_model(path: str) -> str:
@@ -97,26 +94,36 @@ def _evaluate_into(prep, model: str, workdir: Path) -> dict:
     )
 
 
-def main(argv: list[str]) -> None:
+def define_flags() -> SimpleNamespace:
+    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
+    return SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
+        model=flags.DEFINE_string("model", None, "HF directory, Hub id, or jaxunlearn run directory."),
+        workdir=flags.DEFINE_string("workdir", None, "Where to write the report (default: workdirs/eval-<model>)."),
+    )
+
+
+def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _MODEL.value:
+    model = args.model.value
+    if not model:
         _fail("--model=PATH_OR_ID is required")
-    config = loaded_config(_CONFIG)
+    config = loaded_config(args.config)
     cpu_devices.configure(config)  # before JAX starts: one CPU device per core
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    workdir = _WORKDIR.value or str(Path("workdirs") / f"eval-{Path(_MODEL.value.rstrip('/')).name}")
+    workdir = args.workdir.value or str(Path("workdirs") / f"eval-{Path(model.rstrip('/')).name}")
     try:
-        evaluate(config, _MODEL.value, workdir)
+        evaluate(config, model, workdir)
     except (*refusals(), FileNotFoundError) as e:
         _fail(str(e))
     print(f"report: {locations.join(locations.shown(workdir), 'report.md')}", file=sys.stdout)
 
 
 def run() -> None:
-    run_command(main, __name__)
+    run_command(main, __name__, define_flags)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from absl import flags
 from ml_collections import config_flags
@@ -15,14 +16,19 @@ from ml_collections import config_flags
 from jaxunlearn import cpu_devices, locations
 from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>).")
+
+def define_flags() -> SimpleNamespace:
+    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
+    return SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
+        workdir=flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>)."),
+    )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = loaded_config(_CONFIG)
+    config = loaded_config(args.config)
     cpu_devices.configure(config)  # before JAX starts: one CPU device per core
     import jax
     from absl import logging as absl_logging
@@ -32,7 +38,7 @@ def main(argv: list[str]) -> None:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint file at INFO
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = _WORKDIR.value or str(Path("workdirs") / Path(config_path).stem.split(":")[0])
+    workdir = args.workdir.value or str(Path("workdirs") / Path(config_path).stem.split(":")[0])
     try:
         record = unlearn(config, workdir)
     except refusals() as e:
@@ -52,7 +58,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    run_command(main, __name__)
+    run_command(main, __name__, define_flags)
 
 
 if __name__ == "__main__":

@@ -14,43 +14,53 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 from absl import flags
 from ml_collections import config_flags
 
 from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v4-32, v5p-8, v6e-8 or v5e:4x4.")
-_SLICES = flags.DEFINE_integer(
-    "slices", 1, "Number of slices (multislice; the data axis spans them). Default: config.mesh.dcn_data."
-)
-_SEARCH = flags.DEFINE_boolean("search", False, "Search remat, micro batch, fsdp x tensor, reference dtype.")
-_JSON = flags.DEFINE_boolean("json", False, "Print JSON instead of tables.")
-_EVALUATION = flags.DEFINE_boolean("evaluation", True, "Also compile the evaluation step.")
-_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 12, "With --search: stop after this many compilations.")
+
+def define_flags() -> SimpleNamespace:
+    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
+    return SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
+        topology=flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v4-32, v5p-8, v6e-8 or v5e:4x4."),
+        slices=flags.DEFINE_integer(
+            "slices", 1, "Number of slices (multislice; the data axis spans them). Default: config.mesh.dcn_data."
+        ),
+        search=flags.DEFINE_boolean("search", False, "Search remat, micro batch, fsdp x tensor, reference dtype."),
+        json=flags.DEFINE_boolean("json", False, "Print JSON instead of tables."),
+        evaluation=flags.DEFINE_boolean("evaluation", True, "Also compile the evaluation step."),
+        max_compiles=flags.DEFINE_integer("max_compiles", 12, "With --search: stop after this many compilations."),
+    )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _TOPOLOGY.value:
+    if not args.topology.value:
         fail("--topology is required (e.g. --topology=v5e-16)")
-    config = loaded_config(_CONFIG)
+    config = loaded_config(args.config)
     from jaxunlearn.planning.planner import describe, plan_step
     from jaxunlearn.planning.search import search
     from jaxunlearn.planning.topology import TopologyError, parse_topology
 
     try:
-        topology = parse_topology(_TOPOLOGY.value, _SLICES.value if _SLICES.present else config.mesh.dcn_data)
-        if _SEARCH.value:
-            result = search(config, topology, max_compiles=_MAX_COMPILES.value, on_plan=None if _JSON.value else _show)
-            _report_search(result)
+        topology = parse_topology(
+            args.topology.value, args.slices.value if args.slices.present else config.mesh.dcn_data
+        )
+        if args.search.value:
+            result = search(
+                config, topology, max_compiles=args.max_compiles.value, on_plan=None if args.json.value else _show
+            )
+            _report_search(result, args.json.value)
             sys.exit(0 if result.best is not None else 1)
-        plan = plan_step(config, topology, evaluation=_EVALUATION.value)
+        plan = plan_step(config, topology, evaluation=args.evaluation.value)
     except (*refusals(), TopologyError) as e:
         fail(str(e))
-    print(json.dumps(plan.to_json(), indent=2) if _JSON.value else describe(plan))
+    print(json.dumps(plan.to_json(), indent=2) if args.json.value else describe(plan))
     sys.exit(0 if plan.fits else 1)
 
 
@@ -60,8 +70,8 @@ def _show(plan) -> None:
     print(describe(plan), end="\n\n", flush=True)
 
 
-def _report_search(result) -> None:
-    if _JSON.value:
+def _report_search(result, as_json: bool) -> None:
+    if as_json:
         out = {
             "recommended": result.best.to_json() if result.best else None,
             "candidates": [p.to_json() for p in result.plans],
@@ -83,7 +93,7 @@ def _report_search(result) -> None:
 
 
 def run() -> None:
-    run_command(main, __name__)
+    run_command(main, __name__, define_flags)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,30 @@ def test_tfds_selections_are_refused_before_any_work(setup, tmp_path):
         "data.forget.tfds_data_dir",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_refuses_a_runs_bad_data_in_one_line(setup, tmp_path):
+    """The experiment commands report a run's refusal as the main command does, not as a traceback."""
+    empty = tmp_path / "forget.jsonl"
+    empty.write_text("")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxunlearn.experiments.compare",
+            f"--config={REPO / 'configs' / 'ga.py'}:arxiv",
+            "--preset=arxiv",
+            "--methods=ga",
+            "--lr_multipliers=1",
+            f"--workdir={tmp_path / 'compare'}",
+            f"--config.model.path={setup['model']}",
+            f"--config.data.forget.path={empty}",
+            f"--config.data.retain.path={setup['retain']}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=300,
+    )
+    _refused(result, "data.forget", str(empty))

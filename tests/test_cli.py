@@ -94,6 +94,22 @@ def unlearn_tiny(setup, config, workdir, **fields):
     return unlearn(c, workdir)
 
 
+def test_the_commands_modules_import_together_and_each_still_has_its_flags():
+    """The commands' modules are libraries too (``evaluate``, ``run_comparison``, ``run_muse``): importing all of them
+    into one process must not define ``--config`` twice, and each command still parses its own flags."""
+    commands = ["main", "evaluate", "plan", "experiments.compare", "experiments.muse"]
+    code = "; ".join(f"import jaxunlearn.{c}" for c in commands) + "; print('imported')"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]
+    own = {"plan": "--max_compiles", "experiments.compare": "--world_seeds", "experiments.muse": "--folds"}
+    for command, flag in own.items():
+        result = subprocess.run(
+            [sys.executable, "-m", f"jaxunlearn.{command}", "--help"], capture_output=True, text=True, env=env
+        )
+        assert flag in result.stdout, (command, result.stderr[-2000:])  # absl exits 1 after --help
+
+
 def test_the_main_command_runs_a_config_and_says_where_it_wrote(setup, tmp_path):
     result = run_cli(setup, "ga_kl", tmp_path / "run", "--config.train.max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]

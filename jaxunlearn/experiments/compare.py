@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,28 +35,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxunlearn import cpu_devices, locations
-from jaxunlearn.cli import CONFIG_HELP, config_files, run_command
+from jaxunlearn.cli import CONFIG_HELP, config_files, refusals, run_command
 from jaxunlearn.cli import fail as _fail
 from jaxunlearn.experiments.runs import read_report
 
 VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")  # the paper's
 AUC_ATTACK = "min_k_0.4"
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, f"The base config (world, data, evaluation). {CONFIG_HELP}", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/compare", "Experiment directory.")
-_METHODS = flags.DEFINE_list("methods", list(VARIANTS), "Shipped config names to compare.")
-_LRS = flags.DEFINE_list("lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's.")
-_PRESET = flags.DEFINE_string(
-    "preset",
-    "builtin",
-    "The preset the variants are built with (builtin, arxiv, github, books, tofu, muse_news, wmdp, ...).",
-)
-_SEEDS = flags.DEFINE_list(
-    "world_seeds", [], "Built-in world seeds to repeat the comparison on (default: the config's)."
-)
-flags.DEFINE_alias("world-seeds", "world_seeds")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -583,38 +568,65 @@ def across_worlds(per_world: dict[int, tuple[dict[str, Any], dict[str, Any]]]) -
     }
 
 
-def main(argv: list[str]) -> None:
+def define_flags() -> SimpleNamespace:
+    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
+    args = SimpleNamespace(
+        config=config_flags.DEFINE_config_file(
+            "config", None, f"The base config (world, data, evaluation). {CONFIG_HELP}", lock_config=True
+        ),
+        workdir=flags.DEFINE_string("workdir", "workdirs/compare", "Experiment directory."),
+        methods=flags.DEFINE_list("methods", list(VARIANTS), "Shipped config names to compare."),
+        lr_multipliers=flags.DEFINE_list(
+            "lr_multipliers", ["0.3", "1", "3"], "Learning rates tried, relative to each config's."
+        ),
+        preset=flags.DEFINE_string(
+            "preset",
+            "builtin",
+            "The preset the variants are built with (builtin, arxiv, github, books, tofu, muse_news, wmdp, ...).",
+        ),
+        world_seeds=flags.DEFINE_list(
+            "world_seeds", [], "Built-in world seeds to repeat the comparison on (default: the config's)."
+        ),
+    )
+    flags.DEFINE_alias("world-seeds", "world_seeds")
+    return args
+
+
+def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
+    config, workdir, methods, preset = args.config.value, args.workdir.value, args.methods.value, args.preset.value
+    if config is None:
         _fail("--config=CONFIG is required: a config file or a shipped config's name (e.g. --config=ga_kl)")
     known = list(config_files())
-    unknown = [m for m in _METHODS.value if m not in known]
+    unknown = [m for m in methods if m not in known]
     if unknown:
         _fail(f"--methods: unknown {', '.join(unknown)}; choose from the configs {', '.join(known)}")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    multipliers = [float(x) for x in _LRS.value]
-    cpu_devices.configure(_CONFIG.value)  # before JAX starts: one CPU device per core
+    multipliers = [float(x) for x in args.lr_multipliers.value]
+    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
+    given = ",".join(args.world_seeds.value)
     try:
-        seeds = [int(x) for x in _SEEDS.value]
+        seeds = [int(x) for x in args.world_seeds.value]
     except ValueError:
-        _fail(f"--world_seeds={','.join(_SEEDS.value)}: give integers, e.g. --world_seeds=0,1,2")
+        _fail(f"--world_seeds={given}: give integers, e.g. --world_seeds=0,1,2")
     if seeds and len(set(seeds)) != len(seeds):
-        _fail(f"--world_seeds={','.join(_SEEDS.value)}: a seed appears twice")
-    if seeds and _PRESET.value != "builtin":
-        _fail(
-            f"--world_seeds repeats the comparison on built-in worlds: it needs --preset=builtin, not {_PRESET.value}"
-        )
+        _fail(f"--world_seeds={given}: a seed appears twice")
+    if seeds and preset != "builtin":
+        _fail(f"--world_seeds repeats the comparison on built-in worlds: it needs --preset=builtin, not {preset}")
     explicit = config_flags.get_override_values(flags.FLAGS["config"])
-    result = run_comparison(_CONFIG.value, _WORKDIR.value, _METHODS.value, multipliers, _PRESET.value, seeds, explicit)
-    print(f"comparison: {locations.join(locations.shown(_WORKDIR.value), 'compare.md')}", file=sys.stdout)
+    try:
+        result = run_comparison(config, workdir, methods, multipliers, preset, seeds, explicit)
+    except refusals() as e:  # a run's bad data, model or workdir: one line naming it, not a traceback
+        _fail(str(e))
+    print(f"comparison: {locations.join(locations.shown(workdir), 'compare.md')}", file=sys.stdout)
     print(f"best: {result['best']['variant']} at lr {result['best']['lr']:.3g}")
 
 
 def run() -> None:
-    run_command(main, __name__)
+    run_command(main, __name__, define_flags)
 
 
 if __name__ == "__main__":

@@ -21,23 +21,19 @@ import copy
 import json
 import math
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
 
 from jaxunlearn import cpu_devices, locations
-from jaxunlearn.cli import CONFIG_HELP, run_command
+from jaxunlearn.cli import CONFIG_HELP, refusals, run_command
 from jaxunlearn.cli import fail as _fail
 from jaxunlearn.experiments.runs import read_report
 
 CRITERIA = ("scal", "sust")
 PRIVLEAK = "min_k_0.4"
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, f"A MUSE config. {CONFIG_HELP}", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/muse", "Experiment directory.")
-_CRITERIA = flags.DEFINE_list("criteria", list(CRITERIA), "Which of scal (C5) and sust (C6) to run besides main.")
-_FOLDS = flags.DEFINE_list("folds", ["1", "2", "3", "4"], "The folds forget_<k> of scal and sust.")
 
 
 def criteria_row(report: dict, model: str) -> dict[str, Any]:
@@ -129,27 +125,41 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
+def define_flags() -> SimpleNamespace:
+    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
+    return SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, f"A MUSE config. {CONFIG_HELP}", lock_config=True),
+        workdir=flags.DEFINE_string("workdir", "workdirs/muse", "Experiment directory."),
+        criteria=flags.DEFINE_list("criteria", list(CRITERIA), "Which of scal (C5) and sust (C6) to run besides main."),
+        folds=flags.DEFINE_list("folds", ["1", "2", "3", "4"], "The folds forget_<k> of scal and sust."),
+    )
+
+
+def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
+    config, workdir, criteria = args.config.value, args.workdir.value, args.criteria.value
+    if config is None:
         _fail("--config=CONFIG is required, e.g. --config=npo_gd:muse_news")
-    unknown = [c for c in _CRITERIA.value if c not in CRITERIA]
+    unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
         _fail(f"--criteria: unknown {', '.join(unknown)}; choose from {', '.join(CRITERIA)}")
     try:
-        folds = [int(f) for f in _FOLDS.value]
+        folds = [int(f) for f in args.folds.value]
     except ValueError:
-        _fail(f"--folds={','.join(_FOLDS.value)}: give fold numbers, e.g. --folds=1,2,3,4")
-    if not _CONFIG.value.evaluation.muse.path:
+        _fail(f"--folds={','.join(args.folds.value)}: give fold numbers, e.g. --folds=1,2,3,4")
+    if not config.evaluation.muse.path:
         _fail("config.evaluation.muse.path is empty: use a MUSE preset, e.g. --config=npo_gd:muse_news")
-    cpu_devices.configure(_CONFIG.value)
-    run_muse(_CONFIG.value, _WORKDIR.value, _CRITERIA.value, folds)
-    print(f"MUSE table: {locations.join(locations.shown(_WORKDIR.value), 'muse.md')}", file=sys.stdout)
+    cpu_devices.configure(config)
+    try:
+        run_muse(config, workdir, criteria, folds)
+    except refusals() as e:  # a run's bad data, model or workdir: one line naming it, not a traceback
+        _fail(str(e))
+    print(f"MUSE table: {locations.join(locations.shown(workdir), 'muse.md')}", file=sys.stdout)
 
 
 def run() -> None:
-    run_command(main, __name__)
+    run_command(main, __name__, define_flags)
 
 
 if __name__ == "__main__":
