@@ -118,7 +118,23 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, rules=DEFAULT_RULES))
     c.data = _data_section(domain, retain)
     c.method = method_config(method)
-    c.optim = ml_collections.ConfigDict(
+    c.optim = _optim_section()
+    c.train = _train_section()
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
+    c.evaluation = _evaluation_section()
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
+    # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".
+    c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
+    if preset == "builtin":
+        _use_builtin_world(c, method, retain)
+    elif preset not in PAPER_PRESETS:
+        presets.apply(c, preset, retain)
+    return c
+
+
+def _optim_section() -> ml_collections.ConfigDict:
+    """AdamW with warm-up and a schedule (the paper's)."""
+    return ml_collections.ConfigDict(
         dict(
             lr=2e-5,
             b1=0.9,
@@ -130,9 +146,13 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             clip_norm=1.0,  # 0 disables clipping
         )
     )
+
+
+def _train_section() -> ml_collections.ConfigDict:
+    """Batching, length and logging of the train loop."""
     # Effective batch = micro_batch_size x grad_accum_steps chunks per optimizer step (paper, arXiv: 8 GPUs x 1
     # x 60 = 480 chunks of 4096 tokens; GitHub: 8 x 85 = 680).
-    c.train = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(
             micro_batch_size=8,  # global, split over the mesh axes of the `batch` rule (data x fsdp)
             grad_accum_steps=60,
@@ -145,16 +165,6 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
             log_every=1,  # metrics.jsonl, and a progress line in log.txt (and on stderr without a terminal)
         )
     )
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
-    c.evaluation = _evaluation_section()
-    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
-    # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".
-    c.world = ml_collections.ConfigDict(dict(cache_dir="", **dataclasses.asdict(WorldRecipe())))
-    if preset == "builtin":
-        _use_builtin_world(c, method, retain)
-    elif preset not in PAPER_PRESETS:
-        presets.apply(c, preset, retain)
-    return c
 
 
 def _model_section() -> ml_collections.ConfigDict:

@@ -114,6 +114,18 @@ def _add_pass(carry: tuple, out: tuple) -> tuple:
     return grads, loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics)
 
 
+def _loss_of_trainable(method: Method, ctx: Context, mask: Any) -> Callable:
+    """``loss_fn(params, ref_params, micro, rng) -> (loss, metrics)``, with no gradient through the parameters
+    ``mask`` freezes (none computed at all)."""
+
+    def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
+        if mask is not None:
+            params = jax.tree.map(lambda p, m: p if np.any(m) else jax.lax.stop_gradient(p), params, mask)
+        return method.loss(params, ref_params, micro, rng, ctx)
+
+    return loss_fn
+
+
 def make_train_step(
     method: Method,
     ctx: Context,
@@ -129,13 +141,7 @@ def make_train_step(
     """
 
     mask = method.trainable(ctx.hparams, ctx.model.config) if method.trainable is not None else None
-
-    def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
-        if mask is not None:  # frozen parameters: no gradient computed at all
-            params = jax.tree.map(lambda p, m: p if np.any(m) else jax.lax.stop_gradient(p), params, mask)
-        loss, metrics = method.loss(params, ref_params, micro, rng, ctx)
-        return loss, metrics
-
+    loss_fn = _loss_of_trainable(method, ctx, mask)
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: State, ref_params: Any, batch: Any) -> tuple[State, dict[str, jax.Array]]:

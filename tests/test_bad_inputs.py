@@ -220,3 +220,4 @@ def test_compare_refuses_a_runs_bad_data_in_one_line(setup, tmp_path):
         timeout=300,
     )
     _refused(result, "data.forget", str(empty))
+    assert not [p for p in (tmp_path / "compare").rglob("*") if p.is_file()]  # no run record, no checkpoint

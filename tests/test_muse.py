@@ -19,7 +19,7 @@ from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.registry import EvalContext
 from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import split_model
-from tests.tiny_benchmarks import write_muse
+from tests.tiny_benchmarks import few_small_steps, write_muse
 from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,10 +107,7 @@ def muse_config(muse_setup, method: str, cache: Path, *, oracle: bool = True):
         config.data[split].path = data
     config.data.max_length, config.data.cache_dir = 64, str(cache)
     config.evaluation.muse.update(path=data, verbmem_new_tokens=NEW, knowmem_new_tokens=NEW)
-    config.train.update(micro_batch_size=4, grad_accum_steps=1, max_steps=2)
-    config.optim.lr = 1e-3
-    config.mesh.fsdp, config.mesh.tensor = 4, 2
-    return config
+    return few_small_steps(config, 2)
 
 
 def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, tmp_path):

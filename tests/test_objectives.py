@@ -320,11 +320,8 @@ def test_token_weighted_ascent(models, name, hparams, weight, retain_weight):
     ce, valid = _torch_token_nll(model, BATCH["forget"])
     w = weight(torch.exp(-ce).detach())
     term = (-(w * ce) * valid).sum(1).div(valid.sum(1)).mean()
-    loss = wf * term
-    if retain_weight:
-        loss = loss + retain_weight * _torch_seq_nll(model, BATCH["retain"]).mean()
-    loss.backward()
-    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
+    loss = _forget_term_plus_retain_nll(model, term, wf, retain_weight)
+    assert abs(value - loss) < 1e-5 * max(1.0, abs(loss))
     assert abs(metrics[name] - term.item()) < 1e-5
     _compare_grads(lm, grads, model)
 
@@ -338,15 +335,13 @@ def _token_mean(per_position, valid):
     return ((per_position * valid).sum(1) / valid.sum(1)).mean()
 
 
-def _check_forget_term_plus_retain_nll(lm, model, value, grads, metric, term, wf, retain_weight):
-    """``wf x term + retain_weight x NLL(retain)`` in torch against the objective's value, metric and gradients."""
+def _forget_term_plus_retain_nll(model, term, wf, retain_weight):
+    """``wf x term + retain_weight x NLL(retain)`` in torch, back-propagated into ``model``; returns its value."""
     loss = wf * term
     if retain_weight:
         loss = loss + retain_weight * _torch_seq_nll(model, BATCH["retain"]).mean()
     loss.backward()
-    assert abs(value - loss.item()) < 1e-5 * max(1.0, abs(loss.item()))
-    assert abs(metric - term.item()) < 1e-5
-    _compare_grads(lm, grads, model)
+    return loss.item()
 
 
 @pytest.mark.parametrize("retain_weight", [0.0, 0.9])
@@ -365,7 +360,10 @@ def test_undial(models, retain_weight):
         soft = torch.softmax(teacher - beta * torch.nn.functional.one_hot(labels, VOCAB).float(), dim=-1)
     logp = torch.log_softmax(_torch_logits(model, forget).float()[:, :-1], dim=-1)
     term = _token_mean(-(soft * logp).sum(-1), _valid_targets(forget))
-    _check_forget_term_plus_retain_nll(lm, model, value, grads, metrics["undial"], term, wf, retain_weight)
+    loss = _forget_term_plus_retain_nll(model, term, wf, retain_weight)
+    assert abs(value - loss) < 1e-5 * max(1.0, abs(loss))
+    assert abs(metrics["undial"] - term.item()) < 1e-5
+    _compare_grads(lm, grads, model)
 
 
 @pytest.mark.parametrize("ignore_first_tokens, retain_weight", [(1, 0.0), (3, 1.2)])
@@ -387,7 +385,10 @@ def test_ce_u(models, ignore_first_tokens, retain_weight):
     valid = _valid_targets(forget)
     valid[:, : max(ignore_first_tokens - 1, 0)] = 0  # label index t + 1 < n: tokens 1 .. n - 1
     term = _token_mean(ce, valid)
-    _check_forget_term_plus_retain_nll(lm, model, value, grads, metrics["ce_u"], term, wf, retain_weight)
+    loss = _forget_term_plus_retain_nll(model, term, wf, retain_weight)
+    assert abs(value - loss) < 1e-5 * max(1.0, abs(loss))
+    assert abs(metrics["ce_u"] - term.item()) < 1e-5
+    _compare_grads(lm, grads, model)
 
 
 def _torch_layer_output(model, split, layer, grad=True):

@@ -21,7 +21,7 @@ from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.registry import EvalContext
 from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import split_model
-from tests.tiny_benchmarks import CHAT_TEMPLATE, write_tofu
+from tests.tiny_benchmarks import CHAT_TEMPLATE, few_small_steps, write_tofu
 from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,10 +176,7 @@ def tofu_config(tofu_setup, method: str, cache: Path):
     config.data.qa_template = TEMPLATE
     config.data.max_length, config.data.cache_dir = 128, str(cache)
     config.evaluation.tofu.update(path=data, template=TEMPLATE, max_new_tokens=NEW_TOKENS)
-    config.train.update(micro_batch_size=4, grad_accum_steps=1, max_steps=3)
-    config.optim.lr = 1e-3
-    config.mesh.fsdp, config.mesh.tensor = 4, 2
-    return config
+    return few_small_steps(config, 3)
 
 
 def test_the_tofu_preset_runs_end_to_end_and_evaluate_reproduces_it(tofu_setup, tmp_path):

@@ -17,6 +17,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def few_small_steps(config, max_steps: int):
+    """``config`` set to ``max_steps`` optimizer steps of 4 chunks at lr 1e-3 on the tests' 4 x 2 fake CPU devices."""
+    config.train.update(micro_batch_size=4, grad_accum_steps=1, max_steps=max_steps)
+    config.optim.lr = 1e-3
+    config.mesh.fsdp, config.mesh.tensor = 4, 2
+    return config
+
+
 def phrase(rng: np.random.Generator, n: int) -> str:
     return " ".join(rng.choice(WORDS, size=n))
 

@@ -190,6 +190,37 @@ def _question_answers(source: DocumentSource) -> list[tuple[str, str]]:
     return [(str(r[source.question]), str(r[source.answer_column])) for r in records]
 
 
+def _tokenize(
+    label: str,
+    docs: list[str],
+    pairs: list[tuple[str, str]] | None,
+    tokenizer: Any,
+    max_length: int,
+    min_tokens: int,
+    add_special_tokens: bool,
+    pad_id: int,
+    qa_template: str,
+) -> Chunks:
+    """A split's chunks from its text: one per question-answer pair when ``pairs`` is given, else the documents'."""
+    from jaxunlearn.data import qa
+
+    desc = f"tokenising {label}"
+    if pairs is not None:
+        template = qa_template or qa.DEFAULT_TEMPLATE
+        return qa.tokenize_question_answers(
+            pairs, tokenizer, max_length, template, add_special_tokens=add_special_tokens, pad_id=pad_id, desc=desc
+        )
+    return tokenize_and_chunk(
+        docs,
+        tokenizer,
+        max_length,
+        min_tokens=min_tokens,
+        add_special_tokens=add_special_tokens,
+        pad_id=pad_id,
+        desc=desc,
+    )
+
+
 def load_chunks(
     source: DocumentSource,
     tokenizer: Any,
@@ -203,8 +234,6 @@ def load_chunks(
     """The chunks of one split, from the cache when present (``cache_dir=""`` disables caching). A split with a
     question column (``source.question``) gives one chunk per question-answer pair, laid out by ``qa_template``
     (:mod:`jaxunlearn.data.qa`; ``min_tokens`` does not apply)."""
-    from jaxunlearn.data import qa
-
     pairs = _question_answers(source) if source.question else None
     docs = load_documents(source) if pairs is None else [qa_template, *(x for pair in pairs for x in pair)]
     if not (pairs if pairs is not None else docs):
@@ -220,32 +249,14 @@ def load_chunks(
     )
     cache = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / "chunks" / f"{key}.npz"
     chunks = _read_cache(cache, key) if cache else None
-    if chunks is None and pairs is not None:
-        chunks = qa.tokenize_question_answers(
-            pairs,
-            tokenizer,
-            max_length,
-            qa_template or qa.DEFAULT_TEMPLATE,
-            add_special_tokens=add_special_tokens,
-            pad_id=pad_id,
-            desc=f"tokenising {source.label}",
-        )
-        if cache:
-            _write_cache(cache, key, chunks)
-    elif chunks is None:
-        chunks = tokenize_and_chunk(
-            docs,
-            tokenizer,
-            max_length,
-            min_tokens=min_tokens,
-            add_special_tokens=add_special_tokens,
-            pad_id=pad_id,
-            desc=f"tokenising {source.label}",
-        )
-        if cache:
-            _write_cache(cache, key, chunks)
-    else:
+    if chunks is not None:
         log.info("data.%s: %d chunks from cache %s", source.label, len(chunks), cache)
+    else:
+        chunks = _tokenize(
+            source.label, docs, pairs, tokenizer, max_length, min_tokens, add_special_tokens, pad_id, qa_template
+        )
+        if cache:
+            _write_cache(cache, key, chunks)
     if len(chunks) == 0:
         raise DataError(
             f"data.{source.label}: {source.describe()} gave no chunk of at least {min_tokens} tokens "
