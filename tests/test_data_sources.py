@@ -515,3 +515,61 @@ def test_the_books_preset_reads_pg19_from_a_tfds_data_dir(tmp_path):
     assert sorted(docs["approximate"]) == sorted(books["test"])  # unseen books
     general = load_config_file("ga_kl_general", "books").data.retain
     assert (general.path, general.name, general.split) == (PAPER_DATASET, "general", "retain")
+
+
+# --- Python's own text: python:modules:... and python:topics -------------------------------------------------
+
+
+def test_python_modules_are_their_source_files_found_without_importing(tmp_path, monkeypatch):
+    import sys
+
+    package = tmp_path / "toypkg"
+    (package / "tests").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('imported')\n")  # importing it would fail
+    (package / "core.py").write_text("def core():\n    return 1\n")
+    (package / "test_core.py").write_text("def test(): pass\n")
+    (package / "tests" / "test_more.py").write_text("x = 1\n")
+    (tmp_path / "single.py").write_text("VALUE = 'single'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = DocumentSource("forget", "python:modules:single,toypkg")
+    assert load_documents(source) == [
+        "VALUE = 'single'\n",
+        "raise RuntimeError('imported')\n",
+        "def core():\n    return 1\n",
+    ]
+    assert "toypkg" not in sys.modules
+    assert load_documents(DocumentSource("forget", "python:modules:toypkg.core")) == ["def core():\n    return 1\n"]
+    assert load_documents(DocumentSource("forget", "python:modules:single,toypkg[1:]")) == [
+        "raise RuntimeError('imported')\n",
+        "def core():\n    return 1\n",
+    ]
+    import bisect
+
+    stdlib = load_documents(DocumentSource("forget", "python:modules:bisect"))
+    assert stdlib == [open(bisect.__file__, encoding="utf-8").read()]
+
+
+def test_python_topics_are_the_language_reference_and_slices_split_them():
+    from pydoc_data.topics import topics
+
+    everything = load_documents(DocumentSource("general", "python:topics"))
+    assert everything == list(dict.fromkeys(topics[k] for k in sorted(topics) if topics[k].strip()))
+    assert len(set(topics.values())) < len(topics)  # aliases share a text (why it dedupes)
+    even = load_documents(DocumentSource("general", "python:topics[::2]"))
+    odd = load_documents(DocumentSource("general", "python:topics[1::2]"))
+    assert even == everything[::2] and odd == everything[1::2] and not set(even) & set(odd)
+
+
+@pytest.mark.parametrize(
+    "path, match",
+    [
+        ("python:modules:no_such_module_here", r"data.forget.path='python:modules:no_such_module_here': module "),
+        ("python:modules:sys", r"module 'sys' has no Python source \(built-in\)"),
+        ("python:modules:", r"names no module"),
+        ("python:stdlib", r"write python:modules:NAME\[,NAME...\] or python:topics"),
+        ("python:topics[::0]", r"a slice step cannot be zero"),
+    ],
+)
+def test_a_python_path_that_names_nothing_is_refused(path, match):
+    with pytest.raises(DataError, match=match):
+        load_documents(DocumentSource("forget", path))

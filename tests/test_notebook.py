@@ -86,3 +86,8 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     evaluation = json.loads((tmp_path / "workdirs" / "quickstart-eval" / "report.json").read_text())
     alone = evaluation["models"]["model"]["perplexity"]["forget"]["ppl"]
     assert abs(alone - forget["unlearned"]) <= 1e-4 * forget["unlearned"], (alone, forget["unlearned"])
+
+    # The real model (SmolLM2-135M-Instruct, the smollm2 preset, two steps) forgets a little and is shown doing so.
+    real = json.loads((tmp_path / "workdirs" / "quickstart-smollm2" / "report.json").read_text())["models"]
+    assert real["unlearned"]["perplexity"]["forget"]["nll"] > real["original"]["perplexity"]["forget"]["nll"]
+    assert "--- original ---" in printed and "--- unlearned ---" in printed and "--- the module goes on ---" in printed

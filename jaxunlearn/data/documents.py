@@ -12,6 +12,10 @@ like the Hub id: only that split's files. A single local file ignores ``name`` a
 ``tfds_data_dir`` (default ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``), without TensorFlow and never
 downloading; the path carries the configuration and split, so ``name`` and ``split`` are ignored there too (see
 :mod:`jaxunlearn.data.tfds_source`).
+
+``path = "python:modules:NAME[,NAME...]"`` reads the source files of installed Python modules (the standard
+library, or any package) and ``python:topics`` the language reference shipped with Python
+(:mod:`jaxunlearn.data.python_source`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxunlearn import locations
+from jaxunlearn.data import python_source
 
 TEXT_COLUMNS = ("text", "content")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -68,6 +73,11 @@ class DocumentSource:
         return self.path.strip().startswith("tfds:")
 
     @property
+    def is_python(self) -> bool:
+        """``path`` names Python's own text (``python:modules:...`` or ``python:topics``)."""
+        return python_source.is_python_path(self.path)
+
+    @property
     def local_paths(self) -> list[Path]:
         """The split's files or directories on this machine (a storage URL stands for its local mirror)."""
         what = f"data.{self.label}.path"
@@ -75,7 +85,7 @@ class DocumentSource:
 
     @property
     def is_local(self) -> bool:
-        if self.is_tfds:
+        if self.is_tfds or self.is_python:
             return False
         paths = self.local_paths
         return bool(paths) and all(p.exists() for p in paths)
@@ -90,7 +100,7 @@ class DocumentSource:
             from jaxunlearn.data import tfds_source
 
             return tfds_source.describe(self)
-        if self.is_local:
+        if self.is_python or self.is_local:
             return self.path
         return f"{self.path}{self.selection}"
 
@@ -351,10 +361,20 @@ def _dataset_documents(source: DocumentSource, path: str, columns: Columns) -> l
     return list(ds.select_columns(keep))
 
 
+def _python_documents(source: DocumentSource, columns: Columns) -> list[str]:
+    if columns is not None:
+        raise DataError(f"data.{source.label}: {source.path} is Python's own text, which gives text documents only")
+    try:
+        return python_source.documents(source.path)
+    except (ValueError, OSError) as e:  # an unknown module, a bad form, an unreadable file
+        raise DataError(f"data.{source.label}.path={source.path!r}: {e}") from e
+
+
 def _load(source: DocumentSource, columns: Columns) -> list[Any]:
     if not source.path:
         raise DataError(
-            f"data.{source.label}.path is empty: give a local file/directory, a Hub dataset id or a tfds: selection"
+            f"data.{source.label}.path is empty: give a local file/directory, a Hub dataset id, a tfds: selection or "
+            "python:modules:NAME,..."
         )
     if source.is_tfds:
         if columns is not None:
@@ -362,6 +382,8 @@ def _load(source: DocumentSource, columns: Columns) -> list[Any]:
         from jaxunlearn.data import tfds_source
 
         docs = tfds_source.documents(source)
+    elif source.is_python:
+        docs = _python_documents(source, columns)
     else:
         docs = (
             _local_documents(source, columns) if source.is_local else _dataset_documents(source, source.path, columns)

@@ -80,11 +80,59 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def evaluated_data(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The data settings an evaluation depends on: all but the training retain split when utility is measured on
+    ``eval_retain`` (so that methods retaining on other text share the original model's evaluation)."""
+    settings = data.to_dict()
+    if settings.get("eval_retain", {}).get("path"):
+        settings.pop("retain", None)
+    return settings
+
+
+def chunks_hash(chunks: Chunks) -> str:
+    """A hash of the token ids, lengths and prompt lengths of a split's chunks."""
+    h = hashlib.sha256()
+    for array in (chunks.tokens, chunks.lengths, chunks.prompt_lengths):
+        if array is not None:
+            h.update(str(array.shape).encode())
+            h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_stamp(path: str) -> list[list[Any]] | None:
+    """``[[file, size, mtime_ns], ...]`` of a local checkpoint (a directory or a GGUF file), ``None`` when it is
+    not on this machine: an evaluation of the model read from there stays valid while these do."""
+    try:
+        location = hf_checkpoint.resolve_model_dir(path)
+        files = [location] if location.is_file() else sorted(p for p in location.rglob("*") if p.is_file())
+        return [[p.name if location.is_file() else str(p.relative_to(location)), *_stamp(p)] for p in files]
+    except (OSError, ValueError):  # unreadable or not local: never shared
+        return None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def shared_eval_directory(config: ml_collections.ConfigDict) -> Path | None:
+    """Where evaluations of checkpoints are shared between runs: ``<data.cache_dir>/eval`` (default cache)."""
+    from jaxunlearn import locations
+
+    cache = config.data.get("cache_dir", "")
+    if cache and locations.is_url(cache):
+        return None  # a remote cache is synced around data loading only
+    return (Path(cache).expanduser() if cache else locations.cache_root()) / "eval"
+
+
 class RunEvaluations:
     """Metrics of the models of one run (original, oracle, unlearned) and its in-run perplexity history.
 
-    Results about fixed models of the built-in world (the original and the oracle) are cached in the world
-    directory and shared by every run on it; everything else in ``<workdir>/eval``.
+    Results about models read from a checkpoint (the original and the oracle) are shared by every run that
+    evaluates them on the same data: in the built-in world's directory for its models, else in
+    ``shared_directory`` (``<cache>/eval``), keyed by the checkpoint files' sizes and modification times; the
+    unlearned model's in ``<workdir>/eval``. Every key holds a hash of the evaluated chunks, so a split whose
+    documents changed (e.g. source code read with ``python:modules:``) is evaluated again.
     """
 
     def __init__(
@@ -97,6 +145,7 @@ class RunEvaluations:
         *,
         load_model: Callable[[str], tuple[Evaluator, dict]],
         world_directory: Path | None = None,
+        shared_directory: Path | None = None,
     ):
         self.config = config
         self.evaluator = evaluator
@@ -104,8 +153,11 @@ class RunEvaluations:
         self.splits = splits
         self.eval_dir = workdir / "eval"
         self.history_path = self.eval_dir / "history.jsonl"
-        self.world_cache = ResultCache(world_directory / "eval") if world_directory else None
+        self.world_directory = world_directory
+        shared = world_directory / "eval" if world_directory else shared_directory
+        self.checkpoint_cache = ResultCache(shared) if shared else None
         self.run_cache = ResultCache(self.eval_dir)
+        self.chunk_hashes = {name: chunks_hash(c) for name, c in splits.items()}
         self.metrics = selected_metrics(config.evaluation)
         self._load_model = load_model
         self._loaded: dict[str, tuple[Evaluator, dict]] = {}
@@ -137,6 +189,7 @@ class RunEvaluations:
             workdir,
             load_model=load_other,
             world_directory=world,
+            shared_directory=shared_eval_directory(config),
         )
 
     def load_model(self, path: str) -> tuple[Evaluator, dict]:
@@ -156,7 +209,9 @@ class RunEvaluations:
                 "max_chunks": ev.max_chunks,
                 "dtype": self.evaluator.lm.config.dtype,
                 "oracle": ev.oracle_model if self.oracle is not None and name != "oracle" else None,
-                "data": self.config.data.to_dict(),
+                "data": evaluated_data(self.config.data),
+                "chunks": self.chunk_hashes,
+                "checkpoint": checkpoint_stamp(model_path) if model_path and not self.world_directory else None,
             },
             sort_keys=True,
             default=str,
@@ -165,7 +220,9 @@ class RunEvaluations:
     def evaluate(self, name: str, params: dict, model_path: str | None = None, *, cache: bool = True) -> dict[str, Any]:
         """Every selected metric of one model, from the cache when this exact evaluation was done before
         (``cache=False``: always computed, never stored)."""
-        store = self.world_cache if model_path is not None and self.world_cache is not None else self.run_cache
+        store = (
+            self.checkpoint_cache if model_path is not None and self.checkpoint_cache is not None else self.run_cache
+        )
         key = self._key(name, model_path)
         hit = sharding.from_process0(store.read(name, key) if cache else None)
         if hit is not None:

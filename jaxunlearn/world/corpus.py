@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+from jaxunlearn.data.python_source import is_test_path, topic_documents
+
 SPLITS = ("forget", "approximate", "retain", "general_retain", "general_eval")
 
 Document = tuple[str, str]  # (id, text)
@@ -33,7 +34,7 @@ def code_documents(max_chars: int) -> list[Document]:
     docs = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if any(part in EXCLUDED_DIRS or part.startswith("test_") for part in rel.parts):
+        if is_test_path(rel):
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if 0 < len(text) <= max_chars:
@@ -43,9 +44,8 @@ def code_documents(max_chars: int) -> list[Document]:
 
 def general_documents() -> list[Document]:
     """The language reference's topics (``pydoc_data.topics``), one document each, by name."""
-    from pydoc_data.topics import topics
-
-    return [(f"topic/{name}", topics[name]) for name in sorted(topics) if topics[name].strip()]
+    # Aliases kept: the built-in world's documents (and so its cache key and numbers) predate the de-duplication.
+    return [(f"topic/{name}", text) for name, text in topic_documents(unique=False)]
 
 
 def split_documents(
