@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxunlearn.engine import unlearn
+from jaxunlearn.evaluation.runner import shared_eval_directory
 from jaxunlearn.hooks import Hooks, StepInfo
 from tests.test_cli import REPO, run_cli, run_cli_args
 from tests.tiny_models import tiny_run_config, write_tiny_setup
@@ -193,8 +194,14 @@ def test_changed_export_dtype_re_exports_a_finished_run(finished):
 def test_damaged_cached_evaluations_are_recomputed_not_fatal(finished, caplog):
     run, config = finished
     before = json.loads((run / "report.json").read_text())["models"]
-    cached = sorted((run / "eval").glob("*-*.json"))
-    assert {p.name.split("-")[0] for p in cached} == {"original", "unlearned"}
+    # The unlearned model's evaluation is the run's; the original checkpoint's is shared by runs in <cache>/eval.
+    shared = [
+        p
+        for p in shared_eval_directory(config).glob("original-*.json")
+        if json.loads(json.loads(p.read_text())["key"])["path"] == config.model.path
+    ]
+    cached = sorted((run / "eval").glob("*-*.json")) + shared
+    assert [p.name.split("-")[0] for p in cached] == ["unlearned", "original"]
     cached[0].write_text(cached[0].read_text()[:100])  # truncated
     entry = json.loads(cached[1].read_text())
     entry["value"]["perplexity"]["forget"]["ppl"] = 1.0  # edited: the checksum no longer matches
