@@ -170,7 +170,7 @@ def test_tiny_gguf_loads_as_the_model_it_came_from(tokenizer, tmp_path, tie):
     assert again.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == ("<|im_start|>x<|im_end|>")
 
 
-def _refused(path: Path, match: str) -> None:
+def assert_refused(path: Path, match: str) -> None:
     with pytest.raises(CheckpointError, match=match) as info:
         from_pretrained(path, mesh=sharding.single_device_mesh())
         load_tokenizer(path)
@@ -179,20 +179,20 @@ def _refused(path: Path, match: str) -> None:
 
 def test_unsupported_architecture_is_refused_naming_it(tokenizer, tmp_path):
     path = write_gguf(tmp_path / "neox.gguf", tiny_llama(), tokenizer, arch="gptneox")
-    _refused(path, r"architecture 'gptneox' is not supported for GGUF files; supported: llama, qwen2")
+    assert_refused(path, r"architecture 'gptneox' is not supported for GGUF files; supported: llama, qwen2")
 
 
 def test_undequantizable_tensor_type_is_refused_naming_it(tokenizer, tmp_path):
     extra = {"blk.0.attn_q.scale": np.zeros(4, np.int32)}
     path = write_gguf(tmp_path / "i32.gguf", tiny_llama(), tokenizer, extra_tensors=extra)
-    _refused(path, r"quantization type\(s\) I32 cannot be dequantized")
+    assert_refused(path, r"quantization type\(s\) I32 cannot be dequantized")
 
 
 def test_rope_frequency_table_is_refused(tokenizer, tmp_path):
     path = write_gguf(
         tmp_path / "l31.gguf", tiny_llama(), tokenizer, extra_tensors={"rope_freqs.weight": np.ones(2, np.float32)}
     )
-    _refused(path, r"RoPE frequency factors \(rope_freqs\) are not supported")
+    assert_refused(path, r"RoPE frequency factors \(rope_freqs\) are not supported")
 
 
 @pytest.mark.parametrize(
@@ -212,4 +212,4 @@ def test_tokenizer_it_cannot_rebuild_is_refused_with_the_way_out(tokenizer, tmp_
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\x00" * 10)
-    _refused(path, r"is not a readable GGUF file")
+    assert_refused(path, r"is not a readable GGUF file")
