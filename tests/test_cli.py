@@ -211,6 +211,7 @@ def test_bad_config_value_is_named(setup, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
     straight = run_cli(
         setup, "ga_gd", tmp_path / "straight", "--config.train.max_steps=4", "--config.checkpoint.every_steps=2"
@@ -270,6 +271,7 @@ def test_every_config_file_is_valid_in_every_preset(preset):
         assert config.data.retain.path.startswith("world:general") == (preset == "builtin" and "general" in name)
 
 
+@pytest.mark.slow
 def test_random_kills_then_reruns_end_bit_identical(setup, tmp_path):
     """SIGKILL at random steps (after the step's checkpoint is complete, or at once, possibly in the middle of an
     asynchronous save, the final one included), then the same command until it finishes: every trial ends with
@@ -279,7 +281,7 @@ def test_random_kills_then_reruns_end_bit_identical(setup, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
     rng = np.random.default_rng(2026)
-    for trial in range(3):
+    for trial in range(2):  # one kill, then two
         run = tmp_path / f"trial{trial}"
         kills = sorted(rng.choice(np.arange(1, 7), size=1 + trial % 2, replace=False))
         for step in kills:

@@ -84,6 +84,7 @@ def _run(args, cache):
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_on_file_urls_gives_what_it_gives_on_paths(tmp_path):
     """Workdir, model, data and cache as ``file://`` URLs (staged and mirrored, as a bucket would be) against
     the same run on plain paths: the same trained weights, losses and report; the URL's directory holds the

@@ -17,6 +17,8 @@ from safetensors.numpy import load_file
 from tests.test_cli import REPO, run_cli_args
 from tests.tiny_models import write_tiny_setup
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out
+
 
 def _free_port_job_id() -> int:
     """A Slurm job id whose derived coordinator port (JAX: 61440 + id % 4096) is free here."""

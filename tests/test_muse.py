@@ -110,6 +110,7 @@ def muse_config(muse_setup, method: str, cache: Path, *, oracle: bool = True):
     return few_small_steps(config, 2)
 
 
+@pytest.mark.slow
 def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, tmp_path):
     from jaxunlearn.engine import unlearn
 
@@ -144,6 +145,7 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
         assert evaluated[key]["rougeL_f1"] == pytest.approx(values["rougeL_f1"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_scalability_takes_each_fold_and_sustainability_chains_the_runs(muse_setup, tmp_path):
     from jaxunlearn.experiments.muse import fold_config, run_muse
 

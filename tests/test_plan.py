@@ -207,6 +207,7 @@ def assert_same_step(a, b):
         np.testing.assert_allclose(x, y, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_search_recommends_a_setting_that_trains_like_the_default(libtpu, tmp_path_factory):
     config = plan_config(shape_dir(tmp_path_factory, "tiny_search", TINY), micro=4, accum=4)
     result = search(config, parse_topology("v5e:2x2"), max_compiles=8)

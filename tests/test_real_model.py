@@ -19,6 +19,8 @@ from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer, resolve_mo
 from jaxunlearn.models import split_model
 from jaxunlearn.presets import SMOLLM2_MODEL
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out
+
 SEQ = 256
 CHAT = [
     {"role": "system", "content": "You are a concise assistant."},

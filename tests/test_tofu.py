@@ -131,6 +131,7 @@ class Reference:
         return out
 
 
+@pytest.mark.slow
 def test_tofu_metrics_equal_transformers_rouge_score_and_scipy(tofu_setup):
     data = tofu_setup["data"]
     opts = options(data)
@@ -179,6 +180,7 @@ def tofu_config(tofu_setup, method: str, cache: Path):
     return few_small_steps(config, 3)
 
 
+@pytest.mark.slow
 def test_the_tofu_preset_runs_end_to_end_and_evaluate_reproduces_it(tofu_setup, tmp_path):
     from jaxunlearn.engine import unlearn
 

@@ -225,6 +225,7 @@ def test_sharding_rules_come_from_the_config(tmp_path):
         validate(config)
 
 
+@pytest.mark.slow
 def test_cap_margin_derives_the_cap_from_the_originals_unseen_nll(tmp_path):
     """``forget_nll_cap_margin``: the cap is the original's mean chunk NLL on the approximate split (from its
     report) plus the margin, and training with it equals training with that cap given in nats."""

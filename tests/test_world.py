@@ -89,6 +89,7 @@ def _untrained(config, chunks, *, seed, **kwargs):
     return init_model(config, seed=seed), {"steps": 0, "seconds": 0.0, "tokens_per_s": 0.0, "final_loss": 0.0}
 
 
+@pytest.mark.slow
 def test_cache_reused_rebuilt_on_change_and_on_corruption(tmp_path, monkeypatch):
     monkeypatch.setattr(world_pretrain, "pretrain", _untrained)
     recipe = WorldRecipe(**{**SMALL, "steps": 2})
@@ -130,6 +131,7 @@ def test_interrupted_builds_leave_nothing_that_outlives_them(tmp_path, monkeypat
     assert not stale.exists() and alive.exists()
 
 
+@pytest.mark.slow
 def test_compare_across_world_seeds_runs_each_world_and_reports_attacks_against_the_oracle(tmp_path):
     """``compare --world-seeds=0,1`` end to end on two small worlds, each built here: each world's own comparison in
     seed-<s>/, every number as the mean and sample sd of the worlds' rows (recomputed here from each world's
