@@ -2,7 +2,6 @@
 top to bottom on CPU (the small ``ci`` recipe) in a real Jupyter kernel, with real results."""
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -52,8 +51,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     """The whole notebook in a python3 kernel of this interpreter, offline (conftest's HF variables are inherited),
     the small recipe, its world in a fresh cache. The kernel gets two CPU devices, as the main command gives a
     2-core machine: faster than one, and the real model's steps take 0.6x the time they take on conftest's 8."""
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_force_host_platform_device_count=2".strip())
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.setenv("JAXUNLEARN_NOTEBOOK", "ci")
     monkeypatch.setenv("JAXUNLEARN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))

@@ -20,6 +20,7 @@ from jaxunlearn.presets import SMOLLM2_MODEL
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out
 
 REPO = Path(__file__).resolve().parent.parent
+SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
 
 
 def command(name: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -43,9 +44,6 @@ def command(name: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProce
     result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
 
 
 def test_smollm2_preset_trains_two_steps_and_evaluate_reproduces_it(tmp_path):
