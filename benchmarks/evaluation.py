@@ -12,10 +12,10 @@ import time
 import numpy as np
 from sizes import SIZES
 
-from jaxunlearn import sharding
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.generation import generate
 from jaxunlearn.models import ModelConfig, init_model, split_model
+from jaxunlearn.models.generation import generate
+from jaxunlearn.parallel import sharding
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 from sizes import SIZES
 
-from jaxunlearn import sharding
-from jaxunlearn.flops import unlearning_step_flops
+from jaxunlearn.methods.objectives import Context, get_method
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
-from jaxunlearn.objectives import Context, get_method
-from jaxunlearn.train import (
+from jaxunlearn.parallel import sharding
+from jaxunlearn.training.flops import unlearning_step_flops
+from jaxunlearn.training.step import (
     batch_shardings,
     compile_train_step,
     init_state,

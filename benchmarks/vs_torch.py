@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxunlearn import cpu_devices  # no jax import: safe before XLA_FLAGS is set
+from jaxunlearn.parallel import cpu_devices
 
 TORCH_METHODS = ("ga", "ga_gd", "ga_kl")
 
@@ -106,15 +106,15 @@ import torch.nn.functional as F
 import transformers
 from train_step import random_split
 
-from jaxunlearn import sharding
 from jaxunlearn.config import base_config
+from jaxunlearn.config.presets import SMOLLM2_MODEL
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.evaluation.metrics import perplexity_metrics
-from jaxunlearn.hf_checkpoint import from_pretrained, load_config, load_model, save_pretrained
-from jaxunlearn.objectives import Context, get_method, resolve_needs
-from jaxunlearn.presets import SMOLLM2_MODEL
-from jaxunlearn.train import StepSetup, init_state
-from jaxunlearn.trainer import Trainer
+from jaxunlearn.evaluation.statistics import perplexity_metrics
+from jaxunlearn.methods.objectives import Context, get_method, resolve_needs
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_config, load_model, save_pretrained
+from jaxunlearn.parallel import sharding
+from jaxunlearn.training.loop import Trainer
+from jaxunlearn.training.step import StepSetup, init_state
 
 ATTENTION = "sdpa"  # transformers' default attention on CPU
 LOGITS_TOL = 1e-3  # max |logits_jax - logits_torch| on the same weights

@@ -4,7 +4,7 @@ forget chunks stop being pushed once their NLL reaches the original model's NLL 
 
 On the built-in world the cap is the brake: the stopping rule is off (the run takes its 4 epochs) and the forget
 term weighs 0.2. The capped ascent and the retain descent settle at an equilibrium where forget text looks unseen,
-chunk by chunk, so membership inference falls to the oracle's level; the README's three-world comparison chose
+chunk by chunk, so membership inference falls to the oracle's level; the three-world comparison (docs/builtin-world.md) chose
 these settings (forget perplexity within 10% and Min-K% AUC within 0.05 of the oracle's on each world)."""
 
 from jaxunlearn.config import base_config

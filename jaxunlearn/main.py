@@ -1,65 +1,6 @@
-"""Command line: ``python -m jaxunlearn.main --config=configs/ga_kl.py [--workdir=DIR] [--config.KEY=VALUE ...]``.
+"""``python -m jaxunlearn.main``: the unlearning command (:mod:`jaxunlearn.commands.unlearn`), by its documented name."""
 
-Runs (or resumes) one unlearning run. Exit status: 0 done, 2 bad input (config, data, checkpoint, mesh,
-workdir), 3 non-finite loss or parameters, 130 interrupted (rerun the same command to resume).
-"""
-
-from __future__ import annotations
-
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
-from absl import flags
-from ml_collections import config_flags
-
-from jaxunlearn import cpu_devices, locations
-from jaxunlearn.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
-
-
-def define_flags() -> SimpleNamespace:
-    """The command's flags (defined when it runs: :func:`jaxunlearn.cli.run_command`)."""
-    return SimpleNamespace(
-        config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
-        workdir=flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>)."),
-    )
-
-
-def main(argv: list[str], args: SimpleNamespace) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = loaded_config(args.config)
-    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
-    import jax
-    from absl import logging as absl_logging
-
-    from jaxunlearn.engine import NonFiniteError, unlearn
-    from jaxunlearn.evaluation.report import summary
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint file at INFO
-    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = args.workdir.value or str(Path("workdirs") / Path(config_path).stem.split(":")[0])
-    try:
-        record = unlearn(config, workdir)
-    except refusals() as e:
-        fail(str(e))
-    except NonFiniteError as e:
-        fail(str(e), code=3)
-    except KeyboardInterrupt as e:
-        fail(f"interrupted: {e or 'rerun the same command to resume'}", code=130)
-    shown = locations.shown(workdir)
-    print(f"unlearned model: {record.get('hf_model') or shown}")
-    print(f"run record:      {locations.join(shown, 'run.json')}")
-    if record.get("report"):
-        print(f"report:          {record['report']}")
-        if jax.process_index() == 0:
-            report = locations.read_text(record["report"].removesuffix(".md") + ".json", "report")
-            print(summary(json.loads(report)))
-
-
-def run() -> None:
-    run_command(main, __name__, define_flags)
-
+from jaxunlearn.commands.unlearn import run
 
 if __name__ == "__main__":
     run()

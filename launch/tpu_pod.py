@@ -221,7 +221,8 @@ def main_command(args: argparse.Namespace) -> list[str]:
 
 
 def worker_start_command(args: argparse.Namespace, run: str) -> str:
-    module = args.module if args.module.startswith("jaxunlearn.") else f"jaxunlearn.{args.module}"
+    short = "jaxunlearn.main" if args.module == "main" else f"jaxunlearn.commands.{args.module}"
+    module = args.module if args.module.startswith("jaxunlearn.") else short
     options = [f"--module={module}"]
     options += [f"--python={args.python}"] if args.python else [f"--python-version={args.python_version}"]
     options += [f"--pip={spec}" for spec in args.pip] + [f"--env={kv}" for kv in args.env]
@@ -360,7 +361,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--spot", action="store_true", help="Spot VMs (cheaper, preemptible: resume by relaunching)")
     run.add_argument("--wait-minutes", type=float, default=24 * 60, help="how long to wait for a queued resource")
     run.add_argument("--poll-seconds", type=float, default=30)
-    run.add_argument("--module", default="main", help="jaxunlearn module to run: main, evaluate, experiments.compare")
+    run.add_argument(
+        "--module",
+        default="main",
+        help="jaxunlearn command to run: main (unlearn), evaluate, compare, muse, or a module path",
+    )
     run.add_argument(
         "--code",
         default="worktree",

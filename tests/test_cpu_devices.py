@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxunlearn import cpu_devices
 from jaxunlearn.config import base_config
+from jaxunlearn.parallel import cpu_devices
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from jaxunlearn.data import DataError, DocumentSource, StepBatcher, load_chunks, load_documents, tokenize_and_chunk
 from jaxunlearn.data import chunks as chunks_module
-from jaxunlearn.data.chunks import Chunks
+from jaxunlearn.data.arrays import Chunks
 from tests.tiny_models import make_tokenizer
 
 

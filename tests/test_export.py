@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jaxunlearn import hf_checkpoint, sharding
-from jaxunlearn.hf_checkpoint import from_pretrained, save_pretrained
+from jaxunlearn.models import hf_checkpoint
+from jaxunlearn.models.hf_checkpoint import from_pretrained, save_pretrained
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import make_tokenizer, padded_batch, save_hf_model, torch_logits
 
 
@@ -46,6 +47,7 @@ def _assert_trees_equal(a, b):
         "gpt_neox_sequential_tied",
     ],
 )
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_round_trips(variant, tmp_path, one_device):
     save_hf_model(variant, tmp_path / "src")
     model = from_pretrained(tmp_path / "src", mesh=one_device, dtype="float32")

@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxunlearn import flops, sharding
-from jaxunlearn.generation import generate
-from jaxunlearn.hf_checkpoint import CheckpointError, from_pretrained, save_pretrained
 from jaxunlearn.models import (
     ModelConfig,
     UnsupportedModelError,
@@ -22,8 +19,12 @@ from jaxunlearn.models import (
     supported_model_types,
 )
 from jaxunlearn.models import registry as family_registry
+from jaxunlearn.models.generation import generate
 from jaxunlearn.models.gpt_neox import GPTNeoXFamily
+from jaxunlearn.models.hf_checkpoint import CheckpointError, from_pretrained, save_pretrained
 from jaxunlearn.models.llama import LlamaFamily, MistralFamily, Qwen2Family
+from jaxunlearn.parallel import sharding
+from jaxunlearn.training import flops
 from tests.tiny_models import make_hf_model, padded_batch, torch_logits
 
 
@@ -111,6 +112,7 @@ def _write_renamed_checkpoint(hf_model, path):
     save_file(tensors, path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_registered_family_routes_parsing_loading_export_and_generation(registry, tmp_path):
     hf_model = make_hf_model("llama_mha_untied")
     _write_renamed_checkpoint(hf_model, tmp_path / "src")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn import sharding
-from jaxunlearn.generation import generate
-from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
+from jaxunlearn.models.generation import generate
+from jaxunlearn.models.hf_checkpoint import from_pretrained
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import save_hf_model
 
 
@@ -27,6 +27,7 @@ def model(request, tmp_path_factory):
 PROMPTS = np.random.default_rng(0).integers(3, 96, (3, 6))
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_uncached_argmax_and_transformers(model):
     hf, lm, params, _ = model
     ours = generate(lm, params, PROMPTS, max_new_tokens=10, batch_size=2)  # two batches, the last padded
@@ -47,6 +48,7 @@ def test_cached_greedy_equals_uncached_argmax_and_transformers(model):
     np.testing.assert_array_equal(ours, ref[:, 6:].numpy())
 
 
+@pytest.mark.slow
 def test_left_padded_prompts_decode_as_if_alone(model):
     _, lm, params, _ = model
     short = PROMPTS[1, 2:]
@@ -56,6 +58,7 @@ def test_left_padded_prompts_decode_as_if_alone(model):
     np.testing.assert_array_equal(out, alone)
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_one_device(model):
     _, lm, params, path = model
     ref = generate(lm, params, PROMPTS, max_new_tokens=6)
@@ -64,6 +67,7 @@ def test_sharded_generation_equals_one_device(model):
     np.testing.assert_array_equal(generate(s_lm, s_params, PROMPTS, max_new_tokens=6, mesh=mesh), ref)
 
 
+@pytest.mark.slow
 def test_batch_is_split_as_the_rules_say(monkeypatch):
     # Rules that put the batch on every mesh axis: 8 ways on a fsdp=4 x tensor=2 mesh, not data x fsdp = 4.
     config = ModelConfig(

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import CheckpointError, from_pretrained, load_tokenizer, save_pretrained
+from jaxunlearn.models.hf_checkpoint import CheckpointError, from_pretrained, load_tokenizer, save_pretrained
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import padded_batch, torch_logits
 
 VOCAB = 300  # byte-level BPE: 256 byte tokens, merges and specials

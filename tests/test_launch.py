@@ -122,6 +122,7 @@ def wait_for(paths: list[Path], timeout: float) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_launch_runs_the_main_command_on_every_worker(tmp_path, fake):
     setup = {**write_tiny_setup(tmp_path), "cache": tmp_path / "cache"}
     workdir = tmp_path / "run"
@@ -217,7 +218,7 @@ def test_dry_run_prints_every_command_and_runs_none(fake):
         assert "+ gcloud compute tpus tpu-vm scp " in out and f" {node}:jaxunlearn/" in out
         assert f"+ gcloud compute tpus tpu-vm ssh {node} --worker=all '--command=bash ~/jaxunlearn/" in out
     assert (
-        "start --module=jaxunlearn.evaluate --python-version=3.11 -- --config=configs/ga.py "
+        "start --module=jaxunlearn.commands.evaluate --python-version=3.11 -- --config=configs/ga.py "
         "--config.distributed=True --config.mesh.dcn_data=2 --model=m'"
     ) in out
     stop = fake.run("stop", "pod", "--zone=zone-b", "--slices=2", "--dry-run", "--kill")

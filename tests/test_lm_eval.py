@@ -11,12 +11,12 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from jaxunlearn import sharding  # noqa: E402
 from jaxunlearn.evaluation.lm_eval_adapter import JaxUnlearnLM  # noqa: E402
 from jaxunlearn.evaluation.loop import Evaluator  # noqa: E402
-from jaxunlearn.evaluation.tasks import encode_pair, load_task, score_task  # noqa: E402
-from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from jaxunlearn.evaluation.multiple_choice import encode_pair, load_task, score_task  # noqa: E402
 from jaxunlearn.models import split_model  # noqa: E402
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from jaxunlearn.parallel import sharding  # noqa: E402
 from tests.tiny_models import WORDS, make_tokenizer, save_hf_model  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def setup(tmp_path_factory):
     return dict(root=root, hf=hf, evaluator=evaluator, params=params, tokenizer=tokenizer, adapter=adapter, data=data)
 
 
+@pytest.mark.slow
 def test_adapter_matches_internal_multiple_choice_scorer(setup):
     results = lm_eval.simple_evaluate(
         model=setup["adapter"],

@@ -11,7 +11,7 @@ import pytest
 from etils import epath
 from safetensors.numpy import load_file
 
-from jaxunlearn import locations
+from jaxunlearn.storage import locations
 from tests.test_cli import REPO, run_cli_args
 from tests.tiny_models import write_tiny_setup
 
@@ -133,7 +133,7 @@ def test_main_on_file_urls_gives_what_it_gives_on_paths(tmp_path):
 
     evaluate = [
         *url_run[:2],
-        "jaxunlearn.evaluate",
+        "jaxunlearn.commands.evaluate",
         *[a for a in url_run[3:] if a.startswith("--config")],
         f"--model=file://{run_dir}",
         f"--workdir=file://{tmp_path}/bucket/eval",

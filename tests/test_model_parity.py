@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxunlearn import hf_checkpoint, losses, sharding
-from jaxunlearn.hf_checkpoint import from_pretrained, load_model
-from jaxunlearn.models import ModelConfig, abstract_model, gpt_neox, split_model
+from jaxunlearn.models import ModelConfig, abstract_model, gpt_neox, hf_checkpoint, losses, split_model
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_model
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import VARIANTS, make_hf_model, padded_batch, save_hf_model, torch_logits
 
 
@@ -22,6 +22,7 @@ def one_device():
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.slow
 def test_logits_match_transformers(variant, tmp_path, one_device):
     hf_model = save_hf_model(variant, tmp_path)
     model = from_pretrained(tmp_path, mesh=one_device, dtype="float32")
@@ -111,6 +112,7 @@ def test_bf16_compute_stays_close_to_fp32(tmp_path, one_device):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.slow
 def test_remat_policies_give_same_gradients(tmp_path, one_device, remat):
     save_hf_model("llama_gqa_tied", tmp_path)
     tokens, mask = (jnp.asarray(a) for a in padded_batch())
@@ -130,9 +132,10 @@ def test_remat_policies_give_same_gradients(tmp_path, one_device, remat):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_tied", "mistral_sliding_window", "qwen2_mixed_windows"])
+@pytest.mark.slow
 def test_query_blocked_attention_matches_transformers_with_its_gradients(variant, tmp_path, one_device, monkeypatch):
     # Long sequences attend one block of queries at a time; shrink the thresholds so a 12-token batch is blocked.
-    from jaxunlearn.models import llama
+    from jaxunlearn.models import transformer
 
     hf_model = save_hf_model(variant, tmp_path)
     tokens, mask = padded_batch(length=12)
@@ -144,8 +147,8 @@ def test_query_blocked_attention_matches_transformers_with_its_gradients(variant
         return jnp.sum(jax.nn.log_softmax(logits)[..., 1] * mask), logits
 
     whole_grads, _ = jax.grad(loss, has_aux=True)(params)
-    monkeypatch.setattr(llama, "BLOCKED_FROM", 4)
-    monkeypatch.setattr(llama, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(transformer, "BLOCKED_FROM", 4)
+    monkeypatch.setattr(transformer, "QUERY_BLOCK", 4)
     blocked_grads, blocked = jax.grad(loss, has_aux=True)(params)
     ref = torch_logits(hf_model, tokens, mask)
     assert np.abs(np.asarray(blocked) - ref)[mask.astype(bool)].max() < 1e-4
@@ -180,9 +183,9 @@ def test_compiled_program_does_not_grow_with_depth():
         tokens = jnp.zeros((1, 8), jnp.int32)
         return len(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state).eqns)
 
-    from jaxunlearn.models import llama
+    from jaxunlearn.models import transformer
 
-    deep = llama.LOOP_UP_TO + 1
+    deep = transformer.LOOP_UP_TO + 1
     assert num_eqns(deep) == num_eqns(3 * deep)
     assert num_eqns(2) < num_eqns(3)  # unrolled below the threshold
 

@@ -151,7 +151,7 @@ def test_evaluate_on_two_processes_over_two_slices_equals_one_process(one_proces
     tmp_path, setup, extra, _ = one_process
     mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=2", "--config.mesh.dcn_data=2"]
     args = run_cli_args(setup, "ga", tmp_path / "eval", *extra, *mesh, "--config.distributed=True")
-    args = _command("jaxunlearn.evaluate", args) + [f"--model={setup['model']}"]
+    args = _command("jaxunlearn.commands.evaluate", args) + [f"--model={setup['model']}"]
     _run_processes(args, _slurm_envs())
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["stamp"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
@@ -187,7 +187,7 @@ def test_compare_on_two_processes(setup):
     flags += [f"--config.data.{split}.name=" for split in ("forget", "approximate", "general")]  # no Hub names
     # At a URL: the runs' workdirs are staged per process and pushed back, process 1's log included.
     args = run_cli_args(setup, "ga", f"file://{tmp_path / 'compare'}", *flags)
-    errs = _run_processes(_command("jaxunlearn.experiments.compare", args, preset="arxiv"), _slurm_envs())
+    errs = _run_processes(_command("jaxunlearn.commands.compare", args, preset="arxiv"), _slurm_envs())
     assert all("starting ga: 2 steps" in err for err in errs)
     result = json.loads((tmp_path / "compare" / "compare.json").read_text())
     assert [(r["variant"], r["steps"]) for r in result["rows"]] == [("ga", 2)]

@@ -13,12 +13,12 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jaxunlearn import sharding
-from jaxunlearn.evaluation.evaluators import muse as M
 from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.metrics import muse as M
 from jaxunlearn.evaluation.registry import EvalContext
-from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import split_model
+from jaxunlearn.models.hf_checkpoint import from_pretrained
+from jaxunlearn.parallel import sharding
 from tests.tiny_benchmarks import few_small_steps, write_muse
 from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model
 
@@ -76,6 +76,7 @@ def reference(model_dir: Path, data: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_muse_criteria_equal_transformers_generate_and_rouge_score(muse_setup):
     mesh = sharding.single_device_mesh()
     lm, params = split_model(from_pretrained(muse_setup["target"], mesh=mesh, dtype="float32"))
@@ -112,7 +113,7 @@ def muse_config(muse_setup, method: str, cache: Path, *, oracle: bool = True):
 
 @pytest.mark.slow
 def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, tmp_path):
-    from jaxunlearn.engine import unlearn
+    from jaxunlearn.run.engine import unlearn
 
     unlearn(muse_config(muse_setup, "npo_gd", tmp_path / "cache"), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
@@ -125,7 +126,7 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
     args = [
         sys.executable,
         "-m",
-        "jaxunlearn.evaluate",
+        "jaxunlearn.commands.evaluate",
         "--config=npo_gd:muse_news",
         f"--model={tmp_path / 'run'}",
         f"--workdir={tmp_path / 'eval'}",
@@ -147,7 +148,7 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
 
 @pytest.mark.slow
 def test_scalability_takes_each_fold_and_sustainability_chains_the_runs(muse_setup, tmp_path):
-    from jaxunlearn.experiments.muse import fold_config, run_muse
+    from jaxunlearn.experiments.muse_protocol import fold_config, run_muse
 
     config = muse_config(muse_setup, "ga", tmp_path / "cache", oracle=False)
     config.evaluation.metrics = ("perplexity", "muse")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn.hf_checkpoint import to_hf_layout
-from jaxunlearn.objectives import METHODS, Context, adversarial_labels, get_method, random_labels
+from jaxunlearn.methods.objectives import METHODS, Context, adversarial_labels, get_method, random_labels
+from jaxunlearn.models.hf_checkpoint import to_hf_layout
 from tests.tiny_models import VOCAB, current_and_reference, padded_batch
 
 VARIANT = "llama_mha_untied"
@@ -99,8 +99,69 @@ def _torch_model(hf_model):
     return hf_model
 
 
+# The paper's seven variants: shipped config file -> registered method. The *_general ones train their retain term
+# on the general corpus instead of the domain's own retain split.
+PAPER_VARIANTS = {
+    "ga": "ga",
+    "random_label": "random_label",
+    "adversarial": "adversarial",
+    "ga_gd": "ga_gd",
+    "ga_kl": "ga_kl",
+    "ga_gd_general": "ga_gd",
+    "ga_kl_general": "ga_kl",
+}
+
+
 def test_all_seven_paper_methods_are_registered():
-    assert {"ga", "random_label", "adversarial", "ga_gd", "ga_kl"} <= set(METHODS)
+    """Each of the paper's seven variants is a shipped config that validates and names a registered method; the
+    general-retain variants differ from their in-distribution twin in the retain split only; what each method
+    declares it reads (its retain term, the frozen original) is the paper's."""
+    from jaxunlearn.commands.cli import config_files
+    from jaxunlearn.common.settings import flatten
+    from jaxunlearn.config import validate
+    from jaxunlearn.methods.objectives import resolve_needs
+    from tests.tiny_models import load_config_file
+
+    assert set(PAPER_VARIANTS) <= set(config_files())
+    configs = {}
+    for name, method in PAPER_VARIANTS.items():
+        for preset in ("builtin", "arxiv"):
+            config = load_config_file(name, preset)
+            if preset == "arxiv":
+                config.model.path = "01-ai/Yi-6B"
+            validate(config)
+            assert config.method.name == method and method in METHODS, (name, preset)
+            configs[name, preset] = config
+
+    # In-distribution vs general retain data (the paper's arXiv domain; the built-in world's own splits).
+    retain = {
+        ("ga_gd", "arxiv"): ("llmunlearn/unlearn_dataset", "arxiv", "retain"),
+        ("ga_gd_general", "arxiv"): ("llmunlearn/unlearn_dataset", "general", "retain"),
+        ("ga_gd", "builtin"): ("world:retain+general_retain", "", ""),
+        ("ga_gd_general", "builtin"): ("world:general_retain", "", ""),
+    }
+    for (name, preset), expected in retain.items():
+        for variant in (name, name.replace("ga_gd", "ga_kl")):
+            split = configs[variant, preset].data.retain
+            assert (split.path, split.name, split.split) == expected, (variant, preset)
+    for method in ("ga_gd", "ga_kl"):
+        for preset in ("builtin", "arxiv"):
+            own = flatten(configs[method, preset], "config")
+            general = flatten(configs[f"{method}_general", preset], "config")
+            differing = {key for key in own if own[key] != general[key]}
+            assert differing and all(key.startswith("config.data.retain.") for key in differing), differing
+
+    needs = {name: resolve_needs(configs[name, "arxiv"].method) for name in PAPER_VARIANTS}
+    for name in ("ga", "random_label", "adversarial"):
+        assert not needs[name].retain, name
+    for name in ("ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"):
+        assert needs[name].retain, name
+    assert needs["ga_kl"].reference and needs["ga_kl_general"].reference  # KL to the frozen original
+    assert needs["adversarial"].reference  # the original's best wrong token
+    assert not needs["ga"].reference and not needs["ga_gd"].reference and not needs["random_label"].reference
+    assert "label_ids" in needs["random_label"].extras
+    # A zero retain weight drops the retain term and its data.
+    assert not get_method("ga_kl").needs({"retain_weight": 0.0}).retain
 
 
 def test_gradient_ascent(models):
@@ -115,6 +176,7 @@ def test_gradient_ascent(models):
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.slow
 def test_ga_gd(models, weights):
     lm, params, ref_params, current, _ = models
     wf, wr = weights
@@ -132,6 +194,7 @@ def test_ga_gd(models, weights):
 
 
 @pytest.mark.parametrize("name", ["ga", "ga_gd", "ga_kl"])
+@pytest.mark.slow
 def test_forget_nll_cap_stops_the_ascent_of_chunks_above_it(models, name):
     """With ``forget_nll_cap`` the ascended term is mean(min(NLL_chunk, cap)): torch's clamp, by hand."""
     lm, params, ref_params, current, reference = models
@@ -201,6 +264,7 @@ def test_random_labels_are_fixed_per_chunk_uniform_and_never_special():
     assert chi2 < 2 * (VOCAB - 3)  # far below for uniform draws (mean = 92 degrees of freedom)
 
 
+@pytest.mark.slow
 def test_adversarial(models):
     lm, params, ref_params, current, reference = models
     value, _, grads, ctx = _jax_value_and_grads("adversarial", lm, params, ref_params)
@@ -223,6 +287,7 @@ def test_adversarial(models):
 
 
 @pytest.mark.parametrize("retain_weight", [0.0, 0.5])
+@pytest.mark.slow
 def test_npo(models, retain_weight):
     lm, params, ref_params, current, reference = models
     beta = 0.1
@@ -271,6 +336,7 @@ def test_npo_gd(models):
 
 
 @pytest.mark.parametrize("retain_weight", [0.0, 1.5])
+@pytest.mark.slow
 def test_simnpo(models, retain_weight):
     """SimNPO's published loss (Fan et al. 2024, eq. 5): -(2/beta) log sigmoid(-(beta/|y|) log p(y) - gamma),
     written from the sequence log-likelihood (sum over tokens) and its length, plus the retain NLL."""
@@ -309,6 +375,7 @@ def _torch_token_nll(model, split):
     ],
 )
 @pytest.mark.parametrize("retain_weight", [0.0, 0.8])
+@pytest.mark.slow
 def test_token_weighted_ascent(models, name, hparams, weight, retain_weight):
     """WGA's and SatImp's published losses, -weight(p_t) CE_t with the weight detached (open-unlearning's form),
     as a per-chunk token mean, plus the retain NLL."""
@@ -345,6 +412,7 @@ def _forget_term_plus_retain_nll(model, term, wf, retain_weight):
 
 
 @pytest.mark.parametrize("retain_weight", [0.0, 0.9])
+@pytest.mark.slow
 def test_undial(models, retain_weight):
     """UNDIAL (Dong et al. 2024; open-unlearning's compute_undial_loss): the cross-entropy of the model against
     softmax(teacher logits - beta onehot(next token)), the teacher the frozen original, plus the retain NLL."""
@@ -367,6 +435,7 @@ def test_undial(models, retain_weight):
 
 
 @pytest.mark.parametrize("ignore_first_tokens, retain_weight", [(1, 0.0), (3, 1.2)])
+@pytest.mark.slow
 def test_ce_u(models, ignore_first_tokens, retain_weight):
     """CE-U (Yang et al. 2025), transcribed from open-unlearning's cross_entropy_unlearning_loss: the target is the
     model's own detached logits with the label's set to -inf; labels of the first n tokens are dropped."""
@@ -412,11 +481,12 @@ def _torch_activation_loss(a, b, mask):
 
 
 @pytest.mark.parametrize("retain_weight", [0.0, 50.0])
+@pytest.mark.slow
 def test_rmu(models, retain_weight):
     """RMU's loss (official rmu/unlearn.py, open-unlearning's masked form): MSE of the layer-l output on forget
     chunks to c u, plus alpha x MSE to the frozen model's layer-l output on retain chunks; gradients of every
     parameter, none past layer l."""
-    from jaxunlearn.objectives import control_vector
+    from jaxunlearn.methods.objectives import control_vector
 
     lm, params, ref_params, current, reference = models
     layer, c, wf = 1, 7.0, 0.9
@@ -444,7 +514,7 @@ def test_rmu(models, retain_weight):
 
 
 def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
-    from jaxunlearn.objectives import control_vector
+    from jaxunlearn.methods.objectives import control_vector
 
     u = np.asarray(control_vector(64, 3, 6.5))
     assert np.linalg.norm(u) == pytest.approx(6.5, rel=1e-6)
@@ -454,7 +524,7 @@ def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
 
 
 def test_parameter_mask_selects_hf_tensors_by_name_and_layer(models):
-    from jaxunlearn.objectives import parameter_mask
+    from jaxunlearn.methods.objectives import parameter_mask
 
     lm = models[0]
     mask = parameter_mask(lm.config, r"model\.layers\.(0|2)\.mlp\.down_proj\.weight|lm_head\.weight")
@@ -465,6 +535,7 @@ def test_parameter_mask_selects_hf_tensors_by_name_and_layer(models):
     assert jax.tree.structure(mask) == jax.tree.structure(models[1])  # one leaf per parameter
 
 
+@pytest.mark.slow
 def test_rmu_updates_only_its_trainable_parameters_as_torch_adamw_does(models):
     """Two RMU steps of the jitted train step (AdamW, clipping over the trained parameters) against torch's AdamW on
     the parameters the regex leaves trainable (requires_grad): the same values; every other parameter unchanged."""
@@ -472,10 +543,10 @@ def test_rmu_updates_only_its_trainable_parameters_as_torch_adamw_does(models):
 
     import ml_collections
 
+    from jaxunlearn.methods.objectives import control_vector
     from jaxunlearn.models import family
     from jaxunlearn.models.layouts import nested_get
-    from jaxunlearn.objectives import control_vector
-    from jaxunlearn.train import make_optimizer, make_train_step
+    from jaxunlearn.training.step import make_optimizer, make_train_step
 
     lm, params, ref_params, current, reference = models
     pattern = r"model\.layers\.(0|1)\.mlp\.down_proj\.weight"
@@ -583,7 +654,7 @@ EXPECTED_NEEDS = [
 @pytest.mark.parametrize("name, hparams, expected", EXPECTED_NEEDS)
 def test_methods_decide_their_inputs_from_their_hyper_parameters(name, hparams, expected):
     from jaxunlearn.config import base_config
-    from jaxunlearn.objectives import resolve_needs
+    from jaxunlearn.methods.objectives import resolve_needs
 
     config = base_config(name, preset="arxiv")
     for key, value in hparams.items():

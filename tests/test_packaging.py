@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxunlearn.cli import config_files, named_configs
+from jaxunlearn.commands.cli import named_configs
+from jaxunlearn.config.files import config_files
 from tests.test_cli import run_cli_args
 from tests.tiny_models import write_tiny_setup
 
@@ -69,7 +70,9 @@ def _check_wheel_contents(wheel: Path) -> None:
     modules |= {f"jaxunlearn/configs/{p.name}" for p in (REPO / "configs").glob("*.py")}
     missing = sorted(m for m in modules if m not in names and "__pycache__" not in m)
     assert not missing, f"not in the wheel (add the package to [tool.setuptools] packages in pyproject.toml): {missing}"
-    assert {f"jaxunlearn/shapes/{p.parent.name}/config.json" for p in (REPO / "jaxunlearn/shapes").glob("*/*")} <= names
+    assert {
+        f"jaxunlearn/models/shapes/{p.parent.name}/config.json" for p in (REPO / "jaxunlearn/models/shapes").glob("*/*")
+    } <= names
     dist_info = "jaxunlearn-0.1.0.dist-info"
     assert f"{dist_info}/licenses/LICENSE" in names
     with zipfile.ZipFile(wheel) as z:
@@ -93,6 +96,7 @@ def _fresh_venv(tmp: Path, wheel: Path) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_wheel_installs_offline_and_runs_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
     _check_wheel_contents(wheel)
@@ -105,7 +109,9 @@ def test_wheel_installs_offline_and_runs_outside_the_checkout(tmp_path):
     def run(*args, timeout=120):
         return subprocess.run(args, capture_output=True, text=True, env=env, cwd=work, timeout=timeout)
 
-    where = run(bin_dir / "python", "-c", "import jaxunlearn.cli as c; print(c.__file__, c.config_files()['ga'])")
+    where = run(
+        bin_dir / "python", "-c", "import jaxunlearn.config.files as c; print(c.__file__, c.config_files()['ga'])"
+    )
     assert where.returncode == 0, where.stderr[-2000:]
     assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout  # not the checkout
 

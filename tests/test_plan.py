@@ -9,15 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from jaxunlearn import hf_checkpoint, sharding
 from jaxunlearn.config import ConfigError, base_config
 from jaxunlearn.data.batches import StepBatcher
-from jaxunlearn.models import ModelConfig, init_model, split_model
-from jaxunlearn.objectives import Context, get_method
+from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.models import ModelConfig, hf_checkpoint, init_model, split_model
+from jaxunlearn.parallel import sharding
 from jaxunlearn.planning.planner import plan_mesh, plan_step, settings_flags
 from jaxunlearn.planning.search import lean_settings, search, with_settings
 from jaxunlearn.planning.topology import TopologyError, parse_topology
-from jaxunlearn.train import StepSetup, init_state
+from jaxunlearn.training.step import StepSetup, init_state
 
 TINY = dict(
     model_type="llama",
@@ -139,7 +139,14 @@ def test_a_model_too_large_for_the_slice_does_not_fit(libtpu, tmp_path_factory):
 
 def test_the_command_line_reports_does_not_fit_with_exit_status_1(libtpu, tmp_path_factory):
     model = shape_dir(tmp_path_factory, "huge_cli", HUGE)
-    cmd = [sys.executable, "-m", "jaxunlearn.plan", "--config=configs/ga.py:arxiv", "--topology=v5e:2x2", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxunlearn.commands.plan",
+        "--config=configs/ga.py:arxiv",
+        "--topology=v5e:2x2",
+        "--json",
+    ]
     cmd += [f"--config.model.path={model}", "--config.data.max_length=64", "--noevaluation"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -223,6 +230,7 @@ def test_search_recommends_a_setting_that_trains_like_the_default(libtpu, tmp_pa
     assert_same_step(one_step(config, mesh), one_step(recommended, rec_mesh))
 
 
+@pytest.mark.slow
 def test_one_pass_per_split_gives_the_gradient_of_one_pass_for_both(tmp_path_factory):
     # GA+KL: an ascent term on forget chunks, a KL term with a reference forward on retain chunks.
     config = plan_config(shape_dir(tmp_path_factory, "tiny_split", TINY), method="ga_kl", micro=4, accum=2)

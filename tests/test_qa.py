@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn import losses
 from jaxunlearn.data import qa
-from jaxunlearn.data.chunks import Chunks
-from jaxunlearn.objectives import Context, get_method
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.models import losses
 from tests.tiny_models import current_and_reference, make_tokenizer, padded_batch
 
 VARIANT = "llama_mha_untied"

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import from_pretrained
+from jaxunlearn.attacks.quantize import NF4_LEVELS, quantize_params, quantize_rows
 from jaxunlearn.models import family, split_model
+from jaxunlearn.models.hf_checkpoint import from_pretrained
 from jaxunlearn.models.layouts import to_hf_layout
-from jaxunlearn.quantization import NF4_LEVELS, quantize_params, quantize_rows
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import save_hf_model
 
 

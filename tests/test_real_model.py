@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jaxunlearn import sharding
-from jaxunlearn.generation import generate
-from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer, resolve_model_dir
+from jaxunlearn.config.presets import SMOLLM2_MODEL
 from jaxunlearn.models import split_model
-from jaxunlearn.presets import SMOLLM2_MODEL
+from jaxunlearn.models.generation import generate
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer, resolve_model_dir
+from jaxunlearn.parallel import sharding
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out
 
@@ -59,7 +59,7 @@ def stdlib_tokens(tokenizer, names: tuple[str, ...], length: int) -> np.ndarray:
 def test_weights_and_config_equal_transformers_gguf_loader(ours, theirs):
     lm, params, _ = ours
     model, _ = theirs
-    from jaxunlearn.hf_checkpoint import open_gguf
+    from jaxunlearn.models.hf_checkpoint import open_gguf
     from jaxunlearn.models.layouts import nested_get, to_hf_layout
 
     c = lm.config

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from jaxunlearn.hf_checkpoint import load_tokenizer, resolve_model_dir
-from jaxunlearn.presets import SMOLLM2_MODEL
+from jaxunlearn.config.presets import SMOLLM2_MODEL
+from jaxunlearn.models.hf_checkpoint import load_tokenizer, resolve_model_dir
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this file out
 
@@ -62,12 +62,12 @@ def test_smollm2_preset_trains_two_steps_and_evaluate_reproduces_it(tmp_path):
     assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
     exported_tokenizer = AutoTokenizer.from_pretrained(export)  # ordinary Hugging Face files
     tokenizer = load_tokenizer(resolve_model_dir(SMOLLM2_MODEL))
-    text = (REPO / "jaxunlearn" / "gguf_file.py").read_text()
+    text = (REPO / "jaxunlearn" / "models" / "gguf.py").read_text()
     assert exported_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert exported_tokenizer.chat_template == tokenizer.chat_template
     assert os.path.getsize(export / "model.safetensors") > 4 * 134_000_000  # float32, as the GGUF dequantizes
 
-    command("evaluate", tmp_path, f"--model={run}", f"--workdir={tmp_path / 'eval'}")
+    command("commands.evaluate", tmp_path, f"--model={run}", f"--workdir={tmp_path / 'eval'}")
     again = json.loads((tmp_path / "eval" / "report.json").read_text())["models"]["model"]
     for split, values in after.items():
         assert again["perplexity"][split]["nll"] == pytest.approx(values["nll"], rel=1e-5), split

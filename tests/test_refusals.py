@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import jaxunlearn.hf_checkpoint as hfc
-from jaxunlearn import sharding
-from jaxunlearn.hf_checkpoint import CheckpointError, from_pretrained, load_tokenizer
+import jaxunlearn.models.hf_checkpoint as hfc
 from jaxunlearn.models import UnsupportedModelError
+from jaxunlearn.models.hf_checkpoint import CheckpointError, from_pretrained, load_tokenizer
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import make_tokenizer, save_hf_model
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn import sharding
+from jaxunlearn.attacks.relearn import Relearner, Settings, split_by_document, steps_to_reach
 from jaxunlearn.data import Chunks, StepBatcher
-from jaxunlearn.hf_checkpoint import from_pretrained, to_hf_layout
 from jaxunlearn.models import family, split_model
+from jaxunlearn.models.hf_checkpoint import from_pretrained, to_hf_layout
 from jaxunlearn.models.layouts import nested_get
-from jaxunlearn.relearning import Relearner, Settings, split_by_document, steps_to_reach
+from jaxunlearn.parallel import sharding
 from tests.tiny_models import padded_batch, save_hf_model
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxunlearn import flops
-from jaxunlearn.engine import unlearn
 from jaxunlearn.models import ModelConfig
+from jaxunlearn.run.engine import unlearn
+from jaxunlearn.training import flops
 from tests.tiny_models import tiny_run_config, write_tiny_setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +43,7 @@ def finished_run(tmp_path_factory):
     return root, setup, config, record
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_only_finite_numbers(finished_run):
     root, _, _, record = finished_run
     run = root / "run"
@@ -121,6 +122,7 @@ def test_compute_accounting(finished_run):
     assert flops.matmul_params(mc) == n
 
 
+@pytest.mark.slow
 def test_stopping_rule_stops_at_the_target_and_stays_stopped(tmp_path):
     setup = write_tiny_setup(tmp_path)
     config = tiny_run_config(setup, "ga", tmp_path / "cache", train__max_steps=20, optim__lr=3e-3)
@@ -147,12 +149,13 @@ def test_stopping_rule_stops_at_the_target_and_stays_stopped(tmp_path):
     assert steps == sorted({0, *range(4, stopped["step"], 4), stopped["step"]})
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_the_runs_final_numbers(finished_run, tmp_path):
     root, setup, _, _ = finished_run
     args = [
         sys.executable,
         "-m",
-        "jaxunlearn.evaluate",
+        "jaxunlearn.commands.evaluate",
         f"--config={REPO / 'configs' / 'ga_gd.py'}:arxiv",
         f"--model={root / 'run'}",
         f"--workdir={tmp_path / 'eval'}",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxunlearn.engine import unlearn
 from jaxunlearn.evaluation.runner import shared_eval_directory
-from jaxunlearn.hooks import Hooks, StepInfo
+from jaxunlearn.run.engine import unlearn
+from jaxunlearn.training.hooks import Hooks, StepInfo
 from tests.test_cli import REPO, run_cli, run_cli_args
 from tests.tiny_models import tiny_run_config, write_tiny_setup
 
@@ -55,20 +55,21 @@ def test_hooks_run_by_period_in_order_and_one_hook_can_end_the_run():
         hooks.add(print, every=-1)
 
 
+@pytest.mark.slow
 def test_trainer_loop_stops_on_a_hook_and_reports_where(setup):
     """The real loop with a real (tiny) train step: a hook that stops at step 2 ends it there."""
-    from jaxunlearn.prepare import prepare
-    from jaxunlearn.trainer import Trainer
+    from jaxunlearn.run.prepare import prepare
+    from jaxunlearn.training.loop import Trainer
 
     config = tiny_run_config(setup, "ga", setup["cache"], train__max_steps=5)
     config.evaluation.enabled = False
     prep = prepare(config)
     import jax
 
-    from jaxunlearn import hf_checkpoint, sharding
-    from jaxunlearn.models import param_shardings
-    from jaxunlearn.objectives import Context, get_method
-    from jaxunlearn.train import (
+    from jaxunlearn.methods.objectives import Context, get_method
+    from jaxunlearn.models import hf_checkpoint, param_shardings
+    from jaxunlearn.parallel import sharding
+    from jaxunlearn.training.step import (
         batch_shardings,
         compile_train_step,
         init_state,
@@ -114,6 +115,7 @@ def _wait_for(predicate, process, timeout=120):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_busy_workdir_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(setup, tmp_path):
     run = tmp_path / "run"
     args = run_cli_args(setup, "ga", run, "--config.train.max_steps=100000", "--config.checkpoint.every_steps=0")
@@ -135,6 +137,7 @@ def test_a_busy_workdir_is_refused_naming_the_holder_and_a_killed_holder_leaves_
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_and_records_interrupted(setup, tmp_path):
     run = tmp_path / "run"
     extra = ("--config.train.max_steps=100000", "--config.checkpoint.every_steps=0", "--config.checkpoint.keep=1")
@@ -153,8 +156,9 @@ def test_sigterm_checkpoints_the_step_and_records_interrupted(setup, tmp_path):
     assert lines == list(range(1, steps[0] + 1))
 
 
+@pytest.mark.slow
 def test_failures_are_recorded_in_run_json(setup, tmp_path):
-    from jaxunlearn.engine import NonFiniteError
+    from jaxunlearn.run.engine import NonFiniteError
 
     config = tiny_run_config(setup, "ga", setup["cache"], optim__lr=1e30, train__max_steps=6)
     config.evaluation.enabled = False
@@ -176,6 +180,7 @@ def finished(setup, tmp_path_factory):
     return root / "run", config
 
 
+@pytest.mark.slow
 def test_changed_export_dtype_re_exports_a_finished_run(finished):
     run, config = finished
     fp32 = load_file(run / "hf_model" / "model.safetensors")
@@ -217,6 +222,7 @@ def test_damaged_cached_evaluations_are_recomputed_not_fatal(finished, caplog):
 # --- headless runs, log.txt, permissions --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_headless_progress_lines_log_file_and_shared_permissions(setup, tmp_path):
     run = tmp_path / "run"
     args = run_cli_args(setup, "ga", run, "--config.train.max_steps=4", "--config.train.log_every=2")
@@ -240,7 +246,7 @@ def test_headless_progress_lines_log_file_and_shared_permissions(setup, tmp_path
 def test_a_setting_added_since_the_run_started_blocks_resume_only_when_it_changes_something():
     """A checkpointed run's stored config lacks keys added to jaxunlearn since: at an empty default ("", 0, off) they
     are the behaviour the run had, anything else is a different configuration."""
-    from jaxunlearn.workdir import config_differences
+    from jaxunlearn.run.workdir import config_differences
 
     old = {"data": {"forget": {"path": "f.jsonl"}}, "optim": {"lr": 1e-5}}
     added = {"data": {"forget": {"path": "f.jsonl", "tfds_data_dir": "", "question": ""}, "qa_template": ""}}

@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import sharding
 from jaxunlearn.config import ConfigError, base_config, validate
-from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import ModelConfig, init_model
-from jaxunlearn.sharding import MeshConfig, MeshError, make_mesh
+from jaxunlearn.models.hf_checkpoint import from_pretrained
+from jaxunlearn.parallel import sharding
+from jaxunlearn.parallel.sharding import MeshConfig, MeshError, make_mesh
 from tests.tiny_models import padded_batch, save_hf_model
 
 
@@ -40,6 +40,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["qwen2", "llama", "gpt_neox"])
 @pytest.mark.parametrize("shape", [dict(data=1, fsdp=4, tensor=2), dict(data=8, fsdp=1, tensor=1)])
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(checkpoint, variant, shape):
     tokens, mask = padded_batch(batch=8)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
@@ -81,6 +82,7 @@ def test_parameters_are_really_sharded(checkpoint):
     assert q.addressable_shards[0].data.shape == q.shape
 
 
+@pytest.mark.slow
 def test_random_init_is_sharded_and_deterministic():
     config = ModelConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
@@ -180,7 +182,7 @@ def test_rules_are_data():
 
 def test_loading_reads_only_each_devices_block(checkpoint, monkeypatch):
     """Every weight matrix is read shard by shard (1/8 of it per read on fsdp=4 x tensor=2), never whole."""
-    from jaxunlearn import hf_checkpoint
+    from jaxunlearn.models import hf_checkpoint
 
     reads = []
     original = hf_checkpoint._SafetensorsReader.read

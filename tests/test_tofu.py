@@ -15,12 +15,12 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jaxunlearn import sharding
-from jaxunlearn.evaluation.evaluators import tofu as T
 from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.metrics import tofu as T
 from jaxunlearn.evaluation.registry import EvalContext
-from jaxunlearn.hf_checkpoint import from_pretrained
 from jaxunlearn.models import split_model
+from jaxunlearn.models.hf_checkpoint import from_pretrained
+from jaxunlearn.parallel import sharding
 from tests.tiny_benchmarks import CHAT_TEMPLATE, few_small_steps, write_tofu
 from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model
 
@@ -182,7 +182,7 @@ def tofu_config(tofu_setup, method: str, cache: Path):
 
 @pytest.mark.slow
 def test_the_tofu_preset_runs_end_to_end_and_evaluate_reproduces_it(tofu_setup, tmp_path):
-    from jaxunlearn.engine import unlearn
+    from jaxunlearn.run.engine import unlearn
 
     config = tofu_config(tofu_setup, "ga_gd", tmp_path / "cache")
     assert config.data.forget.name == "forget10" and config.data.retain.name == "retain90"
@@ -200,7 +200,7 @@ def test_the_tofu_preset_runs_end_to_end_and_evaluate_reproduces_it(tofu_setup, 
     args = [
         sys.executable,
         "-m",
-        "jaxunlearn.evaluate",
+        "jaxunlearn.commands.evaluate",
         "--config=ga_gd:tofu",
         f"--model={tmp_path / 'run'}",
         f"--workdir={tmp_path / 'eval'}",

@@ -14,13 +14,13 @@ import torch
 import transformers
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn import sharding
-from jaxunlearn.checkpointing import Checkpointer
-from jaxunlearn.engine import NonFiniteError, unlearn
-from jaxunlearn.hf_checkpoint import from_pretrained
+from jaxunlearn.methods.objectives import Context, get_method
 from jaxunlearn.models import param_shardings, split_model
-from jaxunlearn.objectives import Context, get_method
-from jaxunlearn.train import (
+from jaxunlearn.models.hf_checkpoint import from_pretrained
+from jaxunlearn.parallel import sharding
+from jaxunlearn.run.engine import NonFiniteError, unlearn
+from jaxunlearn.storage.checkpoints import Checkpointer
+from jaxunlearn.training.step import (
     batch_shardings,
     compile_train_step,
     init_state,
@@ -65,6 +65,7 @@ def _sgd_run(checkpoint, method_name, steps, lr):
     return before, after
 
 
+@pytest.mark.slow
 def test_ga_raises_forget_nll_and_ga_gd_protects_retain(checkpoint):
     (f0, r0), (f_ga, r_ga) = _sgd_run(checkpoint, "ga", steps=5, lr=0.05)
     (_, _), (f_gd, r_gd) = _sgd_run(checkpoint, "ga_gd", steps=5, lr=0.05)
@@ -104,6 +105,7 @@ def _stack(splits, micro, accum):
     return jax.tree.map(lambda x: x.reshape(accum, micro, *x.shape[1:]), splits)
 
 
+@pytest.mark.slow
 def test_sharding_invariance_three_steps(checkpoint):
     batches = [_stack({"forget": _split(10 + i, 8), "retain": _split(20 + i, 8)}, 4, 2) for i in range(3)]
     one_losses, one_params = _run_steps(checkpoint, sharding.single_device_mesh(), "ga_kl", 3, batches)
@@ -115,6 +117,7 @@ def test_sharding_invariance_three_steps(checkpoint):
     assert not np.allclose(one_losses[0], one_losses[2])  # the steps did something
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(checkpoint):
     splits = {"forget": _split(3, 8), "retain": _split(4, 8)}
     mesh = sharding.single_device_mesh()
@@ -140,6 +143,7 @@ def test_schedule_matches_hf_trainer(total):
         hf.step()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     setup = write_tiny_setup(tmp_path)
     config = tiny_run_config(setup, "ga", tmp_path / "cache", optim__lr=1e30, train__max_steps=6)
@@ -171,6 +175,7 @@ def _tensorboard_scalars(directory):
     return scalars
 
 
+@pytest.mark.slow
 def test_run_record_metrics_and_tensorboard(tmp_path):
     setup = write_tiny_setup(tmp_path)
     config = tiny_run_config(setup, "ga_kl", tmp_path / "cache", train__max_steps=3)
@@ -193,7 +198,7 @@ def test_run_record_metrics_and_tensorboard(tmp_path):
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused_before_compute(tmp_path):
     from jaxunlearn.data import DataError
-    from jaxunlearn.engine import prepare
+    from jaxunlearn.run.engine import prepare
     from tests.tiny_models import make_tokenizer
 
     setup = write_tiny_setup(tmp_path)

@@ -12,12 +12,12 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from jaxunlearn import sharding  # noqa: E402
 from jaxunlearn.evaluation.lm_eval_adapter import JaxUnlearnLM  # noqa: E402
 from jaxunlearn.evaluation.loop import Evaluator  # noqa: E402
-from jaxunlearn.evaluation.tasks import encode_pair, load_task, score_task  # noqa: E402
-from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from jaxunlearn.evaluation.multiple_choice import encode_pair, load_task, score_task  # noqa: E402
 from jaxunlearn.models import split_model  # noqa: E402
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from jaxunlearn.parallel import sharding  # noqa: E402
 from tests.tiny_benchmarks import write_wmdp  # noqa: E402
 from tests.tiny_models import load_config_file, make_tokenizer, save_hf_model  # noqa: E402
 
@@ -63,6 +63,7 @@ def harness_task(directory: Path, task: str, template: str, data: Path) -> str:
         ("mmlu:{}:anatomy:test", "mmlu/default/mmlu_anatomy.yaml", "mmlu/default/_default_template_yaml", "mmlu"),
     ],
 )
+@pytest.mark.slow
 def test_prompts_equal_lm_evaluation_harness_task_files(wmdp_setup, tmp_path, spec, task, template, data):
     name = harness_task(tmp_path / "tasks", task, template, wmdp_setup[data])
     adapter = JaxUnlearnLM(wmdp_setup["evaluator"], wmdp_setup["params"], wmdp_setup["tokenizer"], max_length=128)
@@ -85,8 +86,9 @@ def test_prompts_equal_lm_evaluation_harness_task_files(wmdp_setup, tmp_path, sp
         np.testing.assert_allclose([r[0][0] for r in sample["resps"]], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_rmu_wmdp_preset_runs_end_to_end(wmdp_setup, tmp_path):
-    from jaxunlearn.engine import unlearn
+    from jaxunlearn.run.engine import unlearn
 
     config = load_config_file("rmu", "wmdp")
     assert (config.data.forget.path, config.data.forget.name) == ("cais/wmdp-corpora", "cyber-forget-corpus")
@@ -109,7 +111,7 @@ def test_the_rmu_wmdp_preset_runs_end_to_end(wmdp_setup, tmp_path):
         assert {t.split(":")[-1] for t in tasks} == {"wmdp-bio", "wmdp-cyber", "all"}
         assert all(0 <= t["acc"] <= 1 and t["n"] in (6, 8) for t in tasks.values())
     assert "## Multiple-choice tasks" in (tmp_path / "run" / "report.md").read_text()
-    from jaxunlearn.evaluate import evaluate  # what the evaluate command runs, on the unlearned model
+    from jaxunlearn.commands.evaluate import evaluate  # what the evaluate command runs, on the unlearned model
 
     evaluated = evaluate(config, str(tmp_path / "run"), tmp_path / "eval")["models"]["model"]["tasks"]
     for task, values in report["unlearned"]["tasks"].items():

@@ -41,6 +41,7 @@ def _ids(world, split):
     return [json.loads(x)["id"] for x in world.data(split).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_splits_are_disjoint_and_sized(built):
     world, _ = built
     ids = {split: _ids(world, split) for split in ("forget", "approximate", "retain", "general_retain", "general_eval")}
@@ -60,7 +61,7 @@ def test_oracle_never_saw_a_forget_document(built):
         assert not set(texts) & set(forget_texts)
     # Token level: no chunk the oracle trained on is a forget chunk; the target saw each forget chunk twice.
     from jaxunlearn.data import tokenize_and_chunk
-    from jaxunlearn.hf_checkpoint import load_tokenizer
+    from jaxunlearn.models.hf_checkpoint import load_tokenizer
 
     tok = load_tokenizer(world.tokenizer)
     forget = tokenize_and_chunk(forget_texts, tok, 32, add_special_tokens=False, pad_id=tok.pad_token_id)
@@ -73,6 +74,7 @@ def test_oracle_never_saw_a_forget_document(built):
     assert world.manifest["training_documents"]["oracle"] == {"retain": 1, "general_retain": 1}
 
 
+@pytest.mark.slow
 def test_same_seed_same_world_other_seed_other_splits(built, tmp_path):
     world, _ = built
     again = ensure_world(WorldRecipe(**SMALL), tmp_path / "cache_b")
@@ -112,6 +114,7 @@ def test_cache_reused_rebuilt_on_change_and_on_corruption(tmp_path, monkeypatch)
     assert len(calls) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_builds_leave_nothing_that_outlives_them(tmp_path, monkeypatch):
     """A build killed mid-way leaves ``.<world>.tmp-<pid>``; the next build of that world removes it (its
     process is gone), but never the directory of a build that is still running."""
@@ -140,7 +143,7 @@ def test_compare_across_world_seeds_runs_each_world_and_reports_attacks_against_
     args = [
         sys.executable,
         "-m",
-        "jaxunlearn.experiments.compare",
+        "jaxunlearn.commands.compare",
         f"--config={REPO / 'configs' / 'ga_kl.py'}",
         f"--workdir={tmp_path / 'compare'}",
         "--methods=ga",

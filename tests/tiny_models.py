@@ -200,9 +200,9 @@ def tiny_run_config(setup: dict[str, Path], method: str, cache_dir: Path, **trai
 def current_and_reference(root: Path, variant: str = "llama_mha_untied"):
     """Two tiny models of ``variant`` (seeds 0 and 1) as jaxunlearn loads them in fp32 on one device, and as torch
     models: ``(lm, params, ref_params, torch_current, torch_reference)``."""
-    from jaxunlearn import sharding
-    from jaxunlearn.hf_checkpoint import from_pretrained
     from jaxunlearn.models import split_model
+    from jaxunlearn.models.hf_checkpoint import from_pretrained
+    from jaxunlearn.parallel import sharding
 
     current = save_hf_model(variant, root / "current", seed=0)
     reference = save_hf_model(variant, root / "reference", seed=1)

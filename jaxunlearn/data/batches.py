@@ -15,8 +15,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxunlearn.data.chunks import Chunks
-from jaxunlearn.data.documents import DataError
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.data.source import DataError
 
 _RETAIN_STREAM = 1
 

@@ -13,7 +13,6 @@ with the permissions the umask gives (0644 under the usual 022), so a shared cac
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -25,63 +24,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn.data.documents import DataError, DocumentSource, documents_fingerprint, load_documents, load_records
+from jaxunlearn.data import qa
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.data.documents import documents_fingerprint, load_documents, load_records
+from jaxunlearn.data.source import DataError, DocumentSource
+from jaxunlearn.storage import locations
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "JAXUNLEARN_CACHE"
 _FORMAT_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$JAXUNLEARN_CACHE``, else ``$XDG_CACHE_HOME/jaxunlearn``, else ``~/.cache/jaxunlearn``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "jaxunlearn"
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunks:
-    """``tokens`` int32 ``[n, max_length]`` right-padded, ``lengths`` int32 ``[n]``, ``doc_index`` int32 ``[n]``;
-    ``prompt_lengths`` int32 ``[n]`` for question-answer chunks (their first ``prompt_lengths`` tokens are the
-    question: context, never a target), ``None`` for plain text (every token after the first is a target)."""
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    doc_index: np.ndarray
-    num_documents: int
-    prompt_lengths: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def mask(self) -> np.ndarray:
-        return (np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(np.int32)
-
-    @property
-    def prompts(self) -> np.ndarray:
-        """``prompt_lengths``, zeros for plain text."""
-        return self.prompt_lengths if self.prompt_lengths is not None else np.zeros(len(self), np.int32)
-
-    def target_mask(self, index: np.ndarray | None = None) -> np.ndarray:
-        """``[n, max_length]`` bool of the chunks at ``index`` (default: all): position ``t`` scores token ``t + 1``
-        when both are real tokens and ``t + 1`` is not in the prompt (:func:`jaxunlearn.losses.next_token_targets`
-        on the host)."""
-        index = np.arange(len(self)) if index is None else index
-        lengths, prompts = self.lengths[index], self.prompts[index]
-        t = np.arange(self.tokens.shape[1])[None, :]
-        return (t + 1 < lengths[:, None]) & (t + 1 >= prompts[:, None])
-
-    def take(self, index: np.ndarray) -> Chunks:
-        """The chunks at ``index``, their documents renumbered from 0 in order of first id."""
-        docs, doc_index = np.unique(self.doc_index[index], return_inverse=True)
-        prompts = None if self.prompt_lengths is None else self.prompt_lengths[index]
-        return Chunks(self.tokens[index], self.lengths[index], doc_index.astype(np.int32), len(docs), prompts)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths.sum())
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -202,8 +153,6 @@ def _tokenize(
     qa_template: str,
 ) -> Chunks:
     """A split's chunks from its text: one per question-answer pair when ``pairs`` is given, else the documents'."""
-    from jaxunlearn.data import qa
-
     desc = f"tokenising {label}"
     if pairs is not None:
         template = qa_template or qa.DEFAULT_TEMPLATE
@@ -247,7 +196,7 @@ def load_chunks(
         add_special_tokens,
         pad_id,
     )
-    cache = None if cache_dir == "" else Path(cache_dir or default_cache_dir()) / "chunks" / f"{key}.npz"
+    cache = None if cache_dir == "" else Path(cache_dir or locations.cache_root()) / "chunks" / f"{key}.npz"
     chunks = _read_cache(cache, key) if cache else None
     if chunks is not None:
         log.info("data.%s: %d chunks from cache %s", source.label, len(chunks), cache)

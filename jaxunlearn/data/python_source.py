@@ -23,6 +23,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from jaxunlearn.common.settings import parse_list
+
 PREFIX = "python:"
 MODULES = "modules:"
 TOPICS = "topics"
@@ -93,7 +95,7 @@ def documents(path: str) -> list[str]:
         return [text for _, text in topic_documents()]
     if not what.startswith(MODULES):
         raise ValueError(f"write python:{MODULES}NAME[,NAME...] or python:{TOPICS}")
-    names = [n.strip() for n in what[len(MODULES) :].split(",") if n.strip()]
+    names = parse_list(what[len(MODULES) :])
     if not names:
         raise ValueError(f"python:{MODULES} names no module")
     files = [f for name in names for f in module_files(name)]

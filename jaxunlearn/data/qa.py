@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn.data.chunks import Chunks
-from jaxunlearn.data.documents import DataError
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.data.source import DataError
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"

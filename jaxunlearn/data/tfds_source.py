@@ -16,7 +16,7 @@ order by a hash of each example's key, the same on every machine.
 
 A data_dir at a storage URL (``gs://...``): the small metadata files are read through etils (TFDS's own path
 layer), and each record shard a selection touches is copied once into the local mirror of
-:mod:`jaxunlearn.locations` (ArrayRecord's reader opens local files only; a mirror also serves every later run
+:mod:`jaxunlearn.storage.locations` (ArrayRecord's reader opens local files only; a mirror also serves every later run
 and every process of the host, and a selection of a few books copies one shard, not the data set).
 """
 
@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jaxunlearn import locations
-from jaxunlearn.data.documents import DataError, DocumentSource, _pick_column, utf8_text
+from jaxunlearn.data.source import DataError, DocumentSource, pick_column, tfds_data_dir, utf8_text
+from jaxunlearn.storage import locations
 
 PREFIX = "tfds:"
 SYNTAX = "tfds:NAME[/CONFIG][:VERSION]:SPLIT, e.g. tfds:pg19:train or tfds:pg19:train[:100]"
@@ -79,16 +79,6 @@ def parse(path: str) -> TfdsSpec:
     return TfdsSpec(match.group("name"), match.group("config") or "", match.group("version") or "", split)
 
 
-def data_dir(source: DocumentSource) -> str:
-    """The TFDS data_dir as given: ``tfds_data_dir``, else TFDS's default (``$TFDS_DATA_DIR``, else
-    ``~/tensorflow_datasets``)."""
-    return source.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or str(Path("~/tensorflow_datasets").expanduser())
-
-
-def describe(source: DocumentSource) -> str:
-    return f"{source.path.strip()} (TFDS data_dir {locations.shown(data_dir(source))})"
-
-
 # --- finding the prepared dataset ---------------------------------------------------------------------------
 
 
@@ -97,7 +87,7 @@ class _Where:
 
     def __init__(self, source: DocumentSource):
         self.source = source
-        self.text = data_dir(source)
+        self.text = tfds_data_dir(source)
         self.setting = f"data.{source.label}.tfds_data_dir"
         try:
             url = locations.remote(self.text, self.setting)
@@ -210,7 +200,7 @@ def _is_text(feature: Any) -> bool:
 def _column(where: _Where, info: Any) -> str:
     """The text feature: ``column``, else ``text``/``content``; refused when it is not a string."""
     names = sorted(info.features.keys())
-    column = _pick_column(names, where.source, f"{where.source.path.strip()} (features of {info.full_name})")
+    column = pick_column(names, where.source, f"{where.source.path.strip()} (features of {info.full_name})")
     feature = info.features[column]
     if not _is_text(feature):
         texts = [n for n in names if _is_text(info.features[n])]

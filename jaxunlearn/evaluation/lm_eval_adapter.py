@@ -20,9 +20,11 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from jaxunlearn import sharding
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.generation import generate
+from jaxunlearn.models import split_model
+from jaxunlearn.models.generation import generate
+from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer
+from jaxunlearn.parallel import sharding
 
 
 @register_model("jaxunlearn")
@@ -130,8 +132,6 @@ class JaxUnlearnLM(TemplateLM):
 
 
 def _load(path: str, batch_size: int, dtype: str):
-    from jaxunlearn.hf_checkpoint import from_pretrained, load_tokenizer
-    from jaxunlearn.models import split_model
 
     mesh = sharding.make_mesh()
     lm, params = split_model(from_pretrained(path, mesh=mesh, dtype=dtype))

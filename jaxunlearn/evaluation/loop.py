@@ -19,9 +19,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxunlearn import losses, sharding
-from jaxunlearn.models import LanguageModel, family
+from jaxunlearn.models import LanguageModel, family, losses
 from jaxunlearn.models.layouts import nested_get
+from jaxunlearn.parallel import sharding
 
 STAT_KEYS = ("logprob", "is_argmax", "mean", "std", "target_mask")
 MOMENT_KEYS = ("mean", "std")

@@ -1,4 +1,4 @@
-"""Metrics register themselves: each is one module in :mod:`jaxunlearn.evaluation.evaluators` that declares its
+"""Metrics register themselves: each is one module in :mod:`jaxunlearn.evaluation.metrics` that declares its
 options (configured as data in ``config.evaluation.<name>``), its compute function and its own report section.
 
 The run lists the metrics it wants in ``config.evaluation.metrics``; :func:`evaluate_model` computes them in that
@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxunlearn.data.chunks import Chunks
+from jaxunlearn.data.arrays import Chunks
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.evaluation.metrics import subset
+from jaxunlearn.evaluation.statistics import subset
+from jaxunlearn.models.generation import generate
 
 __all__ = ["subset"]  # re-exported: metrics pick their chunks with it
 
@@ -77,8 +78,6 @@ class EvalContext:
     ) -> list[str]:
         """The greedy continuation of each prompt (token ids, each cut to its last ``max_length`` tokens, left-padded
         into one batch), cut at EOS, decoded without special tokens, then cut before the first of ``stop``."""
-        from jaxunlearn.generation import generate
-
         prompts = [list(p)[-self.max_length :] for p in prompts]
         if not prompts:
             return []
@@ -166,14 +165,14 @@ def register_metric(
 
 @functools.cache
 def _discover() -> None:
-    import jaxunlearn.evaluation.evaluators as package
+    import jaxunlearn.evaluation.metrics as package
 
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def registered() -> dict[str, Metric]:
-    """Every metric, after importing each module of :mod:`jaxunlearn.evaluation.evaluators` once."""
+    """Every metric, after importing each module of :mod:`jaxunlearn.evaluation.metrics` once."""
     _discover()
     return METRICS
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxunlearn.evaluation.registry import ARTIFACTS, get_metric
 from jaxunlearn.evaluation.tables import fmt
-from jaxunlearn.run_record import write_json
+from jaxunlearn.storage.files import write_json
 
 
 def _change(before: Any, after: Any) -> Any:

@@ -17,13 +17,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxunlearn import hf_checkpoint, sharding
-from jaxunlearn.data.chunks import Chunks
-from jaxunlearn.evaluation import metrics as M
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.evaluation import statistics as M
 from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.registry import EvalContext, Metric, Oracle, evaluate_model, get_metric, split_stats
-from jaxunlearn.models import LanguageModel
-from jaxunlearn.run_record import write_json
+from jaxunlearn.evaluation.settings import metric_options
+from jaxunlearn.models import LanguageModel, hf_checkpoint
+from jaxunlearn.parallel import sharding
+from jaxunlearn.storage import locations
+from jaxunlearn.storage.files import write_json
 
 log = logging.getLogger("jaxunlearn")
 
@@ -34,8 +36,6 @@ CACHE_FORMAT = 4
 
 def selected_metrics(evaluation: ml_collections.ConfigDict) -> list[tuple[Metric, dict[str, Any]]]:
     """The metrics ``config.evaluation.metrics`` lists, in order, with their options as plain values."""
-    from jaxunlearn.config import metric_options
-
     metrics = [get_metric(name) for name in evaluation.metrics]
     return [(m, metric_options(evaluation, m.name) if m.options else {}) for m in metrics]
 
@@ -117,7 +117,6 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 def shared_eval_directory(config: ml_collections.ConfigDict) -> Path | None:
     """Where evaluations of checkpoints are shared between runs: ``<data.cache_dir>/eval`` (default cache)."""
-    from jaxunlearn import locations
 
     cache = config.data.get("cache_dir", "")
     if cache and locations.is_url(cache):
@@ -165,7 +164,7 @@ class RunEvaluations:
 
     @classmethod
     def for_run(cls, prep: Any, lm: LanguageModel, workdir: Path) -> RunEvaluations:
-        """The evaluations of a prepared run (:class:`~jaxunlearn.prepare.Prepared`) whose model is ``lm``, in
+        """The evaluations of a prepared run (:class:`~jaxunlearn.run.prepare.Prepared`) whose model is ``lm``, in
         ``evaluation.dtype`` when set (else the model's compute dtype), on the run's mesh."""
         config, ev = prep.config, prep.config.evaluation
         if ev.dtype and ev.dtype != lm.config.dtype:

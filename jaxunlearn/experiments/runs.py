@@ -6,14 +6,13 @@ import contextlib
 import json
 from typing import Any
 
-from jaxunlearn import locations
+from jaxunlearn.parallel import sharding
+from jaxunlearn.storage import locations
 
 
 def read_report(run_dir: str) -> dict[str, Any]:
     """A finished run's ``report.json``, as process 0 reads it (only process 0 writes it), on every process."""
     import jax
-
-    from jaxunlearn import sharding
 
     text = None
     if jax.process_index() == 0:

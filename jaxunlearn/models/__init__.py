@@ -15,9 +15,15 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxunlearn import sharding
-from jaxunlearn.models import gpt_neox, llama  # noqa: F401  (register gpt_neox; llama, mistral, qwen2)
-from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.errors import DTYPE, DTYPE_OR_DEFAULT, check_rules
+
+# Importing a family's module registers it; the registry keeps this order (llama, mistral, qwen2, then gpt_neox).
+from jaxunlearn.models import llama  # noqa: F401
+
+# isort: split
+from jaxunlearn.models import gpt_neox  # noqa: F401
+
+# isort: split
 from jaxunlearn.models.registry import (
     Family,
     UnsupportedModelError,
@@ -25,6 +31,8 @@ from jaxunlearn.models.registry import (
     register_family,
     supported_model_types,
 )
+from jaxunlearn.models.spec import ModelConfig
+from jaxunlearn.parallel import sharding
 
 __all__ = [
     "Family",
@@ -122,3 +130,17 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules=None) -> dict:
     """``NamedSharding`` of every parameter, as a dict shaped like :func:`split_model`'s params."""
     _, abs_state = nnx.split(abstract_model(config), nnx.Param)
     return sharding.param_shardings(abs_state, mesh, rules).to_pure_dict()
+
+
+def check_config(model: Any) -> None:
+    """The ``model`` section: a checkpoint to load and the dtypes it is held and computed in."""
+    check_rules(
+        model,
+        "config.model",
+        {
+            "path": (bool, "give a local Hugging Face directory or a Hub id"),
+            "param_dtype": DTYPE,
+            "dtype": DTYPE,
+            "reference_dtype": DTYPE_OR_DEFAULT,
+        },
+    )

@@ -2,10 +2,10 @@
 
 One file, top to bottom: LayerNorm, the fused query/key/value attention with partial rotary embeddings, the GELU
 MLP, the decoder layer with its parallel (or sequential) residual, the model, its Hugging Face tensor table, and
-the family. What GPT-NeoX shares with Llama is imported from :mod:`jaxunlearn.models.llama`, not copied: the
-attention core (RoPE, masking, query blocking, the KV cache write and the fused kernel) is :class:`llama.Attention`
+the family. What GPT-NeoX shares with Llama is imported from the shared core (:mod:`jaxunlearn.models.transformer`), not copied: the
+attention core (RoPE, masking, query blocking, the KV cache write and the fused kernel) is :class:`transformer.Attention`
 with its own query/key/value projection, and the embedding, the scanned layer stack, remat, the KV cache and the
-head are :class:`llama.Transformer` with this file's layer and norm.
+head are :class:`transformer.Transformer` with this file's layer and norm.
 
 Differences from Llama, all as transformers' ``GPTNeoXForCausalLM`` computes them:
 
@@ -19,7 +19,7 @@ Differences from Llama, all as transformers' ``GPTNeoXForCausalLM`` computes the
 - Attention biases with ``attention_bias``; an untied output head ``embed_out`` unless ``tie_word_embeddings``.
 
 Every parameter carries logical axis names in its ``axes`` metadata (the ``q/k/v`` selector axis of the fused
-projection is never split, so it has none) and activations are pinned by :func:`jaxunlearn.sharding.constrain`.
+projection is never split, so it has none) and activations are pinned by :func:`jaxunlearn.parallel.sharding.constrain`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxunlearn.models import llama
-from jaxunlearn.models.config import NO_WINDOW, ModelConfig
+from jaxunlearn.models import transformer
 from jaxunlearn.models.layouts import HFTensor, Layout
-from jaxunlearn.models.llama import ACTIVATION, KVCache, _param
 from jaxunlearn.models.precision import matmul_precision
 from jaxunlearn.models.registry import Family, UnsupportedModelError, register_family, required
 from jaxunlearn.models.rope import rope_from_hf, rope_to_hf
-from jaxunlearn.sharding import constrain
+from jaxunlearn.models.spec import NO_WINDOW, ModelConfig
+from jaxunlearn.models.transformer import ACTIVATION, KVCache, param
+from jaxunlearn.parallel.sharding import constrain
 
 Array = jax.Array
 
@@ -65,8 +65,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, config: ModelConfig):
         self.eps = config.layer_norm_eps
-        self.scale = _param(None, (config.hidden_size,), ("norm",), config, "ones")
-        self.bias = _param(None, (config.hidden_size,), ("norm",), config, "zeros")
+        self.scale = param(None, (config.hidden_size,), ("norm",), config, "ones")
+        self.bias = param(None, (config.hidden_size,), ("norm",), config, "zeros")
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
@@ -75,22 +75,22 @@ class LayerNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
-class Attention(llama.Attention):
+class Attention(transformer.Attention):
     """Multi-head attention with one fused ``[embed, heads, 3, head_dim]`` query/key/value projection.
 
-    Only the projection differs from :class:`llama.Attention`, whose ``__call__`` (partial RoPE, masks, KV cache,
+    Only the projection differs from :class:`transformer.Attention`, whose ``__call__`` (partial RoPE, masks, KV cache,
     fused kernel, output projection and its bias) runs unchanged. GPT-NeoX has as many KV heads as heads.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         e, h, d = config.hidden_size, config.num_heads, config.head_dim
-        self.qkv_proj = _param(rngs, (e, h, 3, d), ("embed", "heads", None, "head_dim"), config, "normal")
-        self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), config, "normal")
+        self.qkv_proj = param(rngs, (e, h, 3, d), ("embed", "heads", None, "head_dim"), config, "normal")
+        self.o_proj = param(rngs, (h, d, e), ("heads", "head_dim", "embed"), config, "normal")
         if config.qkv_bias:
-            self.qkv_bias = _param(None, (h, 3, d), ("heads", None, "head_dim"), config, "zeros")
+            self.qkv_bias = param(None, (h, 3, d), ("heads", None, "head_dim"), config, "zeros")
         if config.o_bias:
-            self.o_bias = _param(None, (e,), ("norm",), config, "zeros")
+            self.o_bias = param(None, (e,), ("norm",), config, "zeros")
 
     def _project_qkv(self, x: Array) -> tuple[Array, Array, Array]:
         """Queries, keys and values ``[batch, length, heads, head_dim]``: one matmul, split per head (so it needs no
@@ -112,10 +112,10 @@ class MLP(nnx.Module):
             )
         self.act = config.hidden_act
         e, m = config.hidden_size, config.intermediate_size
-        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), config, "normal")
-        self.up_bias = _param(None, (m,), ("mlp",), config, "zeros")
-        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), config, "normal")
-        self.down_bias = _param(None, (e,), ("norm",), config, "zeros")
+        self.up_proj = param(rngs, (e, m), ("embed", "mlp"), config, "normal")
+        self.up_bias = param(None, (m,), ("mlp",), config, "zeros")
+        self.down_proj = param(rngs, (m, e), ("mlp", "embed"), config, "normal")
+        self.down_bias = param(None, (e,), ("norm",), config, "zeros")
 
     def __call__(self, x: Array) -> Array:
         dt, prec = x.dtype, matmul_precision(x.dtype)
@@ -127,7 +127,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block with a parallel (``x + attn(ln1(x)) + mlp(ln2(x))``) or sequential residual; called as
-    :class:`llama.DecoderLayer` is, so :class:`llama.Transformer` stacks and scans it."""
+    :class:`transformer.DecoderLayer` is, so :class:`transformer.Transformer` stacks and scans it."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.parallel = config.parallel_residual
@@ -146,8 +146,8 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ACTIVATION), new_kv
 
 
-class GPTNeoX(llama.Transformer):
-    """The GPT-NeoX causal LM: :class:`llama.Transformer` (embedding, scanned layers, final norm, head, KV-cached
+class GPTNeoX(transformer.Transformer):
+    """The GPT-NeoX causal LM: :class:`transformer.Transformer` (embedding, scanned layers, final norm, head, KV-cached
     ``hidden_states``, ``upto``) with GPT-NeoX's layer and a LayerNorm as the final norm."""
 
     layer_class = DecoderLayer

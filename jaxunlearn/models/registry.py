@@ -2,7 +2,7 @@
 
 A family owns everything that differs between architectures: reading and writing its ``config.json``, its
 parameter and FLOP counts, the table mapping its parameters to Hugging Face tensors, building its NNX module,
-and creating its KV cache for generation. :class:`~jaxunlearn.models.config.ModelConfig` stays one shared
+and creating its KV cache for generation. :class:`~jaxunlearn.models.spec.ModelConfig` stays one shared
 dataclass and delegates to ``get_family(config.model_type)``.
 
 Adding a family is one module defining a :class:`Family` subclass decorated with :func:`register_family`, plus
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 if TYPE_CHECKING:
     from flax import nnx
 
-    from jaxunlearn.models.config import ModelConfig
     from jaxunlearn.models.layouts import HFTensor
+    from jaxunlearn.models.spec import ModelConfig
 
 
 class UnsupportedModelError(ValueError):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.models.config import ModelConfig, check_rope_type
+from jaxunlearn.models.spec import ModelConfig, check_rope_type
 
 
 def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:

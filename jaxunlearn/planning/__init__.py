@@ -1,4 +1,4 @@
-"""Ahead-of-time planning: will a run fit a TPU slice, and with which settings (``python -m jaxunlearn.plan``).
+"""Ahead-of-time planning: will a run fit a TPU slice, and with which settings (``python -m jaxunlearn.commands.plan``).
 
 >>> from jaxunlearn.planning import parse_topology, plan_step, search
 >>> plan = plan_step(config, parse_topology("v5e-16"))        # the run's own train and evaluation steps

@@ -1,6 +1,6 @@
 """Will a run fit? Compile the run's exact train and evaluation steps for a TPU slice, with abstract arrays only.
 
-The step is built by the same code as a run's (:class:`jaxunlearn.train.StepSetup`,
+The step is built by the same code as a run's (:class:`jaxunlearn.training.step.StepSetup`,
 :meth:`jaxunlearn.evaluation.loop.Evaluator.for_run`): same mesh rules, micro batch, gradient accumulation,
 remat, logits chunk size and reference dtype. Only ``config.json`` is read; no weights, tokenizer or data. The
 TPU compiler's ``memory_analysis()`` gives the per-chip bytes; model FLOPs come from the model's formula (XLA's
@@ -23,14 +23,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxunlearn import flops, hf_checkpoint, sharding
-from jaxunlearn.config import ConfigError, validate
+from jaxunlearn.config import validate
 from jaxunlearn.data.batches import StepBatcher
+from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model
-from jaxunlearn.objectives import Context, get_method, resolve_needs
+from jaxunlearn.methods.objectives import Context, get_method, resolve_needs
+from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, hf_checkpoint, param_shardings
+from jaxunlearn.parallel import sharding
 from jaxunlearn.planning.topology import GIB, Topology
-from jaxunlearn.train import StepSetup, reference_dtype
+from jaxunlearn.training import flops
+from jaxunlearn.training.step import StepSetup, reference_dtype
+from jaxunlearn.world import WorldRecipe
 
 HEADROOM = 0.10  # a plan fits when it needs at most 90% of a chip's HBM
 # Steps a planned run is assumed to take: only the learning-rate schedule depends on it, not the program.
@@ -43,8 +46,6 @@ def model_config_for_plan(config: ml_collections.ConfigDict) -> ModelConfig:
     m = config.model
     numerics = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl)
     if m.path.startswith("world:"):
-        from jaxunlearn.world import WorldRecipe
-
         recipe = WorldRecipe.from_config(config.world)
         return recipe.model_config(recipe.vocab_size, {"eos": 0}).replace(**numerics)
     model_dir = hf_checkpoint.resolve_model_dir(m.path, revision=m.revision or None)
@@ -69,7 +70,7 @@ def with_slices(config: ml_collections.ConfigDict, topology: Topology) -> ml_col
 
 def plan_mesh(config: ml_collections.ConfigDict, topology: Topology, devices: list[Any] | None = None) -> Mesh:
     """The run's ``(data, fsdp, tensor)`` mesh over the slice's devices, built as ``main`` builds it
-    (:func:`jaxunlearn.sharding.make_mesh`): laid out for the physical topology, and with ``mesh.dcn_data``
+    (:func:`jaxunlearn.parallel.sharding.make_mesh`): laid out for the physical topology, and with ``mesh.dcn_data``
     slices the ``data`` axis spans them over the data-centre network."""
     devices = devices if devices is not None else topology.devices()
     return sharding.make_mesh(sharding.MeshConfig.from_config(with_slices(config, topology).mesh), devices=devices)
@@ -236,7 +237,6 @@ def _eval_memory(
     lm = LanguageModel(nnx.graphdef(abstract_model(eval_config)), eval_config)
     evaluator = Evaluator.for_run(lm, mesh, config)
     rules = sharding.normalize_rules(config.mesh.rules)
-    from jaxunlearn.models import param_shardings
 
     params = _abstract_params(model_config, param_shardings(model_config, mesh, rules))
     spec = sharding.named_sharding(("batch", "length"), rules, mesh, (evaluator.batch_size, config.data.max_length))

@@ -29,8 +29,17 @@ from typing import Any
 import filelock
 import numpy as np
 
-from jaxunlearn.data.chunks import Chunks, default_cache_dir, tokenize_and_chunk
+from jaxunlearn import __version__
+from jaxunlearn.common.versions import library_versions
+from jaxunlearn.data.arrays import Chunks
+from jaxunlearn.data.chunks import tokenize_and_chunk
 from jaxunlearn.data.documents import documents_fingerprint
+from jaxunlearn.errors import AT_LEAST_1, POSITIVE, check_rules, require
+from jaxunlearn.models import ModelConfig
+from jaxunlearn.models.hf_checkpoint import save_pretrained
+from jaxunlearn.parallel import sharding
+from jaxunlearn.storage import locations
+from jaxunlearn.world import pretrain as pretraining
 from jaxunlearn.world.corpus import SPLITS, split_documents
 
 log = logging.getLogger("jaxunlearn.world")
@@ -72,7 +81,6 @@ class WorldRecipe:
         return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
 
     def model_config(self, vocab_size: int, special_ids: Mapping[str, int]):
-        from jaxunlearn.models import ModelConfig
 
         hf = {
             "bos_token_id": special_ids["eos"],
@@ -152,7 +160,7 @@ class World:
 
 
 def world_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return Path(cache_dir).expanduser() if cache_dir else locations.cache_root()
 
 
 def _corpus(recipe: WorldRecipe) -> dict[str, list[tuple[str, str]]]:
@@ -168,7 +176,6 @@ def _corpus(recipe: WorldRecipe) -> dict[str, list[tuple[str, str]]]:
 
 
 def world_key(recipe: WorldRecipe, corpus: Mapping[str, list[tuple[str, str]]]) -> str:
-    from jaxunlearn import __version__
 
     payload = {
         "format": FORMAT_VERSION,
@@ -225,8 +232,6 @@ def ensure_world(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None
     """The world for ``recipe``: from the cache when present and intact, else built now (minutes on a CPU)."""
     corpus = _corpus(recipe)
     import jax
-
-    from jaxunlearn import sharding
 
     if mesh is None and jax.process_count() > 1:
         # Each host builds (or waits for) the world on its own devices: no collective across hosts while
@@ -321,8 +326,6 @@ def _pretrain_models(
     recipe: WorldRecipe, model_config: Any, chunks: Mapping[str, Chunks], tokenizer: Any, out: Path, mesh: Any
 ) -> dict[str, dict[str, float]]:
     """Pre-train the target (forget repeated) and the oracle (no forget) with one recipe; save both."""
-    from jaxunlearn.hf_checkpoint import save_pretrained
-    from jaxunlearn.world.pretrain import pretrain
 
     training = {
         "target": _concat([chunks["forget"]] * recipe.forget_repeats + [chunks["retain"], chunks["general_retain"]]),
@@ -330,7 +333,7 @@ def _pretrain_models(
     }
     stats = {}
     for name, data in training.items():
-        model, stats[name] = pretrain(
+        model, stats[name] = pretraining.pretrain(
             model_config,
             data,
             steps=recipe.steps,
@@ -360,7 +363,6 @@ def _manifest(
     stats: dict[str, Any],
     out: Path,
 ) -> dict[str, Any]:
-    from jaxunlearn.run_record import library_versions
 
     return {
         "format": FORMAT_VERSION,
@@ -383,3 +385,33 @@ def _manifest(
         "pretraining": stats,
         "versions": library_versions(),
     }
+
+
+WORLD_POSITIVE = (
+    "forget_docs",
+    "approximate_docs",
+    "band_min_chars",
+    "retain_chars",
+    "vocab_size",
+    "max_length",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "steps",
+    "batch_size",
+    "forget_repeats",
+)
+
+
+def check_config(w: Any) -> None:
+    """The ``world`` section: the built-in world's recipe."""
+    rules = {
+        "general_eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "lr": POSITIVE,
+        **{k: AT_LEAST_1 for k in WORLD_POSITIVE},
+    }
+    check_rules(w, "config.world", rules)
+    require(w.band_max_chars >= w.band_min_chars, "config.world.band_max_chars", w.band_max_chars, ">= band_min_chars")
+    require(w.hidden_size % w.num_heads == 0, "config.world.num_heads", w.num_heads, "must divide hidden_size")

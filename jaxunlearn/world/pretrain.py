@@ -10,11 +10,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn import sharding
 from jaxunlearn.data import Chunks, StepBatcher
+from jaxunlearn.methods.objectives import Context, Method, Needs
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
-from jaxunlearn.objectives import Context, Method, Needs
-from jaxunlearn.train import (
+from jaxunlearn.parallel import sharding
+from jaxunlearn.training.step import (
     batch_shardings,
     compile_train_step,
     init_state,
@@ -30,7 +30,9 @@ def next_token_loss(params, ref_params, batch, rng, ctx: Context):
     return nll, {"nll": nll}
 
 
-PRETRAIN = Method("pretrain", next_token_loss, hparams={}, decide=lambda hp: Needs(), summary="next-token pre-training")
+PRETRAIN = Method(
+    "pretrain", next_token_loss, hparams={}, needs_rule=lambda hp: Needs(), summary="next-token pre-training"
+)
 
 
 def pretrain(

@@ -1,0 +1,1 @@
+"""Attacks on unlearning: relearning (fine-tuning) and weight quantization."""

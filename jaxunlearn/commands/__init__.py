@@ -1,0 +1,1 @@
+"""Commands: ``jaxunlearn`` (unlearn), ``jaxunlearn-evaluate``, ``jaxunlearn-plan``, ``jaxunlearn-compare``."""

@@ -1,0 +1,1 @@
+"""Small helpers every part shares (leaves: they import nothing of jaxunlearn's)."""

@@ -1,0 +1,132 @@
+"""MUSE's memorisation and utility criteria (Shi et al. 2024, arXiv 2407.06460), as its reference code computes them.
+
+On the MUSE data set (``muse-bench/MUSE-News`` or ``MUSE-Books``, or a local copy laid out like it):
+
+* **VerbMem** (C1, no verbatim memorisation): the greedy continuation of each ``verbmem`` prompt (``prompt``
+  column, ``verbmem_new_tokens`` new tokens) against the true continuation (``gt``);
+* **KnowMem** on the forget set (C2, no knowledge memorisation) and on the retain set (C4, utility preservation):
+  each question answered greedily (``knowmem_new_tokens``) after the split's in-context examples, as
+  ``Question: q\\nAnswer: a\\n\\n`` blocks followed by ``Question: q\\nAnswer: ``; the answer is cut before the first
+  ``\\n\\n``, ``\\nQuestion`` or ``Question:``.
+
+Each is the mean ROUGE-L F1 (rouge-score, no stemming: MUSE's ``mean_rougeL``), with the recall alongside. PrivLeak
+(C3) is the ``mia`` metric's (Min-K% k=0.4 against the retrained model: the oracle, or ``mia.retrained_auc``), with
+the forget split as members and ``data.approximate`` (MUSE's ``privleak`` holdout) as non-members. Scalability and
+sustainability (C5, C6) are runs over growing or successive forget sets: ``python -m jaxunlearn.commands.muse``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxunlearn.data.documents import load_records
+from jaxunlearn.data.source import DocumentSource
+from jaxunlearn.evaluation.registry import EvalContext, Option, register_metric
+from jaxunlearn.evaluation.tables import fmt
+
+STOP = ("\n\n", "\nQuestion", "Question:")  # MUSE's knowmem stops its answers at these
+
+
+def _split_spec(value: str) -> bool:
+    return value.count(":") == 1 and all(value.split(":"))
+
+
+SPEC = "CONFIG:SPLIT of the data set"
+OPTIONS = {
+    "path": Option("", None, "the MUSE data set (muse-bench/MUSE-News, MUSE-Books or a local copy; '' = off)"),
+    "verbmem": Option("verbmem:forget", _split_spec, SPEC),
+    "knowmem_forget": Option("knowmem:forget_qa", _split_spec, SPEC),
+    "knowmem_forget_icl": Option("knowmem:forget_qa_icl", _split_spec, SPEC),
+    "knowmem_retain": Option("knowmem:retain_qa", _split_spec, SPEC),
+    "knowmem_retain_icl": Option("knowmem:retain_qa_icl", _split_spec, SPEC),
+    "verbmem_new_tokens": Option(128, lambda v: v >= 1, ">= 1"),
+    "knowmem_new_tokens": Option(32, lambda v: v >= 1, ">= 1"),
+    "max_items": Option(0, lambda v: v >= 0, ">= 0 (0 = all)"),
+}
+
+
+def load(options: Mapping[str, Any], key: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The records of the ``CONFIG:SPLIT`` that option ``key`` names."""
+    name, split = options[key].split(":")
+    records = load_records(DocumentSource(label=f"muse.{key}", path=options["path"], name=name, split=split), columns)
+    return records[: options["max_items"]] if options["max_items"] and not key.endswith("_icl") else records
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-L F1 and recall, as MUSE scores (rouge-score, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
+    return {
+        "rougeL_f1": float(np.mean([s.fmeasure for s in scores])),
+        "rougeL_recall": float(np.mean([s.recall for s in scores])),
+        "n": len(scores),
+    }
+
+
+def encode(ctx: EvalContext, text: str) -> list[int]:
+    return list(ctx.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+
+def verbatim_memorisation(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, float]:
+    """C1: ROUGE-L of the greedy continuation of each prompt against its true continuation."""
+    records = load(options, "verbmem", ["prompt", "gt"])
+    outputs = ctx.generate_text([encode(ctx, r["prompt"]) for r in records], options["verbmem_new_tokens"])
+    return rouge_l(outputs, [r["gt"] for r in records])
+
+
+def icl_prompt(examples: Sequence[Mapping[str, str]]) -> str:
+    """MUSE's few-shot prefix: every example as ``Question: q\\nAnswer: a\\n\\n``."""
+    return "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
+
+
+def knowledge_memorisation(ctx: EvalContext, options: Mapping[str, Any], side: str) -> dict[str, float]:
+    """C2 (``forget``) or C4 (``retain``): ROUGE-L of the few-shot greedy answers against the true answers."""
+    qa = load(options, f"knowmem_{side}", ["question", "answer"])
+    prefix = icl_prompt(load(options, f"knowmem_{side}_icl", ["question", "answer"]))
+    prompts = [encode(ctx, f"{prefix}Question: {r['question']}\nAnswer: ") for r in qa]
+    outputs = ctx.generate_text(prompts, options["knowmem_new_tokens"], stop=STOP)
+    return rouge_l(outputs, [r["answer"] for r in qa])
+
+
+def muse(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``{verbmem_forget, knowmem_forget, knowmem_retain: {rougeL_f1, rougeL_recall, n}}`` (nothing without
+    ``path``)."""
+    if not options["path"]:
+        return None
+    return {
+        "verbmem_forget": verbatim_memorisation(ctx, options),
+        "knowmem_forget": knowledge_memorisation(ctx, options, "forget"),
+        "knowmem_retain": knowledge_memorisation(ctx, options, "retain"),
+    }
+
+
+ROWS = (
+    ("verbmem_forget", "C1 VerbMem on the forget set (lower = less verbatim memorisation)"),
+    ("knowmem_forget", "C2 KnowMem on the forget set (lower = less knowledge memorisation)"),
+    ("knowmem_retain", "C4 KnowMem on the retain set (utility: higher is better)"),
+)
+
+
+def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[str]:
+    names = list(results)
+    lines = [
+        "## MUSE",
+        "",
+        "ROUGE-L F1 x 100 (MUSE's scale); PrivLeak (C3) is in the membership section. Scalability and "
+        "sustainability: `python -m jaxunlearn.commands.muse`.",
+        "",
+        "| criterion | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    for key, title in ROWS:
+        cells = [fmt(100 * results[n][key]["rougeL_f1"], 4) if key in results[n] else "-" for n in names]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+register_metric("muse", report=report, options=OPTIONS)(muse)

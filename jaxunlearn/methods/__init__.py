@@ -1,0 +1,1 @@
+"""Unlearning methods: one pure loss function each, registered by name."""

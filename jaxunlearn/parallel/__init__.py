@@ -1,0 +1,1 @@
+"""Devices and meshes: logical-axis sharding rules and CPU device setup."""

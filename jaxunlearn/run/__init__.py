@@ -1,0 +1,1 @@
+"""One unlearning run: prepare, claim the workdir, train, checkpoint, evaluate, export, record."""

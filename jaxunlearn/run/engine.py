@@ -1,0 +1,377 @@
+"""One unlearning run, end to end, as phases that read top to bottom (:func:`unlearn`):
+
+prepare (config, world, data) -> claim the workdir and resume point -> load models -> evaluate the original
+(and the oracle) -> train (a step loop with hooks) -> export -> evaluate the unlearned model -> report.
+
+Resumable: started again with the same command and workdir, a run continues from its latest complete
+checkpoint and ends with the same parameters as an uninterrupted run (the data of step ``s`` is a function of
+``(seed, s)`` only, and the step's randomness is ``fold_in(seed, s)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxunlearn.config import validate
+from jaxunlearn.evaluation.in_run import StoppingRule, perplexity_hook
+from jaxunlearn.evaluation.registry import Oracle
+from jaxunlearn.evaluation.report import write_report
+from jaxunlearn.evaluation.runner import RunEvaluations
+from jaxunlearn.methods.objectives import Context, get_method, method_hparams
+from jaxunlearn.models import LanguageModel, abstract_model, hf_checkpoint, param_shardings
+from jaxunlearn.parallel import sharding
+from jaxunlearn.run import logs
+from jaxunlearn.run.metrics_writer import MetricWriter
+from jaxunlearn.run.prepare import Prepared, prepare
+from jaxunlearn.run.record import compute_summary, run_record, stamp
+from jaxunlearn.run.workdir import EXPORT, Workdir, WorkdirError, config_differences
+from jaxunlearn.storage.checkpoints import Checkpointer
+from jaxunlearn.training import hooks
+from jaxunlearn.training.loop import LoopResult, NonFiniteError, Trainer
+from jaxunlearn.training.step import StepSetup, all_finite, init_state, reference_dtype
+
+__all__ = ["NonFiniteError", "Prepared", "WorkdirError", "prepare", "unlearn"]
+
+log = logging.getLogger("jaxunlearn")
+
+
+def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``."""
+    if config.get("distributed", False):
+        sharding.initialize_distributed()
+    logs.configure_logging()  # before prepare(): building the built-in world is reported as it happens
+    validate(config)
+    with Workdir(workdir).claimed() as wd:
+        prep = prepare(config)
+        resume = open_checkpoints(prep, wd)
+        wd.accept(run_record(prep))
+        models = load_models(prep, resume)
+        evals = make_evaluations(prep, wd, models)
+        before = evaluate_before(prep, evals, models)
+        method, derived = resolve_method(prep.config.method, before)
+        rule = StoppingRule.from_config(prep.config.evaluation, before["history"][0]) if evals else None
+        trained = train(prep, wd, resume, models, evals, rule, method)
+        params = models.unlearned(trained.state["params"])
+        export_dir = export(prep, wd, models.lm, params, resume)
+        resume.checkpointer.close()
+        report = evaluate_after(prep, wd, evals, before, trained, rule, params)
+        log.info("done: %s", export_dir or wd.path)
+        return wd.finish(
+            "completed",
+            steps=trained.steps,
+            stopped=trained.stopped,
+            final_metrics=trained.last_metrics,
+            tokens_per_s=trained.tokens_per_s,
+            hf_model=wd.location(EXPORT) if export_dir else None,
+            report=wd.location("report.md") if report else None,
+            **({"derived_hparams": derived} if derived else {}),
+        )
+
+
+# --- the resume point ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Resume:
+    """What the workdir already holds: the latest complete checkpoint, and whether the run finished."""
+
+    checkpointer: Checkpointer
+    latest: int | None
+    meta: dict[str, Any]
+    finished: bool
+
+
+def open_checkpoints(prep: Prepared, wd: Workdir) -> Resume:
+    """The workdir's checkpoints; refuses a workdir that holds a run with another configuration."""
+    checkpointer = Checkpointer(wd.checkpoints, keep=prep.config.checkpoint.keep)
+    latest = checkpointer.latest_step()
+    meta = checkpointer.read_meta(latest) if latest is not None else {}
+    if latest is not None:
+        diff = config_differences(meta.get("config", {}), prep.config.to_dict())
+        if diff:
+            checkpointer.close()
+            raise WorkdirError(
+                f"{wd.location()} holds a run with a different configuration ({', '.join(diff[:6])}); use another "
+                "--workdir, or delete its checkpoints/ to start over"
+            )
+    finished = bool(meta.get("finished")) or latest == prep.total_steps
+    return Resume(checkpointer, latest, meta, finished)
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    lm: LanguageModel  # the trained model's structure (training compute dtype)
+    original: dict | None  # the original parameters (donated to the train state when training starts)
+    reference: dict | None  # the frozen original for the method (model.reference_dtype)
+    oracle: dict | None  # the exact retrain, for the oracle column and distances
+    transform: Callable[[dict], dict] | None = None  # the method's unlearned model from trained parameters
+
+    def unlearned(self, params: dict) -> dict:
+        """The unlearned model of trained ``params``: themselves, except for methods with a transform (task
+        vectors: the original minus the scaled fine-tuning difference)."""
+        return params if self.transform is None else self.transform(params)
+
+
+def load_checkpoint(prep: Prepared, path: str | os.PathLike, dtype: str | None = None) -> tuple[LanguageModel, dict]:
+    """A checkpoint on the run's mesh with the run's numerics (``dtype`` overrides the compute dtype)."""
+    return hf_checkpoint.load_model(path, prep.config.model, mesh=prep.mesh, rules=prep.config.mesh.rules, dtype=dtype)
+
+
+def load_models(prep: Prepared, resume: Resume) -> Models:
+    """The original (to start, for the reference model and for evaluation), the reference and the oracle."""
+    config, ev = prep.config, prep.config.evaluation
+    lm = LanguageModel(nnx.graphdef(abstract_model(prep.model_config)), prep.model_config)
+    original = reference = oracle = None
+    if resume.latest is None or prep.needs.reference or ev.enabled:
+        lm, original = load_checkpoint(prep, prep.model_dir)
+    method = get_method(config.method.name)
+    shardings = param_shardings(prep.model_config, prep.mesh, config.mesh.rules)
+    # A finished run still needs the original to rebuild a transformed model (a re-export in another dtype).
+    if prep.needs.reference and (not resume.finished or method.transform is not None):
+        ref_dtype = reference_dtype(prep.model_config, config.model.reference_dtype)
+        cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=shardings)
+        reference = cast(original)
+    if ev.enabled and ev.oracle_model:
+        _, oracle = load_checkpoint(prep, ev.oracle_model)
+    transform = None
+    if method.transform is not None:
+        hparams = method_hparams(config.method)
+        apply = jax.jit(lambda p, r: method.transform(p, r, hparams), out_shardings=shardings)
+        transform = lambda params: apply(params, reference)  # noqa: E731
+    return Models(lm, original, reference, oracle, transform)
+
+
+# --- evaluation before and after ------------------------------------------------------------------------------
+
+
+def make_evaluations(prep: Prepared, wd: Workdir, models: Models) -> RunEvaluations | None:
+    """The run's evaluations (None with ``evaluation.enabled=False``)."""
+    return RunEvaluations.for_run(prep, models.lm, wd.path) if prep.config.evaluation.enabled else None
+
+
+def evaluate_before(prep: Prepared, evals: RunEvaluations | None, models: Models) -> dict[str, Any]:
+    """The original's (and the oracle's) metrics and the history's step-0 entry, before the original parameters
+    are donated to training."""
+    if evals is None:
+        return {"results": {}, "history": []}
+    results = {}
+    if models.oracle is not None:
+        oracle = evals.evaluate("oracle", models.oracle, model_path=prep.config.evaluation.oracle_model)
+        evals.oracle = Oracle(models.oracle, oracle)
+    results["original"] = evals.evaluate("original", models.original, model_path=prep.config.model.path)
+    if models.oracle is not None:
+        results["oracle"] = oracle
+    history = evals.history(0) or [evals.in_run(models.original, 0)]
+    return {"results": results, "history": history}
+
+
+def evaluate_after(
+    prep: Prepared,
+    wd: Workdir,
+    evals: RunEvaluations | None,
+    before: dict[str, Any],
+    trained: LoopResult,
+    rule: StoppingRule | None,
+    params: dict,
+) -> dict[str, Any] | None:
+    """The unlearned model's (``params``) metrics, the cross-model ones (PrivLeak), and the report."""
+    if evals is None:
+        return None
+    end = trained.steps
+    history = evals.history(end)
+    if not history or history[-1]["step"] != end:
+        history.append(evals.in_run(params, end))
+    results = {**before["results"], "unlearned": evals.evaluate("unlearned", params)}
+    evals.finalize(results)
+    return write_report(
+        wd.path,
+        stamp=stamp(wd.record, end, trained.stopped),
+        results=results,
+        metrics=list(prep.config.evaluation.metrics),
+        options={m.name: options for m, options in evals.metrics},
+        history=history,
+        compute=compute_summary(prep, end),
+        stop_target=rule.target if rule else None,
+    )
+
+
+# --- settings measured on the original -----------------------------------------------------------------------
+
+
+def resolve_method(
+    method: ml_collections.ConfigDict, before: dict[str, Any]
+) -> tuple[ml_collections.ConfigDict, dict[str, float]]:
+    """``config.method`` with the hyper-parameters a run derives from the original model's measurements, and
+    those values: ``forget_nll_cap = ln(approximate perplexity) + forget_nll_cap_margin`` (the original's mean
+    chunk NLL on unseen text, from its full evaluation, else the step-0 history) when the margin is > 0, so the
+    same margin means the same thing on any data and tokenizer. Deterministic: a resumed run derives the same."""
+    margin = method.get("forget_nll_cap_margin", 0.0)
+    if not margin:
+        return method, {}
+    perplexity = before["results"].get("original", {}).get("perplexity") or before["history"][0]["perplexity"]
+    approximate_nll = perplexity["approximate"]["nll"]  # mean chunk NLL = ln(perplexity)
+    resolved = ml_collections.ConfigDict(method.to_dict())
+    resolved.forget_nll_cap = approximate_nll + margin
+    log.info(
+        "forget_nll_cap = %.4f nats: the original's approximate-split NLL %.4f + forget_nll_cap_margin %g",
+        resolved.forget_nll_cap,
+        approximate_nll,
+        margin,
+    )
+    return resolved, {"forget_nll_cap": resolved.forget_nll_cap, "approximate_nll": approximate_nll}
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def train(
+    prep: Prepared,
+    wd: Workdir,
+    resume: Resume,
+    models: Models,
+    evals: RunEvaluations | None,
+    rule: StoppingRule | None,
+    method: ml_collections.ConfigDict,
+) -> LoopResult:
+    """The step loop from the resume point to the end (nothing to do for a finished run); ``method`` is the
+    resolved ``config.method`` (:func:`resolve_method`)."""
+    setup = StepSetup.for_run(prep.config, prep.model_config, prep.mesh, prep.total_steps)
+    state, start = initial_state(prep, resume, models, setup)
+    if resume.finished:
+        log.info("%s already finished at step %d", wd.location(), start)
+        return LoopResult(state, start, resume.meta.get("stopped"), dict(resume.meta.get("last_metrics", {})), None)
+    trainer = make_trainer(prep, models, setup, start, method)
+    with (
+        MetricWriter(wd.path, resume_step=start) as writer,
+        hooks.signal_hook() as on_signal,
+        _progress_bar(prep, start) as bar,
+    ):
+        add_default_hooks(trainer, prep, wd, resume, evals, rule, writer, bar, on_signal, start)
+        try:
+            return trainer.run(state, start)
+        except NonFiniteError as e:
+            resume.checkpointer.wait()
+            good = resume.checkpointer.latest_step()
+            raise NonFiniteError(
+                f"{e}. The last good checkpoint ({'step ' + str(good) if good is not None else 'none yet'}) in "
+                f"{resume.checkpointer.directory} is intact. Lower config.optim.lr or the number of steps."
+            ) from None
+        finally:
+            resume.checkpointer.wait()
+
+
+def initial_state(prep: Prepared, resume: Resume, models: Models, setup: StepSetup) -> tuple[Any, int]:
+    """A fresh train state around the original parameters, or the latest checkpoint's; and its step."""
+    name, total = prep.config.method.name, prep.total_steps
+    if resume.latest is None:
+        log.info("starting %s: %d steps of %d chunks", name, total, prep.batcher.chunks_per_step)
+        return init_state(models.original, setup.tx, setup.shardings), 0
+    state, _ = resume.checkpointer.restore(resume.latest, setup.abstract_state(prep.model_config))
+    start = int(state["step"])
+    if not resume.finished:
+        log.info("resuming %s from step %d of %d (%s)", name, start, total, resume.checkpointer.directory)
+    return state, start
+
+
+def make_trainer(
+    prep: Prepared, models: Models, setup: StepSetup, start: int, method_config: ml_collections.ConfigDict
+) -> Trainer:
+    """The compiled train step of the run's method (state donated) in a step loop."""
+    config = prep.config
+    ctx = Context.for_run(
+        models.lm, method_config, seed=config.seed, tokenizer=prep.tokenizer, chunk_size=config.train.logits_chunk_size
+    )
+    method = get_method(method_config.name)
+    step_fn, b_shardings = setup.compile(method, ctx, prep.batcher.batch(start), reference=models.reference is not None)
+    return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps, models.transform)
+
+
+def _progress_bar(prep: Prepared, start: int) -> Any:
+    desc = f"unlearning ({prep.config.method.name})"
+    return tqdm(total=prep.total_steps, initial=start, desc=desc, unit="step", disable=None)
+
+
+def add_default_hooks(
+    trainer: Trainer,
+    prep: Prepared,
+    wd: Workdir,
+    resume: Resume,
+    evals: RunEvaluations | None,
+    rule: StoppingRule | None,
+    writer: MetricWriter,
+    bar: Any,
+    on_signal: hooks.Hook,
+    start: int,
+) -> None:
+    """The periodic work of a run, in order: logging, progress, evaluation, the stopping rule, signals,
+    checkpoints (after every hook that may end the run), fault injection."""
+    config = prep.config
+    log_every = config.train.log_every
+    trainer.add_hook(lambda info: writer.write(info.step, info.metrics), every=log_every, at_end=True)
+    trainer.add_hook(hooks.progress_bar(bar))
+    trainer.add_hook(hooks.progress_line(start, log_to_console=bar.disable), every=log_every)
+    if evals is not None and config.evaluation.every_steps:
+        trainer.add_hook(perplexity_hook(evals, writer), every=config.evaluation.every_steps)
+    if evals is not None and rule is not None:
+        trainer.add_hook(rule.hook(evals, writer))
+    trainer.add_hook(on_signal)
+    saver = hooks.checkpoint_hook(resume.checkpointer, lambda info: _meta(prep, wd, info))
+    trainer.add_hook(saver, every=config.checkpoint.every_steps, at_end=True)
+    trainer.add_hook(lambda info: wd.sync(), every=config.checkpoint.every_steps, at_end=True)  # a staged workdir
+    if os.environ.get(hooks.KILL_AFTER_STEP_ENV):
+        trainer.add_hook(hooks.kill_hook(os.environ[hooks.KILL_AFTER_STEP_ENV], resume.checkpointer))
+
+
+def _meta(prep: Prepared, wd: Workdir, info: hooks.StepInfo) -> dict[str, Any]:
+    """What a checkpoint records besides the state: where the run is, how it ended, its config."""
+    batcher = prep.batcher
+    return {
+        "step": info.step,
+        "total_steps": info.total,
+        "forget_chunks_seen": info.step * batcher.chunks_per_step,
+        "epoch": info.step / batcher.steps_per_epoch,
+        "finished": info.finishing,
+        "stopped": info.stopped,
+        "last_metrics": {k: float(v) for k, v in info.metrics.items()},
+        "config": wd.record["config"],
+    }
+
+
+# --- export -------------------------------------------------------------------------------------------------
+
+
+def export(prep: Prepared, wd: Workdir, lm: LanguageModel, params: dict, resume: Resume) -> Path | None:
+    """The unlearned model in Hugging Face format (``hf_model/``), unless a finished run already exported it
+    in the requested dtype. Non-finite parameters are never exported."""
+    config = prep.config
+    if not config.checkpoint.export:
+        return None
+    target = wd.path / EXPORT
+    dtype = hf_checkpoint.export_dtype(prep.model_config, config.checkpoint.export_dtype or None)
+    if resume.finished and sharding.from_process0(_exported_dtype(target) == dtype):
+        return target
+    if not bool(jax.device_get(jax.jit(all_finite)(params))):
+        raise NonFiniteError(f"the parameters to export to {target} are not finite; nothing was exported")
+    hf_checkpoint.save_pretrained(lm.bind(params), target, tokenizer=prep.tokenizer, dtype=dtype)
+    return target
+
+
+def _exported_dtype(target: Path) -> str | None:
+    try:
+        return json.loads((target / "config.json").read_text()).get("dtype")
+    except (OSError, ValueError):
+        return None

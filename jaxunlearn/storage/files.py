@@ -1,0 +1,24 @@
+"""Atomic file writes: a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # private to this writer
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a reader never sees a half-written file)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --- what a run records -------------------------------------------------------------------------------------

