@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from sizes import SIZES
 
-from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
 from jaxunlearn.parallel import sharding
 from jaxunlearn.training.flops import unlearning_step_flops

@@ -110,7 +110,8 @@ from jaxunlearn.config import base_config
 from jaxunlearn.config.presets import SMOLLM2_MODEL
 from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.evaluation.statistics import perplexity_metrics
-from jaxunlearn.methods.objectives import Context, get_method, resolve_needs
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method, resolve_needs
 from jaxunlearn.models.hf_checkpoint import from_pretrained, load_config, load_model, save_pretrained
 from jaxunlearn.parallel import sharding
 from jaxunlearn.training.loop import Trainer

@@ -250,7 +250,7 @@ def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
 def test_every_config_file_is_valid_in_every_preset(preset):
     from jaxunlearn.config import ConfigError, validate
     from jaxunlearn.config.files import config_files
-    from jaxunlearn.methods.objectives import METHODS
+    from jaxunlearn.methods.registry import METHODS
     from tests.tiny_models import load_config_file
 
     names = list(config_files())  # configs/*.py but its __init__.py

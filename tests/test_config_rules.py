@@ -110,7 +110,7 @@ ROWS = [
         "config.method.forget_nll_cap",
         "must be a finite number",
     ),
-    # --- method (jaxunlearn/methods/objectives.py) ---------------------------------------------------------------
+    # --- method (jaxunlearn/methods/registry.py) -----------------------------------------------------------------
     row("negative-hparam", {"method.retain_weight": -1.0}, "config.method.retain_weight", "must be >= 0", "ga_gd"),
     row("negative-int-hparam", {"method.layer": -1}, "config.method.layer", "must be >= 0", "rmu"),
     row(

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxunlearn.methods.objectives import METHODS, Context, adversarial_labels, get_method, random_labels
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.paper import adversarial_labels, random_labels
+from jaxunlearn.methods.registry import METHODS, get_method
 from jaxunlearn.models.hf_checkpoint import to_hf_layout
 from tests.tiny_models import VOCAB, current_and_reference, padded_batch
 
@@ -119,7 +121,7 @@ def test_all_seven_paper_methods_are_registered():
     from jaxunlearn.commands.cli import config_files
     from jaxunlearn.common.settings import flatten
     from jaxunlearn.config import validate
-    from jaxunlearn.methods.objectives import resolve_needs
+    from jaxunlearn.methods.registry import resolve_needs
     from tests.tiny_models import load_config_file
 
     assert set(PAPER_VARIANTS) <= set(config_files())
@@ -486,7 +488,7 @@ def test_rmu(models, retain_weight):
     """RMU's loss (official rmu/unlearn.py, open-unlearning's masked form): MSE of the layer-l output on forget
     chunks to c u, plus alpha x MSE to the frozen model's layer-l output on retain chunks; gradients of every
     parameter, none past layer l."""
-    from jaxunlearn.methods.objectives import control_vector
+    from jaxunlearn.methods.rmu import control_vector
 
     lm, params, ref_params, current, reference = models
     layer, c, wf = 1, 7.0, 0.9
@@ -514,7 +516,7 @@ def test_rmu(models, retain_weight):
 
 
 def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
-    from jaxunlearn.methods.objectives import control_vector
+    from jaxunlearn.methods.rmu import control_vector
 
     u = np.asarray(control_vector(64, 3, 6.5))
     assert np.linalg.norm(u) == pytest.approx(6.5, rel=1e-6)
@@ -524,7 +526,7 @@ def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
 
 
 def test_parameter_mask_selects_hf_tensors_by_name_and_layer(models):
-    from jaxunlearn.methods.objectives import parameter_mask
+    from jaxunlearn.methods.rmu import parameter_mask
 
     lm = models[0]
     mask = parameter_mask(lm.config, r"model\.layers\.(0|2)\.mlp\.down_proj\.weight|lm_head\.weight")
@@ -543,7 +545,7 @@ def test_rmu_updates_only_its_trainable_parameters_as_torch_adamw_does(models):
 
     import ml_collections
 
-    from jaxunlearn.methods.objectives import control_vector
+    from jaxunlearn.methods.rmu import control_vector
     from jaxunlearn.models import family
     from jaxunlearn.models.layouts import nested_get
     from jaxunlearn.training.step import make_optimizer, make_train_step
@@ -654,7 +656,7 @@ EXPECTED_NEEDS = [
 @pytest.mark.parametrize("name, hparams, expected", EXPECTED_NEEDS)
 def test_methods_decide_their_inputs_from_their_hyper_parameters(name, hparams, expected):
     from jaxunlearn.config import base_config
-    from jaxunlearn.methods.objectives import resolve_needs
+    from jaxunlearn.methods.registry import resolve_needs
 
     config = base_config(name, preset="arxiv")
     for key, value in hparams.items():

@@ -11,7 +11,8 @@ import pytest
 
 from jaxunlearn.config import ConfigError, base_config
 from jaxunlearn.data.batches import StepBatcher
-from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method
 from jaxunlearn.models import ModelConfig, hf_checkpoint, init_model, split_model
 from jaxunlearn.parallel import sharding
 from jaxunlearn.planning.planner import plan_mesh, plan_step, settings_flags

@@ -13,7 +13,8 @@ import torch
 
 from jaxunlearn.data import qa
 from jaxunlearn.data.arrays import Chunks
-from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method
 from jaxunlearn.models import losses
 from tests.tiny_models import current_and_reference, make_tokenizer, padded_batch
 

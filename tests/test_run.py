@@ -66,7 +66,8 @@ def test_trainer_loop_stops_on_a_hook_and_reports_where(setup):
     prep = prepare(config)
     import jax
 
-    from jaxunlearn.methods.objectives import Context, get_method
+    from jaxunlearn.methods.context import Context
+    from jaxunlearn.methods.registry import get_method
     from jaxunlearn.models import hf_checkpoint, param_shardings
     from jaxunlearn.parallel import sharding
     from jaxunlearn.training.step import (

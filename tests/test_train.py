@@ -14,7 +14,8 @@ import torch
 import transformers
 from jax.sharding import PartitionSpec as P
 
-from jaxunlearn.methods.objectives import Context, get_method
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method
 from jaxunlearn.models import param_shardings, split_model
 from jaxunlearn.models.hf_checkpoint import from_pretrained
 from jaxunlearn.parallel import sharding

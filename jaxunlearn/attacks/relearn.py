@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxunlearn.data import Chunks, StepBatcher
-from jaxunlearn.methods.objectives import Context
+from jaxunlearn.methods.context import Context
 from jaxunlearn.models import LanguageModel, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.training.step import batch_shardings, compile_train_step, init_state, make_optimizer, make_train_step

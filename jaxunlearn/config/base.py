@@ -14,7 +14,7 @@ from jaxunlearn.config import builtin, presets
 from jaxunlearn.config.sources import PAPER_DATASET, domain_split, split_config
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation import settings as evaluation_settings
-from jaxunlearn.methods.objectives import get_method
+from jaxunlearn.methods.registry import get_method
 from jaxunlearn.parallel.sharding import DEFAULT_RULES
 from jaxunlearn.world.build import WorldRecipe
 

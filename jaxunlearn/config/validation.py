@@ -16,7 +16,7 @@ from jaxunlearn.config.base import base_config
 from jaxunlearn.data import settings as data_settings
 from jaxunlearn.errors import ConfigError, require
 from jaxunlearn.evaluation import settings as evaluation_settings
-from jaxunlearn.methods import objectives
+from jaxunlearn.methods import registry as methods
 from jaxunlearn.parallel import sharding
 from jaxunlearn.storage import checkpoints, locations
 from jaxunlearn.training import step
@@ -24,7 +24,7 @@ from jaxunlearn.world import build
 
 # Each section and the part that checks it (Levanter's components validate their own configs).
 SECTION_OWNERS: dict[str, Callable[[Any], None]] = {
-    "method": objectives.check_config,
+    "method": methods.check_config,
     "model": models.check_config,
     "mesh": sharding.check_config,
     "data": data_settings.check_config,
@@ -43,7 +43,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "method" not in config or "name" not in config.method:
         raise ConfigError("config.method.name is missing")
     name = config.method.name
-    known = objectives.METHODS
+    known = methods.METHODS
     require(name in known, "config.method.name", name, f"unknown method; known: {', '.join(sorted(known))}")
     given = flatten(config, "config")
     check_keys_and_types(given, flatten(base_config(name), "config"))
@@ -108,8 +108,8 @@ def _check_method_data(config: ml_collections.ConfigDict) -> None:
         needs = "derives the cap from the original's perplexity on the approximate split, so it needs"
         require(config.evaluation.enabled, key, margin, f"{needs} config.evaluation.enabled=True")
         require(bool(config.data.approximate.path), key, margin, f"{needs} config.data.approximate.path")
-    if objectives.resolve_needs(config.method).retain:
-        hparams = ", ".join(f"{k}={v}" for k, v in objectives.method_hparams(config.method).items())
+    if methods.resolve_needs(config.method).retain:
+        hparams = ", ".join(f"{k}={v}" for k, v in methods.method_hparams(config.method).items())
         require(
             bool(config.data.retain.path),
             "config.data.retain.path",

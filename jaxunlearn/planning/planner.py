@@ -27,7 +27,8 @@ from jaxunlearn.config import validate
 from jaxunlearn.data.batches import StepBatcher
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation.loop import Evaluator
-from jaxunlearn.methods.objectives import Context, get_method, resolve_needs
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method, resolve_needs
 from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, hf_checkpoint, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.planning.topology import GIB, Topology

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxunlearn.errors import ConfigError
-from jaxunlearn.methods.objectives import resolve_needs
+from jaxunlearn.methods.registry import resolve_needs
 from jaxunlearn.planning.planner import StepPlan, model_config_for_plan, plan_step
 from jaxunlearn.planning.topology import Topology
 

@@ -28,7 +28,8 @@ from jaxunlearn.evaluation.in_run import StoppingRule, perplexity_hook
 from jaxunlearn.evaluation.registry import Oracle
 from jaxunlearn.evaluation.report import write_report
 from jaxunlearn.evaluation.runner import RunEvaluations
-from jaxunlearn.methods.objectives import Context, get_method, method_hparams
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import get_method, method_hparams
 from jaxunlearn.models import LanguageModel, abstract_model, hf_checkpoint, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.run import logs

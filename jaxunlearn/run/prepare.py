@@ -15,7 +15,7 @@ from jaxunlearn.common.settings import flatten, set_dotted
 from jaxunlearn.config import validate
 from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
 from jaxunlearn.errors import ConfigError
-from jaxunlearn.methods.objectives import Needs, get_method, method_hparams, resolve_needs
+from jaxunlearn.methods.registry import Needs, get_method, method_hparams, resolve_needs
 from jaxunlearn.models import ModelConfig, hf_checkpoint, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.storage import locations

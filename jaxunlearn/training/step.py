@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxunlearn.errors import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_rules
-from jaxunlearn.methods.objectives import Context, Method
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import Method
 from jaxunlearn.models import abstract_model, param_shardings
 from jaxunlearn.parallel import sharding
 

@@ -11,7 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxunlearn.data import Chunks, StepBatcher
-from jaxunlearn.methods.objectives import Context, Method, Needs
+from jaxunlearn.methods.context import Context
+from jaxunlearn.methods.registry import Method, Needs
 from jaxunlearn.models import ModelConfig, init_model, param_shardings, split_model
 from jaxunlearn.parallel import sharding
 from jaxunlearn.training.step import (
