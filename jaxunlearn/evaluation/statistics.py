@@ -204,9 +204,18 @@ def paired_min_k_auc(members: dict[str, np.ndarray], nonmembers: dict[str, np.nd
     return attack_summary(*scores)["auc"]
 
 
+def muse_auc(auc_value: float) -> float:
+    """An AUC with the forget set as members (this module's scale) on MUSE's scale, which treats the forget set as
+    the *non-member* side (``eval_privleak``'s ``forget_holdout`` key in muse_bench ``metrics/privleak.py``):
+    ``1 - auc``, exactly, ties included."""
+    return 1.0 - auc_value
+
+
 def privacy_leakage(auc_unlearned: float, auc_retrained: float) -> float:
-    """MUSE's PrivLeak: ``(AUC_unlearned - AUC_retrained) / AUC_retrained x 100`` (0 = like a retrained model;
-    large positive = still leaks membership, large negative = over-unlearned)."""
+    """MUSE's PrivLeak, both AUCs on MUSE's scale (:func:`muse_auc`): ``(AUC_unlearned - AUC_retrained) /
+    AUC_retrained x 100`` (muse_bench ``eval.py``). 0 = like a retrained model; large negative = the forget set
+    still looks like members (under-unlearned); large positive = it looks less familiar than unseen text
+    (over-unlearned)."""
     return (auc_unlearned - auc_retrained) / auc_retrained * 100.0
 
 

@@ -22,8 +22,9 @@ KEY_ATTACKS = ("loss", "zlib", "min_k_0.2", "min_k_0.4", "min_k++_0.2", "referen
 OPTIONS = {
     "ks": Option(M.MIA_KS, lambda v: all(0 < k <= 1 for k in v), "fractions in (0, 1]"),
     "reference_model": Option("", None, "a model for the reference-ratio attack (HF directory or Hub id)"),
-    # Min-K% (k=0.4) AUC of a retrained model, for PrivLeak (0 = unknown: use the oracle's when there is one).
-    "retrained_auc": Option(0.0, lambda v: 0 <= v <= 1, "in [0, 1] (0 = unknown)"),
+    # Min-K% (k=0.4) AUC of a retrained model for PrivLeak, on MUSE's scale (forget = non-members, as MUSE's
+    # constants.py publishes them: news 0.4772, books 0.5393); 0 = unknown: the oracle's, else 0.5 (open-unlearning).
+    "retrained_auc": Option(0.0, lambda v: 0 <= v <= 1, "in [0, 1] on MUSE's scale (0 = unknown)"),
     # The GradNorm attack (one backward pass per chunk, so off by default): the norm of its per-tensor gradients.
     "gradnorm": Option("", lambda v: v in GRADNORM_ORDERS, f"one of {sorted(GRADNORM_ORDERS)} ('' = off)"),
 }
@@ -64,16 +65,36 @@ def membership(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] |
     return summary
 
 
+# When neither a retrained AUC nor an oracle is given, PrivLeak is against a chance-level retrained model, as
+# open-unlearning's privleak defaults its reference to 0.5.
+CHANCE_AUC = 0.5
+
+
+def retrained_reference(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> tuple[float, str]:
+    """The retrained model's Min-K% (k=0.4) AUC on MUSE's scale, and where it comes from: the given
+    ``retrained_auc``, else the oracle's measured AUC (converted), else chance."""
+    if options["retrained_auc"]:
+        return float(options["retrained_auc"]), "given"
+    oracle = results.get("oracle", {}).get("mia", {}).get(PRIVLEAK_ATTACK, {}).get("auc")
+    if oracle is not None:
+        return M.muse_auc(oracle), "oracle"
+    return CHANCE_AUC, "chance"
+
+
 def add_privleak(results: dict[str, dict[str, Any]], options: Mapping[str, Any]) -> None:
-    """MUSE's PrivLeak of every model against the retrained model's Min-K% (k=0.4) AUC: the given
-    ``retrained_auc``, else the oracle's measured one (the one place PrivLeak is computed)."""
-    retrained = options["retrained_auc"] or results.get("oracle", {}).get("mia", {}).get(PRIVLEAK_ATTACK, {}).get("auc")
-    if not retrained:
-        return
+    """MUSE's PrivLeak of every model on MUSE's scale, against :func:`retrained_reference` (the one place PrivLeak
+    is computed). Each model's ``privleak`` also records its own AUC and the reference on MUSE's scale."""
+    reference, source = retrained_reference(results, options)
     for metrics in results.values():
         mia = metrics.get("mia")
         if mia and PRIVLEAK_ATTACK in mia:
-            mia["privleak"] = {PRIVLEAK_ATTACK: M.privacy_leakage(mia[PRIVLEAK_ATTACK]["auc"], retrained)}
+            own = M.muse_auc(mia[PRIVLEAK_ATTACK]["auc"])
+            mia["privleak"] = {
+                PRIVLEAK_ATTACK: M.privacy_leakage(own, reference),
+                "muse_auc": own,
+                "retrained_muse_auc": reference,
+                "retrained_from": source,
+            }
 
 
 def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[str]:
@@ -90,10 +111,19 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     ]
     leak = {n: r["privleak"] for n, r in results.items() if r.get("privleak")}
     if leak:
-        against = f"AUC {options['retrained_auc']:g} given" if options["retrained_auc"] else "the oracle's AUC"
+        first = next(iter(leak.values()))
+        against = {
+            "given": "evaluation.mia.retrained_auc",
+            "oracle": "the oracle's, converted",
+            "chance": "no retrained model given: 0.5, as open-unlearning",
+        }[first["retrained_from"]]
         lines += [
-            f"PrivLeak (MUSE, Min-K% k=0.4, relative to the retrained model: {against}): "
-            + ", ".join(f"{n} {fmt(v[PRIVLEAK_ATTACK], 3)}" for n, v in leak.items()),
+            "PrivLeak (MUSE's C3, Min-K% k=0.4): (AUC - AUC_retrained) / AUC_retrained x 100 with both AUCs on "
+            "MUSE's scale, where the forget set is the non-member side (MUSE AUC = 1 - the AUC above); "
+            f"AUC_retrained {fmt(first['retrained_muse_auc'], 4)} ({against}). Negative: the forget set still "
+            "looks familiar; positive: over-unlearned.",
+            "",
+            ", ".join(f"{n} {fmt(v[PRIVLEAK_ATTACK], 3)}" for n, v in leak.items()),
             "",
         ]
     return lines

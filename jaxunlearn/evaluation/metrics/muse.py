@@ -10,8 +10,8 @@ On the MUSE data set (``muse-bench/MUSE-News`` or ``MUSE-Books``, or a local cop
   ``\\n\\n``, ``\\nQuestion`` or ``Question:``.
 
 Each is the mean ROUGE-L F1 (rouge-score, no stemming: MUSE's ``mean_rougeL``), with the recall alongside. PrivLeak
-(C3) is the ``mia`` metric's (Min-K% k=0.4 against the retrained model: the oracle, or ``mia.retrained_auc``), with
-the forget split as members and ``data.approximate`` (MUSE's ``privleak`` holdout) as non-members. Scalability and
+(C3) is the ``mia`` metric's (Min-K% k=0.4 on MUSE's scale against the retrained model: the oracle, or
+``mia.retrained_auc``), with the forget split as members and ``data.approximate`` (MUSE's ``privleak`` holdout) as non-members. Scalability and
 sustainability (C5, C6) are runs over growing or successive forget sets: ``python -m jaxunlearn.commands.muse``.
 """
 
