@@ -41,7 +41,8 @@ def rows(data: Path, config: str, split: str) -> list[dict]:
 
 
 def reference(model_dir: Path, data: Path) -> dict:
-    """MUSE's eval written out: greedy generate per prompt, decode, stop words, rouge-score without stemming."""
+    """MUSE's eval written out (muse_bench metrics/verbmem.py, knowmem.py, logger.py): greedy generate per prompt,
+    decode, stop words, VerbMem's reference cut to its first NEW tokens, rouge-score without stemming."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -63,7 +64,13 @@ def reference(model_dir: Path, data: Path) -> dict:
         s = [scorer.score(ref, pred)["rougeL"] for pred, ref in pairs]
         return {"rougeL_f1": np.mean([x.fmeasure for x in s]), "rougeL_recall": np.mean([x.recall for x in s])}
 
-    out = {"verbmem_forget": score([(answer(r["prompt"]), r["gt"]) for r in rows(data, "verbmem", "forget")])}
+    def gt_short(gt: str) -> str:  # metrics/verbmem.py: the reference cut to max_new_tokens, BOS included
+        gt_ids = tok(gt, return_tensors="pt", add_special_tokens=True).input_ids[:, :NEW]
+        return tok.batch_decode(gt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)[0]
+
+    verbmem = rows(data, "verbmem", "forget")
+    assert all(len(tok(r["gt"])["input_ids"]) > NEW for r in verbmem)  # the cut matters
+    out = {"verbmem_forget": score([(answer(r["prompt"]), gt_short(r["gt"])) for r in verbmem])}
     for side in ("forget", "retain"):
         icl = "".join(
             f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows(data, "knowmem", f"{side}_qa_icl")

@@ -72,11 +72,20 @@ def encode(ctx: EvalContext, text: str) -> list[int]:
     return list(ctx.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
 
+def verbmem_reference(ctx: EvalContext, text: str, new_tokens: int) -> str:
+    """The true continuation as MUSE scores it (``metrics/verbmem.py``): its first ``new_tokens`` tokens, counted
+    with the special tokens the tokenizer adds (a Llama BOS takes one), decoded without them."""
+    ids = encode(ctx, text)[:new_tokens]
+    return ctx.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
 def verbatim_memorisation(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, float]:
-    """C1: ROUGE-L of the greedy continuation of each prompt against its true continuation."""
+    """C1: ROUGE-L of the greedy continuation of each prompt against the first ``verbmem_new_tokens`` tokens of
+    its true continuation (MUSE's cut: the model generates that many, so the rest could never be matched)."""
     records = load(options, "verbmem", ["prompt", "gt"])
-    outputs = ctx.generate_text([encode(ctx, r["prompt"]) for r in records], options["verbmem_new_tokens"])
-    return rouge_l(outputs, [r["gt"] for r in records])
+    new_tokens = options["verbmem_new_tokens"]
+    outputs = ctx.generate_text([encode(ctx, r["prompt"]) for r in records], new_tokens)
+    return rouge_l(outputs, [verbmem_reference(ctx, r["gt"], new_tokens) for r in records])
 
 
 def icl_prompt(examples: Sequence[Mapping[str, str]]) -> str:
@@ -129,4 +138,5 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     return lines + [""]
 
 
-register_metric("muse", report=report, options=OPTIONS)(muse)
+# version 2: VerbMem against the first verbmem_new_tokens tokens of the continuation, as MUSE cuts it
+register_metric("muse", report=report, options=OPTIONS, version=2)(muse)
