@@ -155,18 +155,43 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
 
 @pytest.mark.slow
 def test_scalability_takes_each_fold_and_sustainability_chains_the_runs(muse_setup, tmp_path):
-    from jaxunlearn.experiments.muse_protocol import fold_config, run_muse
+    from jaxunlearn.experiments.muse_protocol import FOLDS, fold_config, run_muse
 
+    assert FOLDS == (2, 3, 4)  # unlearn_news_scal.sh / _sust.sh: `for k in '2' '3' '4'`
     config = muse_config(muse_setup, "ga", tmp_path / "cache", oracle=False)
     config.evaluation.metrics = ("perplexity", "muse")
     scal = fold_config(config, "scal", 3, None)  # scal: the fold's forget set, from the target
     assert (scal.data.forget.name, scal.data.forget.split, scal.model.path) == ("scal", "forget_3", config.model.path)
-    result = run_muse(config, str(tmp_path / "exp"), ["sust"], [1, 2])  # sust runs chain: each from the last
-    assert [r["run"] for r in result["rows"]] == ["main", "sust forget_1", "sust forget_2"]
+    result = run_muse(config, str(tmp_path / "exp"), ["sust"], [2, 3])  # sust runs chain: each from the last
+    assert [r["run"] for r in result["rows"]] == ["main", "sust forget_2", "sust forget_3"]
     record = lambda *p: json.loads((tmp_path / "exp").joinpath(*p, "run.json").read_text())  # noqa: E731
-    first, second = record("sust", "forget_1"), record("sust", "forget_2")
-    assert first["model"]["path"] == str(muse_setup["target"])
-    assert second["model"]["path"] == str(tmp_path / "exp" / "sust" / "forget_1" / "hf_model")
-    assert first["data"]["forget_chunks"] == record("main")["data"]["forget_chunks"]  # sust forget_1 = raw forget
+    first, second = record("sust", "forget_2"), record("sust", "forget_3")
+    assert first["model"]["path"] == str(tmp_path / "exp" / "main" / "hf_model")  # the chain starts after main
+    assert second["model"]["path"] == str(tmp_path / "exp" / "sust" / "forget_2" / "hf_model")
     assert "C4 KnowMem retain" in (tmp_path / "exp" / "muse.md").read_text()
     assert json.loads((tmp_path / "exp" / "muse.json").read_text())["rows"][0]["run"] == "main"
+
+
+# MUSE's baselines/scripts/unlearn_news_scal.sh (and _sust.sh), transcribed: its methods and their epochs.
+MUSE_STEP_ALGOS = ("ga", "ga_gdr", "ga_klr", "npo", "npo_gdr", "npo_klr")
+MUSE_EPOCHS = ("1", "7", "10", "1", "10", "10")
+# MUSE's method -> jaxunlearn's config.method (NPO's KL retain term is npo with a retain weight).
+MUSE_METHODS = {
+    "ga": {"name": "ga"},
+    "ga_gdr": {"name": "ga_gd"},
+    "ga_klr": {"name": "ga_kl"},
+    "npo": {"name": "npo", "retain_weight": 0.0},
+    "npo_gdr": {"name": "npo_gd"},
+    "npo_klr": {"name": "npo", "retain_weight": 1.0},
+}
+
+
+@pytest.mark.parametrize(("algo", "epochs"), list(zip(MUSE_STEP_ALGOS, MUSE_EPOCHS, strict=True)))
+def test_fold_runs_take_muses_epochs_per_method(algo, epochs):
+    from jaxunlearn.config import base_config
+    from jaxunlearn.experiments.muse_protocol import fold_config
+
+    method = MUSE_METHODS[algo]
+    config = base_config(method["name"], preset="muse_news")
+    config.method.update(method)
+    assert fold_config(config, "scal", 2, None).train.epochs == int(epochs)

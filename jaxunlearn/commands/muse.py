@@ -2,7 +2,7 @@
 sustainability.
 
     python -m jaxunlearn.commands.muse --config=npo_gd:muse_news [--workdir=workdirs/muse]
-        [--criteria=scal,sust] [--folds=1,2,3,4] [--config.KEY=VALUE ...]
+        [--criteria=scal,sust] [--folds=2,3,4] [--config.KEY=VALUE ...]
 
 The experiment (``jaxunlearn.experiments.muse_protocol``):
 """
@@ -33,7 +33,9 @@ def define_flags() -> SimpleNamespace:
         criteria=flags.DEFINE_list(
             "criteria", list(experiment.CRITERIA), "Which of scal (C5) and sust (C6) to run besides main."
         ),
-        folds=flags.DEFINE_list("folds", ["1", "2", "3", "4"], "The folds forget_<k> of scal and sust."),
+        folds=flags.DEFINE_list(
+            "folds", [str(k) for k in experiment.FOLDS], "The folds forget_<k> of scal and sust (MUSE's: 2, 3, 4)."
+        ),
     )
 
 
@@ -49,7 +51,7 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
     try:
         folds = [int(f) for f in args.folds.value]
     except ValueError:
-        fail(f"--folds={','.join(args.folds.value)}: give fold numbers, e.g. --folds=1,2,3,4")
+        fail(f"--folds={','.join(args.folds.value)}: give fold numbers, e.g. --folds=2,3,4")
     if not config.evaluation.muse.path:
         fail("config.evaluation.muse.path is empty: use a MUSE preset, e.g. --config=npo_gd:muse_news")
     cpu_devices.configure(config)

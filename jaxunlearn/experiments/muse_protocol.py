@@ -1,11 +1,15 @@
 """MUSE's six criteria for one method (Shi et al. 2024, arXiv 2407.06460): the main run, scalability and
-sustainability.
+sustainability, as MUSE's scripts run them (``baselines/scripts/unlearn_news_scal.sh``, ``..._sust.sh``).
 
 * ``main``: the config's run (C1 VerbMem, C2 KnowMem on the forget set, C3 PrivLeak, C4 KnowMem on the retain set);
-* ``scal`` (C5, scalability): one run per fold ``k`` of the data set's ``scal`` configuration, each unlearning the
-  growing forget set ``forget_k`` from the target model;
-* ``sust`` (C6, sustainability): successive requests, fold ``k`` of ``sust`` unlearned from the model the run of
-  fold ``k - 1`` produced (fold 1 from the target).
+* ``scal`` (C5, scalability): one run per fold ``k`` (2-4) of the data set's ``scal`` configuration, each
+  unlearning the growing forget set ``forget_k`` from the target model (fold 1 is the main run's forget set);
+* ``sust`` (C6, sustainability): successive requests, fold ``k`` (2-4) of ``sust`` unlearned from the model the
+  previous request produced, the first from the main run's.
+
+The fold runs train for MUSE's epochs of the method (:data:`FOLD_EPOCHS`: GA and NPO 1, GA+GD 7, the others 10).
+MUSE starts the sustainability chain from the main run's checkpoint after that many epochs; here it starts from the
+main run's exported model (the main run's own ``train.epochs``).
 
 Every run is an ordinary resumable run in ``<workdir>/<criterion>/forget_<k>`` (``<workdir>/main``), evaluated with
 the config's evaluation (the ``muse`` metric and PrivLeak against the oracle); ``muse.md`` and ``muse.json`` hold one
@@ -24,6 +28,10 @@ from jaxunlearn.run.engine import unlearn
 from jaxunlearn.storage import locations
 
 CRITERIA = ("scal", "sust")
+FOLDS = (2, 3, 4)  # MUSE's scal and sust scripts: fold 1 is the main run's forget set
+# MUSE's epochs per method in its scal/sust scripts (ga, ga_gdr, ga_klr, npo, npo_gdr, npo_klr), by jaxunlearn name.
+FOLD_EPOCHS = {"ga": 1, "ga_gd": 7, "ga_kl": 10, "npo": 1, "npo_gd": 10}
+DEFAULT_FOLD_EPOCHS = 10
 PRIVLEAK = "min_k_0.4"
 
 
@@ -38,10 +46,20 @@ def criteria_row(report: dict, model: str) -> dict[str, Any]:
     return row
 
 
+def fold_epochs(method: Any) -> int:
+    """MUSE's epochs for a fold run of ``method`` (a ``config.method`` section): NPO with a retain term is MUSE's
+    npo_klr (10), without one its npo (1)."""
+    if method.name == "npo" and method.get("retain_weight", 0.0) > 0:
+        return DEFAULT_FOLD_EPOCHS
+    return FOLD_EPOCHS.get(method.name, DEFAULT_FOLD_EPOCHS)
+
+
 def fold_config(config, criterion: str, fold: int, model_path: str | None):
-    """The config of one scal/sust run: the fold's forget set (and, for sust, the previous run's model)."""
+    """The config of one scal/sust run: the fold's forget set, MUSE's epochs for the method (and, for sust, the
+    previous run's model)."""
     c = copy.deepcopy(config)
     c.data.forget.update(path=config.evaluation.muse.path, name=criterion, split=f"forget_{fold}")
+    c.train.epochs = fold_epochs(config.method)
     if model_path:
         c.model.path = model_path
     return c
@@ -68,7 +86,7 @@ def run_muse(config, workdir: str, criteria: list[str], folds: list[int]) -> dic
     if "oracle" in report["models"]:
         reference["retrained"] = criteria_row(report, "oracle")
     for criterion in criteria:
-        previous = None
+        previous = locations.join(base, "main", "hf_model") if criterion == "sust" else None  # after the main run
         for fold in folds:
             run_dir = locations.join(base, criterion, f"forget_{fold}")
             row, _ = run_one(fold_config(config, criterion, fold, previous), run_dir, f"{criterion} forget_{fold}")
