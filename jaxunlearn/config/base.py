@@ -10,7 +10,8 @@ import dataclasses
 
 import ml_collections
 
-from jaxunlearn.config import builtin, presets
+import jaxunlearn.config.builtin as builtin
+import jaxunlearn.config.presets as presets
 from jaxunlearn.config.sources import PAPER_DATASET, domain_split, split_config
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation import settings as evaluation_settings

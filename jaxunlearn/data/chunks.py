@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn.data import qa
+import jaxunlearn.data.qa as qa
 from jaxunlearn.data.arrays import Chunks
 from jaxunlearn.data.documents import documents_fingerprint, load_documents, load_records
 from jaxunlearn.data.source import DataError, DocumentSource

@@ -27,7 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxunlearn.data import python_source, tfds_source
+import jaxunlearn.data.python_source as python_source
+import jaxunlearn.data.tfds_source as tfds_source
 from jaxunlearn.data.source import DataError, DocumentSource, pick_column, utf8_text
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")

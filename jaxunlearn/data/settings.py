@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxunlearn.data import tfds_source
+import jaxunlearn.data.tfds_source as tfds_source
 from jaxunlearn.data.qa import check_template
 from jaxunlearn.errors import NON_NEGATIVE, ConfigError, check_rules, require
 

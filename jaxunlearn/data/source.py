@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jaxunlearn.data.python_source as python_source
 from jaxunlearn.common.settings import parse_list
-from jaxunlearn.data import python_source
 from jaxunlearn.storage import locations
 
 TEXT_COLUMNS = ("text", "content")

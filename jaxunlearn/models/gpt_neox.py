@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxunlearn.models import transformer
+import jaxunlearn.models.transformer as transformer
 from jaxunlearn.models.layouts import HFTensor, Layout
 from jaxunlearn.models.precision import matmul_precision
 from jaxunlearn.models.registry import Family, UnsupportedModelError, register_family, required

@@ -29,6 +29,7 @@ from typing import Any
 import filelock
 import numpy as np
 
+import jaxunlearn.world.pretrain as pretraining
 from jaxunlearn import __version__
 from jaxunlearn.common.versions import library_versions
 from jaxunlearn.data.arrays import Chunks
@@ -39,7 +40,6 @@ from jaxunlearn.models import ModelConfig
 from jaxunlearn.models.hf_checkpoint import save_pretrained
 from jaxunlearn.parallel import sharding
 from jaxunlearn.storage import locations
-from jaxunlearn.world import pretrain as pretraining
 from jaxunlearn.world.corpus import SPLITS, split_documents
 
 log = logging.getLogger("jaxunlearn.world")
