@@ -76,7 +76,7 @@ WORLD_COUNTS = (
     "batch_size",
     "forget_repeats",
 )
-DATA_SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
+DATA_SPLITS = ("forget", "forget2", "retain", "approximate", "general", "eval_retain")
 
 ROWS = [
     # --- generic: keys, types, finite numbers, the method's name (jaxunlearn/config/validation.py) ---------------
@@ -169,6 +169,34 @@ ROWS = [
         marks=pytest.mark.xfail(strict=True, reason="an unknown template field is not refused"),
     ),
     row(
+        "first-tokens-two-for-one-topic",
+        {"data.first_tokens": (512, 768)},
+        "config.data.first_tokens",
+        "one length >= 2 per forget topic (1: forget)",
+        "rmu:wmdp",
+    ),
+    row(
+        "first-tokens-one-for-two-topics",
+        {"data.first_tokens": (512,)},
+        "config.data.first_tokens",
+        "one length >= 2 per forget topic (2: forget, forget2)",
+        "rmu:wmdp_bio_cyber",
+    ),
+    row(
+        "first-tokens-one-token",
+        {"data.first_tokens": (512, 1)},
+        "config.data.first_tokens",
+        "one length >= 2 per forget topic",
+        "rmu:wmdp_bio_cyber",
+    ),
+    row(
+        "forget2-question-answer",
+        {"data.forget2.question": "question"},
+        "config.data.forget2.question",
+        "forget2 is plain text only",
+        "rmu:wmdp_bio_cyber",
+    ),
+    row(
         "tfds-no-split",
         {"data.forget.path": "tfds:pg19"},
         "config.data.forget.path",
@@ -249,6 +277,25 @@ ROWS = [
     row("mia-ks-over-one", {"evaluation.mia.ks": (0.2, 1.5)}, "config.evaluation.mia.ks", "fractions in (0, 1]"),
     row("mia-retrained-auc", {"evaluation.mia.retrained_auc": 1.5}, "config.evaluation.mia.retrained_auc", "in [0, 1]"),
     row("mia-gradnorm", {"evaluation.mia.gradnorm": "l3"}, "config.evaluation.mia.gradnorm", "('' = off)"),
+    row("mia-privleak", {"evaluation.mia.privleak": "yes"}, "config.evaluation.mia.privleak", "bool"),
+    row(
+        "muse-retrained-auc",
+        {"evaluation.muse.retrained_auc": -0.1},
+        "config.evaluation.muse.retrained_auc",
+        "in [0, 1]",
+    ),
+    row(
+        "muse-privleak-max-tokens",
+        {"evaluation.muse.privleak_max_tokens": -1},
+        "config.evaluation.muse.privleak_max_tokens",
+        ">= 0",
+    ),
+    row(
+        "muse-privleak-split",
+        {"evaluation.muse.privleak_forget": "x"},
+        "config.evaluation.muse.privleak_forget",
+        "CONFIG:SPLIT",
+    ),
     row("muse-split-spec", {"evaluation.muse.verbmem": "verbmem"}, "config.evaluation.muse.verbmem", "CONFIG:SPLIT"),
     row(
         "muse-new-tokens",
@@ -276,12 +323,38 @@ ROWS = [
         "in (0, 1)",
     ),
     row("tasks-max-items", {"evaluation.tasks.max_items": -1}, "config.evaluation.tasks.max_items", ">= 0"),
+    row(
+        "tasks-add-bos",
+        {"evaluation.tasks.add_bos_token": "yes"},
+        "config.evaluation.tasks.add_bos_token",
+        "true or false",
+    ),
     row("tofu-forget-set", {"evaluation.tofu.forget": ""}, "config.evaluation.tofu.forget", "configuration"),
     row(
         "tofu-template",
         {"evaluation.tofu.template": "Q: {question}"},
         "config.evaluation.tofu.template",
         "{answer} at its end",
+    ),
+    row(
+        "tofu-literal-template",
+        {"evaluation.tofu.template": "literal:Q: {question}\nA: {answer}."},
+        "config.evaluation.tofu.template",
+        "{answer} at its end",
+    ),
+    row(
+        "tofu-question-key",
+        {"evaluation.tofu.question_key": "paraphrased_answer"},
+        "config.evaluation.tofu.question_key",
+        "question or paraphrased_question",
+    ),
+    row("tofu-max-items", {"evaluation.tofu.max_items": -1}, "config.evaluation.tofu.max_items", ">= 0"),
+    row(
+        "tofu-qa-template",
+        {"data.qa_template": "literal:[INST] {question} [/INST]"},
+        "config.data.qa_template",
+        "{answer} field at its very end",
+        "ga_gd:tofu",
     ),
     row(
         "verbatim-prompt", {"evaluation.verbatim.prompt_tokens": 0}, "config.evaluation.verbatim.prompt_tokens", ">= 1"
@@ -320,6 +393,13 @@ ROWS = [
         "config.data.retain.path",
         "method ga_kl (",
         "ga_kl_general:arxiv",
+    ),
+    row(
+        "forget2-with-a-one-topic-method",
+        {"data.forget2.path": "cais/wmdp-corpora"},
+        "config.data.forget2.path",
+        "method npo has one forget term; a second forget topic needs per-topic hyper-parameters, which only rmu has",
+        "npo",
     ),
     row(
         "npo-retain-weight-without-retain-set",

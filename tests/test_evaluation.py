@@ -128,12 +128,12 @@ def test_exact_memorization_and_extraction_strength_by_hand():
     stats = {"is_argmax": hits, "target_mask": mask, "logprob": np.zeros(hits.shape)}
     out = M.memorization_metrics(stats)
     em = [4 / 5, 1.0, 4 / 6, 2 / 3]
-    es = [1 - 2 / 5, 1.0, 1 - 2 / 6, 0.0]  # the last chunk's final prediction is wrong: the whole chunk is needed
+    es = [1 - 2 / 5, 1.0, 1 - 2 / 6, 1 / 3]  # the last chunk's final prediction is wrong: open-unlearning's 1/n
     assert out["chunks"] == 4
     assert out["exact_memorization"] == pytest.approx(np.mean(em))
     assert out["exact_memorization"] == pytest.approx(M.perplexity_metrics(stats)["acc"])
     assert out["extraction_strength"] == pytest.approx(np.mean(es))
-    for row, m in zip(hits[:3], mask[:3]):  # chunks that end on a hit: open-unlearning's loop agrees
+    for row, m in zip(hits[:4], mask[:4]):  # open-unlearning's loop (src/evals/metrics/memorization.py) agrees
         labels = np.arange(m.sum())
         preds = np.where(row[m], labels, -1)
         assert M.extraction_strength(row[m]) == pytest.approx(_open_unlearning_es(labels, preds))
@@ -286,3 +286,43 @@ def test_result_cache_verifies_what_it_reads(tmp_path, caplog):
     assert cache.read("original", "key-1") is None
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and all(str(path) in m for m in messages)
+
+
+def test_zlib_text_is_open_unlearnings_target_text():
+    """open-unlearning src/evals/metrics/utils.py ``extract_target_texts_from_processed_data``, transcribed: the
+    labelled tokens (prompt and padding at -100) decoded with ``skip_special_tokens=True``."""
+    from jaxunlearn.data.qa import tokenize_question_answers
+    from jaxunlearn.evaluation.metrics.mia import scored_texts
+    from tests.tiny_models import make_tokenizer
+
+    tok = make_tokenizer()
+    pairs = [("the quick fox", "jumps over the lazy dog"), ("machine unlearning", "of pretrained models")]
+    chunks = tokenize_question_answers(pairs, tok, 32, "Question: {question}\nAnswer: {answer}")
+    assert all(chunks.tokens[i, chunks.lengths[i] - 1] == tok.eos_token_id for i in range(2))  # EOS is scored
+    theirs = []
+    for row, prompt, length in zip(chunks.tokens, chunks.prompts, chunks.lengths):
+        labels = np.where((np.arange(len(row)) >= prompt) & (np.arange(len(row)) < length), row, -100)
+        theirs.append(tok.decode(labels[labels != -100].tolist(), skip_special_tokens=True))
+    assert scored_texts(tok, chunks, np.arange(2)) == theirs
+    assert "</s>" not in "".join(theirs)
+
+
+def test_min_k_plus_plus_equals_open_unlearnings_with_a_near_certain_position():
+    """open-unlearning src/evals/metrics/mia/min_k_plus_plus.py ``compute_score``, transcribed (its score is minus
+    ours: there lower means member); one position is near-certain, so the variance floor (1e-6) decides."""
+    rng = np.random.default_rng(3)
+    vocab_logprobs = np.log(rng.dirichlet(np.full(12, 0.3), size=9))
+    vocab_logprobs[4] = np.log(np.r_[1 - 11e-12, np.full(11, 1e-12)])  # variance ~1e-8 < 1e-6
+    targets = rng.integers(0, 12, 9)
+    targets[4] = 0
+    token_logprobs = vocab_logprobs[np.arange(9), targets]
+    mu = (np.exp(vocab_logprobs) * vocab_logprobs).sum(-1)
+    sigma = (np.exp(vocab_logprobs) * vocab_logprobs**2).sum(-1) - mu**2
+    assert sigma[4] < 1e-6
+    sigma = np.clip(sigma, 1e-6, None)
+    for k in (0.2, 0.5, 1.0):
+        scores = (token_logprobs - mu) / np.sqrt(sigma)
+        theirs = -np.mean(sorted(scores)[: max(1, int(len(scores) * k))])
+        std = np.sqrt(np.clip((np.exp(vocab_logprobs) * (vocab_logprobs - mu[:, None]) ** 2).sum(-1), 0, None))
+        ours = M.min_k_plus_plus_score([token_logprobs], [mu], [std], k)[0]
+        assert ours == pytest.approx(-theirs, rel=1e-9)

@@ -68,6 +68,23 @@ def reference(model_dir: Path, data: Path) -> dict:
         gt_ids = tok(gt, return_tensors="pt", add_special_tokens=True).input_ids[:, :NEW]
         return tok.batch_decode(gt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)[0]
 
+    def min_40(text: str) -> float:  # metrics/privleak.py: compute_ppl, then inference's Min-40%
+        input_ids = torch.tensor(tok.encode(text)).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids, labels=input_ids).logits
+        probabilities = torch.nn.functional.log_softmax(logits, dim=-1)
+        all_prob = [probabilities[0, i, t].item() for i, t in enumerate(input_ids[0][1:])]
+        return float(-np.mean(np.sort(all_prob)[: int(len(all_prob) * 0.4)]))
+
+    def forget_holdout_auc() -> float:  # metrics/privleak.py eval: split0 = forget (label 0), split1 = holdout (1)
+        from sklearn.metrics import auc, roc_curve
+
+        forget = [min_40(r["text"]) for r in rows(data, "privleak", "forget")]
+        holdout = [min_40(r["text"]) for r in rows(data, "privleak", "holdout")]
+        y = np.array([0] * len(forget) + [1] * len(holdout))
+        fpr, tpr, _ = roc_curve(y, -np.array(forget + holdout))
+        return auc(fpr, tpr)
+
     verbmem = rows(data, "verbmem", "forget")
     assert all(len(tok(r["gt"])["input_ids"]) > NEW for r in verbmem)  # the cut matters
     out = {"verbmem_forget": score([(answer(r["prompt"]), gt_short(r["gt"])) for r in verbmem])}
@@ -80,6 +97,7 @@ def reference(model_dir: Path, data: Path) -> dict:
         out[f"knowmem_{side}"] = score(
             [(answer(f"{icl}Question: {r['question']}\nAnswer: ", stop), r["answer"]) for r in qa]
         )
+    out["privleak"] = {"muse_auc": forget_holdout_auc()}
     return out
 
 
@@ -94,6 +112,7 @@ def test_muse_criteria_equal_transformers_generate_and_rouge_score(muse_setup):
         "path": str(muse_setup["data"]),
         "verbmem_new_tokens": NEW,
         "knowmem_new_tokens": NEW,
+        "privleak_max_tokens": 1024,  # above the tiny model's 64 positions: MUSE scores each text whole
     }
     ours = M.muse(ctx, opts)
     theirs = reference(muse_setup["target"], muse_setup["data"])
@@ -101,6 +120,28 @@ def test_muse_criteria_equal_transformers_generate_and_rouge_score(muse_setup):
         for field, value in values.items():
             assert ours[key][field] == pytest.approx(value, abs=1e-9), (key, field)
     assert ours["verbmem_forget"]["n"] == 4 and ours["knowmem_retain"]["n"] == 4
+    # PrivLeak's AUC: all 4 forget and 4 holdout texts, each whole (MUSE never cuts them)
+    assert (ours["privleak"]["forget"], ours["privleak"]["holdout"], ours["privleak"]["truncated"]) == (4, 4, 0)
+    assert abs(ours["privleak"]["muse_auc"] - 0.5) > 0.05  # so that 1 - AUC, the other scale, would fail
+    assert M.privacy_leakage(ctx, {**opts, "privleak_max_tokens": 16})["truncated"] == 8  # longer ones are cut
+
+
+def test_privleak_against_the_oracle_or_muses_constant_or_chance():
+    """eval.py: (auc - AUC_RETRAIN) / AUC_RETRAIN * 100, both on MUSE's scale (constants.py: news 0.4772)."""
+    theirs = lambda auc, retrain: (auc - retrain) / retrain * 100  # noqa: E731
+    opts = {k: o.default for k, o in M.OPTIONS.items()}
+    results = {name: {"muse": {"privleak": {"muse_auc": auc}}} for name, auc in (("unlearned", 0.3), ("oracle", 0.45))}
+    M.add_privleak(results, opts)
+    assert results["unlearned"]["muse"]["privleak"]["privleak"] == pytest.approx(theirs(0.3, 0.45))
+    assert results["oracle"]["muse"]["privleak"]["privleak"] == pytest.approx(0.0)
+    assert results["unlearned"]["muse"]["privleak"]["retrained_from"] == "oracle"
+    given = {"unlearned": {"muse": {"privleak": {"muse_auc": 0.3}}}}
+    M.add_privleak(given, {**opts, "retrained_auc": 0.4772})
+    assert given["unlearned"]["muse"]["privleak"]["privleak"] == pytest.approx(theirs(0.3, 0.4772))
+    alone = {"model": {"muse": {"privleak": {"muse_auc": 0.3}}}}
+    M.add_privleak(alone, opts)
+    assert alone["model"]["muse"]["privleak"]["privleak"] == pytest.approx(-40.0)  # against 0.5
+    assert alone["model"]["muse"]["privleak"]["retrained_from"] == "chance"
 
 
 def muse_config(muse_setup, method: str, cache: Path, *, oracle: bool = True):
@@ -125,9 +166,10 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
     unlearn(muse_config(muse_setup, "npo_gd", tmp_path / "cache"), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
     for name in ("original", "unlearned", "oracle"):
-        assert set(report[name]["muse"]) == {"verbmem_forget", "knowmem_forget", "knowmem_retain"}
-    assert report["oracle"]["mia"]["privleak"]["min_k_0.4"] == pytest.approx(0.0)  # against itself
-    assert "## MUSE" in (tmp_path / "run" / "report.md").read_text()
+        assert set(report[name]["muse"]) == {"verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak"}
+    assert report["oracle"]["muse"]["privleak"]["privleak"] == pytest.approx(0.0)  # against itself
+    assert "privleak" not in report["unlearned"]["mia"]  # the one PrivLeak is MUSE's, on its sets
+    assert "## MUSE" in (markdown := (tmp_path / "run" / "report.md").read_text()) and "C3 PrivLeak" in markdown
 
     data = muse_setup["data"]
     args = [
@@ -150,7 +192,8 @@ def test_the_muse_preset_runs_end_to_end_and_evaluate_reproduces_it(muse_setup, 
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())["models"]["model"]["muse"]
     for key, values in report["unlearned"]["muse"].items():
-        assert evaluated[key]["rougeL_f1"] == pytest.approx(values["rougeL_f1"], abs=1e-9)
+        field = "muse_auc" if key == "privleak" else "rougeL_f1"
+        assert evaluated[key][field] == pytest.approx(values[field], abs=1e-9)
 
 
 @pytest.mark.slow

@@ -515,6 +515,47 @@ def test_rmu(models, retain_weight):
     _compare_grads(lm, grads, model)
 
 
+@pytest.mark.parametrize("topics", [(1, 1, 1), (0, 1, 0)])
+def test_rmu_two_topics_use_each_topics_control_vector_coefficient_and_alpha(models, topics):
+    """With two forget topics (data.forget2; official rmu/unlearn.py: one control vector, steering coefficient and
+    alpha per corpus) each row is steered to its topic's ``c_t u_t`` and its retain row weighted by its topic's
+    alpha: against torch, with the directions drawn per topic from the run seed (topic 0's is the one-topic run's)."""
+    from jaxunlearn.methods.rmu import control_vector
+
+    lm, params, ref_params, current, reference = models
+    layer, wf = 1, 0.9
+    coeffs, alphas = (7.0, 3.0), (50.0, 20.0)
+    hp = dict(layer=layer, forget_weight=wf, steering_coeff=coeffs[0], steering_coeff2=coeffs[1])
+    hp.update(retain_weight=alphas[0], retain_weight2=alphas[1])
+    method = get_method("rmu")
+    ctx = Context(lm, hparams={**method.hparams, **hp}, seed=5, chunk_size=5)
+    topic = np.asarray(topics, np.int32)
+    batch = {name: {**BATCH[name], "topic": topic} for name in ("forget", "retain")}
+    value, metrics = jax.jit(lambda p: method.loss(p, ref_params, batch, jax.random.key(0), ctx))(params)
+
+    size = lm.config.hidden_size
+    directions = [np.asarray(control_vector(size, ctx.seed, 1.0, topic=t)) for t in (0, 1)]
+    np.testing.assert_allclose(directions[0] * 7.0, np.asarray(control_vector(size, ctx.seed, 7.0)), rtol=1e-6)
+    assert not np.allclose(directions[0], directions[1]) and np.linalg.norm(directions[1]) == pytest.approx(1.0)
+    target = torch.from_numpy(np.stack([coeffs[t] * directions[t] for t in topics]))[:, None, :]
+
+    def rows(a, b, mask):  # the masked per-sequence mean of the per-position MSE
+        mask = torch.from_numpy(mask).float()
+        return ((a - b) ** 2 * mask[..., None]).mean(dim=2).sum(dim=1) / mask.sum(dim=1)
+
+    with torch.no_grad():
+        forget, retain = BATCH["forget"], BATCH["retain"]
+        acts = _torch_layer_output(current, forget, layer, grad=False)
+        term = rows(acts, target.expand_as(acts), forget["mask"]).mean()
+        frozen = _torch_layer_output(reference, retain, layer, grad=False)
+        per_row = rows(_torch_layer_output(current, retain, layer, grad=False), frozen, retain["mask"])
+        weights = torch.tensor([alphas[t] for t in topics])
+    loss = wf * term + (weights * per_row).mean()
+    assert float(value) == pytest.approx(loss.item(), rel=1e-5)
+    assert float(metrics["rmu_forget"]) == pytest.approx(term.item(), rel=1e-5)
+    assert float(metrics["rmu_retain"]) == pytest.approx(per_row.mean().item(), rel=1e-5)
+
+
 def test_rmu_control_vector_is_a_fixed_positive_direction_of_norm_c():
     from jaxunlearn.methods.rmu import control_vector
 

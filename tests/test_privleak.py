@@ -60,7 +60,7 @@ def test_muse_scale_is_one_minus_ours_on_real_min_k_scores():
 def test_privleak_of_the_worked_example(auc_unlearned, expected):
     oracle = {"mia": {"min_k_0.4": {"auc": 0.5228}}}
     results = {"oracle": oracle, "unlearned": {"mia": {"min_k_0.4": {"auc": auc_unlearned}}}}
-    add_privleak(results, {"retrained_auc": 0.0})
+    add_privleak(results, {"retrained_auc": 0.0, "privleak": True})
     leak = results["unlearned"]["mia"]["privleak"]
     theirs = muse_privleak(1 - auc_unlearned, 1 - 0.5228)
     assert leak["min_k_0.4"] == pytest.approx(theirs, abs=1e-9)
@@ -72,11 +72,11 @@ def test_privleak_of_the_worked_example(auc_unlearned, expected):
 def test_a_published_retrained_auc_is_taken_on_muses_scale_and_chance_without_one():
     # MUSE's news constant 0.4772 is on MUSE's scale: the same as an oracle measured at 0.5228 on ours
     given = {"unlearned": {"mia": {"min_k_0.4": {"auc": 0.99}}}}
-    add_privleak(given, {"retrained_auc": MUSE_AUC_RETRAIN["news"]})
+    add_privleak(given, {"retrained_auc": MUSE_AUC_RETRAIN["news"], "privleak": True})
     assert given["unlearned"]["mia"]["privleak"]["min_k_0.4"] == pytest.approx(muse_privleak(0.01, 0.4772))
     assert given["unlearned"]["mia"]["privleak"]["retrained_from"] == "given"
     # no oracle, no constant: open-unlearning's reference of 0.5
     alone = {"model": {"mia": {"min_k_0.4": {"auc": 0.75}}}}
-    add_privleak(alone, {"retrained_auc": 0.0})
+    add_privleak(alone, {"retrained_auc": 0.0, "privleak": True})
     assert alone["model"]["mia"]["privleak"]["min_k_0.4"] == pytest.approx(muse_privleak(0.25, 0.5))  # -50
     assert alone["model"]["mia"]["privleak"]["retrained_from"] == "chance"

@@ -127,6 +127,20 @@ def test_template_puts_the_whitespace_with_the_answer():
             qa.check_template(bad)
 
 
+def test_a_literal_template_keeps_the_whitespace_in_the_prompt():
+    # open-unlearning's prompt is user_start_tag + question + user_end_tag + asst_start_tag, trailing space included
+    # (src/data/utils.py preprocess_chat_instance); the full text is that prompt + the answer.
+    template = "literal:Question: {question}\nAnswer: {answer}"
+    assert qa.render(template, "Who?", "Basil") == ("Question: Who?\nAnswer: ", "Basil")
+    for good in (template, "auto", "chat", "chat:You are a helpful assistant."):
+        qa.check_template(good)
+    for bad in ("literal:Q: {question}", "literal:{answer} {question}"):
+        with pytest.raises(ValueError, match="config.data.qa_template"):
+            qa.check_template(bad)
+    with pytest.raises(ValueError, match="resolved first"):
+        qa.question_answer_ids(make_tokenizer(), "auto", "q", "a")
+
+
 def test_question_answer_chunks_hold_prompt_then_answer_then_eos():
     tok = make_tokenizer()
     pairs = [("the quick fox", "jumps over the lazy dog"), ("machine unlearning", "removes documents")]

@@ -284,11 +284,32 @@ def test_compare_rows_of_benchmark_runs_skip_what_the_benchmark_lacks(tmp_path):
     assert row["score"] == pytest.approx(expected)
     assert (row["tofu_forget_quality"], row["tofu_model_utility"], row["kl_forget"]) == (0.4, 0.55, 0.3)
     assert np.isnan(row["general_ppl"])
-    tasks = {"cais_wmdp:wmdp-bio": {"acc": 0.25}, "cais_mmlu:all": {"acc": 0.5}}
+    tasks = {"cais_wmdp:wmdp-bio": {"acc": 0.25}, "cais_mmlu:all": {"acc": 0.5}, "wmdp": {"acc": 0.3}}
+    tasks["mmlu_stem"] = {"acc": 0.45}
     wmdp = _report({"original": model(10.0, 20.0, tasks=tasks), "unlearned": model(30.0, 21.0, tasks=tasks)})
     wrow = summarise(wmdp)
-    assert (wrow["acc_wmdp-bio"], wrow["acc_all"]) == (0.25, 0.5)
+    assert (wrow["acc_wmdp-bio"], wrow["acc_all"], wrow["acc_wmdp"], wrow["acc_mmlu_stem"]) == (0.25, 0.5, 0.3, 0.45)
+    muse = {"verbmem_forget": {"rougeL_f1": 0.2}, "privleak": {"muse_auc": 0.4, "privleak": -12.5}}
+    mrow = summarise(_report({"original": model(10.0, 20.0, 0.9), "unlearned": model(30.0, 21.0, 0.6, muse=muse)}))
+    assert (mrow["muse_verbmem_forget"], mrow["muse_privleak"]) == (20.0, -12.5)
     assert wrow["score"] == pytest.approx(abs(np.log(30 / 50)) + np.log(21 / 20))  # against the approximate split
     result = write_outputs(tmp_path, [{"variant": "ga", "lr": 1e-5, **row}], report)
     assert result["best"]["variant"] == "ga" and "tofu_forget_quality" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").is_file()
+
+
+def test_compare_gives_an_explicit_retain_copy_to_the_in_domain_variants_only():
+    """``--config.data.retain.path=LOCAL`` (a local copy of TOFU's retain90) reaches GA+GD, which retains on it,
+    and not GA+GD-general, which retains on general text."""
+    from jaxunlearn.config import base_config
+    from jaxunlearn.experiments.compare import command_line_overrides, variant_config
+    from tests.tiny_models import load_config_file
+
+    config = base_config("ga_gd", preset="tofu")
+    config.data.retain.path = "/data/TOFU"
+    overrides = command_line_overrides(config, "tofu", {"data.retain.path": "/data/TOFU"})
+    assert overrides["data.retain.path"] == "/data/TOFU"
+    assert variant_config("ga_kl", "tofu", overrides, 1.0).data.retain.path == "/data/TOFU"
+    general = variant_config("ga_gd_general", "tofu", overrides, 1.0)
+    assert general.data.retain.path == load_config_file("ga_gd_general", "tofu").data.retain.path != "/data/TOFU"
+    assert "data.retain.path" not in command_line_overrides(config, "tofu")  # only when given explicitly

@@ -48,8 +48,9 @@ def write_hf_dataset(root: Path, configs: dict[str, dict[str, list[dict]]]) -> P
 def write_tofu(root: Path, seed: int = 0, per_set: int = 6) -> Path:
     """TOFU's layout (``locuslab/TOFU``): forget10/retain90/holdout10 (question, answer) and the ``*_perturbed``
     evaluation sets (question, answer, paraphrased_answer, perturbed_answer: a list; real authors and world facts
-    also carry option1-4)."""
+    also carry option1-4; the forget and retain sets paraphrased_question)."""
     rng = np.random.default_rng(seed)
+    paraphrases = np.random.default_rng(seed + 1000)  # its own stream: the other columns stay as they were
 
     def qa(n: int) -> list[dict]:
         return [{"question": phrase(rng, 4), "answer": phrase(rng, 6)} for _ in range(n)]
@@ -63,13 +64,16 @@ def write_tofu(root: Path, seed: int = 0, per_set: int = 6) -> Path:
             out.append(row)
         return out
 
+    def paraphrased(rows: list[dict]) -> list[dict]:
+        return [{**r, "paraphrased_question": phrase(paraphrases, 5)} for r in rows]
+
     forget, retain, holdout = qa(per_set), qa(2 * per_set), qa(per_set)
     configs = {
         "forget10": {"train": forget},
         "retain90": {"train": retain},
         "holdout10": {"train": holdout},
-        "forget10_perturbed": {"train": perturbed(forget)},
-        "retain_perturbed": {"train": perturbed(retain[:per_set])},
+        "forget10_perturbed": {"train": paraphrased(perturbed(forget))},
+        "retain_perturbed": {"train": paraphrased(perturbed(retain[:per_set]))},
         "real_authors_perturbed": {"train": perturbed(qa(per_set), options=True)},
         "world_facts_perturbed": {"train": perturbed(qa(per_set), options=True)},
     }
@@ -114,23 +118,25 @@ def multiple_choice(rng: np.random.Generator, n: int, subject: str | None = None
 
 
 def write_wmdp(root: Path, seed: int = 0) -> dict[str, Path]:
-    """WMDP's data sets: the questions (``cais/wmdp``: wmdp-bio, wmdp-cyber), the forget corpus
+    """WMDP's data sets: the questions (``cais/wmdp``: wmdp-bio, wmdp-chem, wmdp-cyber), the forget corpus
     (``cais/wmdp-corpora``: cyber-forget-corpus), Wikitext (``wikitext``: wikitext-2-raw-v1) and MMLU
-    (``cais/mmlu``: all, and the subject anatomy, with test and dev splits)."""
+    (``cais/mmlu``: all, of the subjects anatomy (stem) and philosophy (humanities), and the subject anatomy, with
+    test and dev splits)."""
     rng = np.random.default_rng(seed)
     mmlu = multiple_choice(rng, 6, "anatomy")
+    bio, cyber = multiple_choice(rng, 8), multiple_choice(rng, 8)
+    corpus, wikitext = [{"text": phrase(rng, 50)} for _ in range(6)], [{"text": phrase(rng, 50)} for _ in range(8)]
+    # Drawn last, so the sets drawn before them stay as they were.
+    chem, philosophy = multiple_choice(rng, 5), multiple_choice(rng, 4, "philosophy")
     return {
         "wmdp": write_hf_dataset(
             root / "wmdp",
-            {"wmdp-bio": {"test": multiple_choice(rng, 8)}, "wmdp-cyber": {"test": multiple_choice(rng, 8)}},
+            {"wmdp-bio": {"test": bio}, "wmdp-chem": {"test": chem}, "wmdp-cyber": {"test": cyber}},
         ),
-        "corpora": write_hf_dataset(
-            root / "wmdp-corpora", {"cyber-forget-corpus": {"train": [{"text": phrase(rng, 50)} for _ in range(6)]}}
-        ),
-        "wikitext": write_hf_dataset(
-            root / "wikitext", {"wikitext-2-raw-v1": {"test": [{"text": phrase(rng, 50)} for _ in range(8)]}}
-        ),
+        "corpora": write_hf_dataset(root / "wmdp-corpora", {"cyber-forget-corpus": {"train": corpus}}),
+        "wikitext": write_hf_dataset(root / "wikitext", {"wikitext-2-raw-v1": {"test": wikitext}}),
         "mmlu": write_hf_dataset(
-            root / "mmlu", {"all": {"test": mmlu, "dev": mmlu[:2]}, "anatomy": {"test": mmlu, "dev": mmlu[:2]}}
+            root / "mmlu",
+            {"all": {"test": mmlu + philosophy, "dev": mmlu[:2]}, "anatomy": {"test": mmlu, "dev": mmlu[:2]}},
         ),
     }

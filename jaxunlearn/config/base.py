@@ -127,11 +127,20 @@ def _data_section(domain: str, retain: str) -> ml_collections.ConfigDict:
             min_chunk_tokens=5,  # >= 2: a chunk needs a next-token target
             add_special_tokens=True,
             # How a question-answer split (one with a `question` column) lays out each record: a string with
-            # {question} ending in {answer}, "chat[:SYSTEM PROMPT]" for the tokenizer's chat template, or "" for
-            # "Question: {question}\nAnswer: {answer}".
+            # {question} ending in {answer} (after "literal:": the whitespace before {answer} stays in the prompt),
+            # "chat[:SYSTEM PROMPT]" for the tokenizer's chat template, "auto" for the model's TOFU format as
+            # open-unlearning picks it, or "" for "Question: {question}\nAnswer: {answer}".
             qa_template="",
             cache_dir="",  # default: $JAXUNLEARN_CACHE or ~/.cache/jaxunlearn
             forget=domain_split(domain, "forget"),
+            # A second forget topic, alternating with `forget` step by step in file order (RMU on WMDP's two
+            # corpora, as the official rmu/unlearn.py); an empty path = one forget set. Methods with per-topic
+            # hyper-parameters only (rmu).
+            forget2=split_config(),
+            # () = off: documents cut into max_length-token chunks. Else one length per forget topic (forget,
+            # forget2): each non-empty document is one chunk, its first N tokens, and so is each retain document
+            # (its first max_length tokens), as the official RMU's get_data and tokenizer truncation.
+            first_tokens=(),
             retain=retain_split,
             # Evaluation only: unseen same-domain documents (the MIA non-members and the "approximate
             # retraining" reference) and general held-out text. An empty path skips a split.

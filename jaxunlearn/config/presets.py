@@ -19,8 +19,10 @@ TOFU_FORGET = {
     "forget05": ("retain95", "holdout05"),
     "forget10": ("retain90", "holdout10"),
 }
-# open-unlearning's layout of its instruct models' data (Llama 3.x Instruct, as its released TOFU models).
-TOFU_TEMPLATE = "chat:You are a helpful assistant."
+# The model's own TOFU prompt format, picked as open-unlearning's configs/model/*.yaml do (jaxunlearn.data.qa's
+# template_for_model: the chat template with its system prompt for Llama 3.x Instruct, "[INST] q [/INST]a" for
+# Llama-2-chat, "Question: q\nAnswer: a" for Phi-1.5); data.qa_template / evaluation.tofu.template override it.
+TOFU_TEMPLATE = "auto"
 
 
 def _preset_name(preset: str) -> tuple[str, str]:
@@ -37,7 +39,8 @@ def apply_tofu(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
     """TOFU (Maini et al. 2024): unlearn ``forget10`` (or ``forget01``/``forget05``) of the fictitious-author
     question-answer set from a model fine-tuned on all of it, keeping ``retain90`` (``99``/``95``); the loss counts
     answers only. open-unlearning's recipe: 10 epochs at lr 1e-5 (1 epoch of linear warm-up, then linear decay),
-    batches of 32, weight decay 0.01, 512-token chunks. Evaluation: TOFU's metrics (forget quality against
+    batches of 32, weight decay 0.01, 512-token chunks, each question laid out in the model's own format as
+    open-unlearning picks it (``auto``: :func:`jaxunlearn.data.qa.template_for_model`). Evaluation: TOFU's metrics (forget quality against
     ``evaluation.oracle_model``, the retain model; model utility), membership against the holdout split, and
     perplexity of the answers."""
 
@@ -70,9 +73,10 @@ def apply_muse(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
     """MUSE (Shi et al. 2024): unlearn the ``raw/forget`` text (BBC news, or the Harry Potter books) from MUSE's
     target model (``muse-bench/MUSE-{News,Books}_target``), with ``raw/retain1`` as the retain set, as MUSE's
     ``unlearn.py``: 2048-token chunks, 10 epochs at lr 1e-5, batches of 32 (4 per GPU x 8), no warm-up, linear
-    decay (the HF Trainer's defaults), task vectors negated with alpha 5. Evaluation: MUSE's VerbMem and KnowMem
-    (``evaluation.muse``), PrivLeak against ``evaluation.oracle_model`` (MUSE's retrained model) with the
-    ``privleak`` holdout texts as non-members, and perplexity of ``privleak/retain`` (retain2 text)."""
+    decay (the HF Trainer's defaults), task vectors negated with alpha 5. Evaluation: MUSE's VerbMem, KnowMem and
+    PrivLeak (``evaluation.muse``: ``privleak/forget`` against ``privleak/holdout``, each text whole, against
+    ``evaluation.oracle_model``, MUSE's retrained model, or ``evaluation.muse.retrained_auc``), the membership
+    attacks of ``raw/forget`` chunks against the holdout texts, and perplexity of ``privleak/retain``."""
 
     path = MUSE_DATASETS[variant]
     d = c.data
@@ -95,13 +99,18 @@ def apply_muse(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
         "oracle_distance",
     )
     e.muse.path = path
+    e.mia.privleak = False  # MUSE's PrivLeak is the muse metric's, on MUSE's own sets
 
 
 WMDP_CORPORA = (
     "cais/wmdp-corpora"  # cyber-forget-corpus (public); the bio forget corpus is gated: cais/wmdp-bio-forget-corpus
 )
+WMDP_BIO_CORPUS = "cais/wmdp-bio-forget-corpus"  # gated: a local copy (jsonl of {"text": ...}) as data.forget.path
+# The official rmu/unlearn.py cuts each bio document to its first 512 tokens, each cyber one to its first 768.
+WMDP_FIRST_TOKENS = (512, 768)
 WMDP_TASKS = (
     "wmdp:cais/wmdp:wmdp-bio:test",
+    "wmdp:cais/wmdp:wmdp-chem:test",
     "wmdp:cais/wmdp:wmdp-cyber:test",
     "mmlu:cais/mmlu:all:test",
 )
@@ -111,12 +120,23 @@ def apply_wmdp(c: ml_collections.ConfigDict, variant: str, retain: str) -> None:
     """WMDP (Li et al. 2024): remove hazardous knowledge with its forget corpus (the public cyber corpus; point
     ``data.forget.path`` at a local copy of the gated bio corpus to add it) while keeping Wikitext, as the official
     ``rmu/unlearn.py``: 512-token chunks, batches of 4, 80 steps at a constant lr 5e-5, no clipping; with RMU its
-    defaults (steer layer 7 to 20 x u, alpha 100, MLP down-projections of layers 5-7). Evaluation: WMDP-Bio and
-    WMDP-Cyber multiple-choice accuracy and MMLU (lm-eval's zero-shot prompts), and perplexity of the corpora."""
+    defaults (steer layer 7 to 20 x u, alpha 100, MLP down-projections of layers 5-7). Evaluation: WMDP-Bio, -Chem
+    and -Cyber multiple-choice accuracy with lm-eval's ``wmdp`` group (weighted by size), MMLU with its four category
+    groups (lm-eval's zero-shot prompts, BOS as lm-eval 0.4.13 adds it), and perplexity of the corpora.
+
+    ``wmdp_bio_cyber`` runs the official script on both corpora (RMU only): the bio corpus as ``data.forget``
+    (give its local copy as ``--config.data.forget.path``), the cyber corpus as ``data.forget2``; steps alternate bio
+    and cyber batches of 4 documents in file order, each topic with its own control vector (``steering_coeff`` /
+    ``steering_coeff2``, ``retain_weight`` / ``retain_weight2`` as ``--steering_coeffs`` / ``--alpha``), each
+    document cut to its first 512 (bio) or 768 (cyber) tokens and each Wikitext line to its first 512
+    (``data.first_tokens``)."""
 
     d = c.data
     d.max_length = 512
     d.forget = split_config(WMDP_CORPORA, "cyber-forget-corpus", "train")
+    if variant == "bio_cyber":
+        d.forget, d.forget2 = split_config(WMDP_BIO_CORPUS, "", "train"), d.forget
+        d.first_tokens = WMDP_FIRST_TOKENS
     retain_split = split_config("wikitext", "wikitext-2-raw-v1", "test")
     d.retain = split_config(PAPER_DATASET, "general", "retain") if retain == "general" else retain_split
     d.approximate, d.general = split_config(), split_config()
@@ -210,7 +230,7 @@ def names() -> tuple[str, ...]:
     return (
         tofu_presets()
         + tuple(f"muse_{v}" for v in MUSE_DATASETS)
-        + ("wmdp",)
+        + ("wmdp", "wmdp_bio_cyber")
         + tuple(f"smollm2_{v}" if v else "smollm2" for v in SMOLLM2_FORGET)
     )
 

@@ -101,13 +101,24 @@ def check_across_sections(config: ml_collections.ConfigDict) -> None:
 
 def _check_method_data(config: ml_collections.ConfigDict) -> None:
     """A method that needs retain data (under its hyper-parameters) has it; a cap derived from the approximate
-    split has that split and the evaluation that measures it."""
+    split has that split and the evaluation that measures it; a second forget topic is for a method with
+    per-topic hyper-parameters."""
     margin = config.method.get("forget_nll_cap_margin", 0.0)
     if margin:
         key = "config.method.forget_nll_cap_margin"
         needs = "derives the cap from the original's perplexity on the approximate split, so it needs"
         require(config.evaluation.enabled, key, margin, f"{needs} config.evaluation.enabled=True")
         require(bool(config.data.approximate.path), key, margin, f"{needs} config.data.approximate.path")
+    forget2 = config.data.forget2.path
+    if forget2:
+        name = config.method.name
+        require(
+            methods.get_method(name).topics,
+            "config.data.forget2.path",
+            forget2,
+            f"method {name} has one forget term; a second forget topic needs per-topic hyper-parameters, which "
+            f"only {', '.join(sorted(n for n, m in methods.METHODS.items() if m.topics))} has",
+        )
     if methods.resolve_needs(config.method).retain:
         hparams = ", ".join(f"{k}={v}" for k, v in methods.method_hparams(config.method).items())
         require(

@@ -47,6 +47,14 @@ class Chunks:
         prompts = None if self.prompt_lengths is None else self.prompt_lengths[index]
         return Chunks(self.tokens[index], self.lengths[index], doc_index.astype(np.int32), len(docs), prompts)
 
+    def widened(self, width: int, pad_id: int) -> Chunks:
+        """The same chunks in ``width`` columns (at least their own), the new ones filled with ``pad_id``."""
+        extra = width - self.tokens.shape[1]
+        if extra <= 0:
+            return self
+        tokens = np.pad(self.tokens, ((0, 0), (0, extra)), constant_values=pad_id)
+        return dataclasses.replace(self, tokens=tokens)
+
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum())

@@ -4,6 +4,10 @@ As in the official code: each document is tokenised whole (only the special toke
 then cut into consecutive non-overlapping ``max_length``-token chunks; chunks shorter than ``min_tokens``
 tokens are dropped; the rest are right-padded with a mask. Documents are never packed together.
 
+With ``first_only`` (RMU's official WMDP data, ``data.first_tokens``) each non-empty document gives one chunk,
+its first ``max_length`` tokens as the tokenizer's own truncation cuts them (``truncation=True`` on the right, the
+special tokens kept), however short.
+
 Chunks are cached under ``<cache_dir>/chunks/<key>.npz``, where the key hashes the tokenizer, the documents'
 content, ``max_length``, ``min_tokens`` and ``add_special_tokens``: a re-run skips tokenisation, and any change
 to one of them builds a new entry. Cache files are plain arrays (``allow_pickle=False``) written atomically,
@@ -57,23 +61,35 @@ def tokenize_and_chunk(
     add_special_tokens: bool = True,
     pad_id: int = 0,
     desc: str = "tokenising",
+    first_only: bool = False,
 ) -> Chunks:
-    """Tokenise ``docs`` and cut them into chunks (see the module docstring)."""
+    """Tokenise ``docs`` and cut them into chunks (see the module docstring; ``first_only``: one chunk per non-empty
+    document, its first ``max_length`` tokens)."""
     if max_length < 2:
         raise DataError(f"max_length={max_length}: a chunk needs at least 2 tokens")
     pieces: list[np.ndarray] = []
     doc_index: list[int] = []
     batch = 64
-    with tqdm(total=len(docs), desc=desc, unit="doc", disable=None, leave=False) as bar:
+    truncation = {"truncation": True, "max_length": max_length} if first_only else {}
+    with (
+        _truncating_right(tokenizer, first_only),
+        tqdm(total=len(docs), desc=desc, unit="doc", disable=None, leave=False) as bar,
+    ):
         for start in range(0, len(docs), batch):
             encoded = tokenizer(
                 docs[start : start + batch],
                 add_special_tokens=add_special_tokens,
                 return_attention_mask=False,
                 verbose=False,
+                **truncation,
             )["input_ids"]
             for offset, ids in enumerate(encoded):
                 ids = np.asarray(ids, dtype=np.int32)
+                if first_only:  # the official filter len(text) > min_len, min_len 0: every non-empty document
+                    if docs[start + offset] and len(ids):
+                        pieces.append(ids)
+                        doc_index.append(start + offset)
+                    continue
                 for s in range(0, len(ids), max_length):
                     piece = ids[s : s + max_length]
                     if len(piece) >= min_tokens:
@@ -88,10 +104,35 @@ def tokenize_and_chunk(
     return Chunks(tokens, lengths, np.asarray(doc_index, dtype=np.int32), len(docs))
 
 
+@contextlib.contextmanager
+def _truncating_right(tokenizer: Any, on: bool):
+    """The tokenizer truncating on the right while ``on`` (the official RMU script sets ``truncation_side``)."""
+    side = getattr(tokenizer, "truncation_side", "right")
+    if on and side != "right":
+        tokenizer.truncation_side = "right"
+    try:
+        yield
+    finally:
+        if on and side != "right":
+            tokenizer.truncation_side = side
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id chunks are padded with: the tokenizer's pad token, else its EOS, else 0 (masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def _cache_key(
-    source_fp: str, tokenizer_fp: str, max_length: int, min_tokens: int, add_special: bool, pad_id: int
+    source_fp: str,
+    tokenizer_fp: str,
+    max_length: int,
+    min_tokens: int,
+    add_special: bool,
+    pad_id: int,
+    first_only: bool = False,
 ) -> str:
-    payload = json.dumps([_FORMAT_VERSION, source_fp, tokenizer_fp, max_length, min_tokens, add_special, pad_id])
+    fields = [_FORMAT_VERSION, source_fp, tokenizer_fp, max_length, min_tokens, add_special, pad_id]
+    payload = json.dumps(fields + (["first_only"] if first_only else []))  # the plain keys are as before
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -151,6 +192,7 @@ def _tokenize(
     add_special_tokens: bool,
     pad_id: int,
     qa_template: str,
+    first_only: bool = False,
 ) -> Chunks:
     """A split's chunks from its text: one per question-answer pair when ``pairs`` is given, else the documents'."""
     desc = f"tokenising {label}"
@@ -167,6 +209,7 @@ def _tokenize(
         add_special_tokens=add_special_tokens,
         pad_id=pad_id,
         desc=desc,
+        first_only=first_only,
     )
 
 
@@ -179,15 +222,19 @@ def load_chunks(
     add_special_tokens: bool = True,
     cache_dir: str | Path | None = None,
     qa_template: str = "",
+    first_only: bool = False,
 ) -> Chunks:
     """The chunks of one split, from the cache when present (``cache_dir=""`` disables caching). A split with a
     question column (``source.question``) gives one chunk per question-answer pair, laid out by ``qa_template``
-    (:mod:`jaxunlearn.data.qa`; ``min_tokens`` does not apply)."""
+    (:mod:`jaxunlearn.data.qa`; ``min_tokens`` does not apply). ``first_only``: one chunk per non-empty document,
+    its first ``max_length`` tokens (plain text only; ``min_tokens`` does not apply)."""
+    if first_only and source.question:
+        raise DataError(f"data.{source.label}: first-tokens chunks are for plain text, not question-answer data")
     pairs = _question_answers(source) if source.question else None
     docs = load_documents(source) if pairs is None else [qa_template, *(x for pair in pairs for x in pair)]
     if not (pairs if pairs is not None else docs):
         raise DataError(f"data.{source.label}: {source.describe()} has no documents")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     key = _cache_key(
         documents_fingerprint(docs),  # question-answer data: the template, then each question and answer
         tokenizer_fingerprint(tokenizer),
@@ -195,6 +242,7 @@ def load_chunks(
         min_tokens if pairs is None else 0,
         add_special_tokens,
         pad_id,
+        first_only,
     )
     cache = None if cache_dir == "" else Path(cache_dir or locations.cache_root()) / "chunks" / f"{key}.npz"
     chunks = _read_cache(cache, key) if cache else None
@@ -202,7 +250,16 @@ def load_chunks(
         log.info("data.%s: %d chunks from cache %s", source.label, len(chunks), cache)
     else:
         chunks = _tokenize(
-            source.label, docs, pairs, tokenizer, max_length, min_tokens, add_special_tokens, pad_id, qa_template
+            source.label,
+            docs,
+            pairs,
+            tokenizer,
+            max_length,
+            min_tokens,
+            add_special_tokens,
+            pad_id,
+            qa_template,
+            first_only,
         )
         if cache:
             _write_cache(cache, key, chunks)

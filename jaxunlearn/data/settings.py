@@ -8,7 +8,7 @@ import jaxunlearn.data.tfds_source as tfds_source
 from jaxunlearn.data.qa import check_template
 from jaxunlearn.errors import NON_NEGATIVE, ConfigError, check_rules, require
 
-SPLITS = ("forget", "retain", "approximate", "general", "eval_retain")
+SPLITS = ("forget", "forget2", "retain", "approximate", "general", "eval_retain")
 
 
 def check_config(d: Any) -> None:
@@ -28,6 +28,15 @@ def check_config(d: Any) -> None:
         d.min_chunk_tokens,
         "in [2, max_length] (a chunk needs two tokens for one next-token target)",
     )
+    topics = 1 + bool(d.forget2.path)
+    first = d.first_tokens
+    require(
+        first == () or (len(first) == topics and all(isinstance(n, int) and n >= 2 for n in first)),
+        "config.data.first_tokens",
+        first,
+        f"() (off) or one length >= 2 per forget topic ({topics}: forget{', forget2' if topics == 2 else ''})",
+    )
+    require(not d.forget2.question, "config.data.forget2.question", d.forget2.question, "forget2 is plain text only")
     if d.qa_template and any(d[split].get("question") for split in SPLITS):
         try:
             check_template(d.qa_template)

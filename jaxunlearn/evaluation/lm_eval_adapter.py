@@ -8,7 +8,8 @@ jaxunlearn model, through the same evaluation loop as every other metric.
 
 or from the command line, once this module is imported by a plugin: ``--model jaxunlearn
 --model_args pretrained=runs/ga_kl/hf_model``. Requires ``pip install lm_eval==0.4.13`` (not a core
-dependency).
+dependency). Tokenisation is that version's HFLM's: ``add_bos_token`` unset keeps the tokenizer's own special tokens
+(BOS for Llama and Mistral), ``True``/``False`` forces BOS on or off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from jaxunlearn.evaluation.loop import Evaluator
+from jaxunlearn.evaluation.multiple_choice import prefix_token_id, tok_encode
 from jaxunlearn.models import split_model
 from jaxunlearn.models.generation import generate
 from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer
@@ -41,7 +43,7 @@ class JaxUnlearnLM(TemplateLM):
         max_length: int = 2048,
         max_gen_toks: int = 256,
         batch_size: int | str = 8,
-        add_bos_token: bool = False,
+        add_bos_token: bool | None = None,
         dtype: str = "bfloat16",
         **_: Any,
     ):
@@ -53,7 +55,8 @@ class JaxUnlearnLM(TemplateLM):
         self.evaluator, self.params, self.tokenizer = evaluator, params, tokenizer
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        # lm-eval 0.4.13's HFLM: None (its default since 0.4.10) keeps the tokenizer's own special tokens
+        self.add_bos_token = None if add_bos_token is None else bool(add_bos_token)
 
     @classmethod
     def from_pretrained(cls, path: str, *, batch_size: int = 8, dtype: str = "bfloat16", **kwargs: Any) -> JaxUnlearnLM:
@@ -68,16 +71,15 @@ class JaxUnlearnLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.eot_token_id
+        return prefix_token_id(self.tokenizer)
 
     @property
     def max_length(self) -> int:
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
-        return self.tokenizer(string, add_special_tokens=special)["input_ids"]
+        """As lm-eval 0.4.13's ``HFLM.tok_encode`` (:func:`~jaxunlearn.evaluation.multiple_choice.tok_encode`)."""
+        return tok_encode(self.tokenizer, string, add_special_tokens, self.add_bos_token)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)

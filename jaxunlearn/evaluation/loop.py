@@ -197,6 +197,35 @@ class Evaluator:
                 out[k].append(np.asarray(v)[:rows])
         return {k: np.concatenate(v) if v else np.zeros((0, length)) for k, v in out.items()}
 
+    def _bucketed_stats(self, params: dict, seqs: Sequence[Sequence[int]], width: int, desc: str | None):
+        """``(i, stats of sequence i)`` for each token sequence (at most ``width`` tokens), right-padded in
+        power-of-two length buckets (at most ``width``) to bound recompilation; each stats array is ``[length]``."""
+        by_bucket: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            by_bucket.setdefault(min(width, 1 << max(3, (len(seq) - 1).bit_length())), []).append(i)
+        for bucket, items in sorted(by_bucket.items()):
+            tokens = np.zeros((len(items), bucket), np.int32)
+            mask = np.zeros((len(items), bucket), np.int32)
+            for row, i in enumerate(items):
+                tokens[row, : len(seqs[i])] = seqs[i]
+                mask[row, : len(seqs[i])] = 1
+            stats = self.token_stats(params, tokens, mask, desc=desc, moments=False)
+            for row, i in enumerate(items):
+                yield i, {k: v[row] for k, v in stats.items()}
+
+    def sequence_logprobs(
+        self, params: dict, seqs: Sequence[Sequence[int]], *, desc: str | None = None
+    ) -> list[np.ndarray]:
+        """Each whole token sequence's ``log p(x_t | x_<t)`` for ``t = 1 .. n-1`` (``n - 1`` values: the first token
+        is only context), as scoring one text at a time does (MUSE's ``compute_ppl``)."""
+        if any(len(s) < 2 for s in seqs):
+            raise ValueError("sequence_logprobs needs sequences of at least 2 tokens")
+        out: list[np.ndarray] = [np.zeros(0)] * len(seqs)
+        width = max((len(s) for s in seqs), default=2)
+        for i, stats in self._bucketed_stats(params, seqs, width, desc):
+            out[i] = np.asarray(stats["logprob"][: len(seqs[i]) - 1], np.float64)
+        return out
+
     def score_continuations(
         self, params: dict, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, *, desc=None
     ) -> list[tuple[float, bool]]:
@@ -206,25 +235,15 @@ class Evaluator:
         that precede the final token (the final token is only a target). Sequences are bucketed by length to
         bound recompilation.
         """
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        seqs = []
+        seqs, spans = [], []
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"continuation {i} is empty")
             seq = (list(ctx) + list(cont))[-(max_length + 1) :]
-            seqs.append((i, seq, min(len(cont), len(seq) - 1)))
-        by_bucket: dict[int, list] = {}
-        for item in seqs:
-            bucket = min(max_length + 1, 1 << max(3, (len(item[1]) - 1).bit_length()))
-            by_bucket.setdefault(bucket, []).append(item)
-        for bucket, items in sorted(by_bucket.items()):
-            tokens = np.zeros((len(items), bucket), np.int32)
-            mask = np.zeros((len(items), bucket), np.int32)
-            for row, (_, seq, _) in enumerate(items):
-                tokens[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1
-            stats = self.token_stats(params, tokens, mask, desc=desc)
-            for row, (i, seq, n_cont) in enumerate(items):
-                span = slice(len(seq) - n_cont - 1, len(seq) - 1)  # positions predicting the continuation
-                results[i] = (float(stats["logprob"][row, span].sum()), bool(stats["is_argmax"][row, span].all()))
+            n_cont = min(len(cont), len(seq) - 1)
+            seqs.append(seq)
+            spans.append(slice(len(seq) - n_cont - 1, len(seq) - 1))  # positions predicting the continuation
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for i, stats in self._bucketed_stats(params, seqs, max_length + 1, desc):
+            results[i] = (float(stats["logprob"][spans[i]].sum()), bool(stats["is_argmax"][spans[i]].all()))
         return results  # type: ignore[return-value]

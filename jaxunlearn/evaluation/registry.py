@@ -61,6 +61,8 @@ class EvalContext:
     oracle: Oracle | None = None  # None without an oracle, and for the oracle itself
     load_model: Callable[[str], tuple[Evaluator, dict]] | None = None  # another checkpoint on the same mesh
     results: dict[str, Any] = dataclasses.field(default_factory=dict)  # this model's metrics computed so far
+    # Where greedy generation stops besides the tokenizer's EOS: the model's generation-config EOS ids
+    stop_ids: tuple[int, ...] = ()
     _stats: dict[str, dict] = dataclasses.field(default_factory=dict, repr=False)
 
     def stats(self, split: str, evaluator: Evaluator | None = None, params: dict | None = None) -> dict:
@@ -77,7 +79,8 @@ class EvalContext:
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = ()
     ) -> list[str]:
         """The greedy continuation of each prompt (token ids, each cut to its last ``max_length`` tokens, left-padded
-        into one batch), cut at EOS, decoded without special tokens, then cut before the first of ``stop``."""
+        into one batch), cut at the first EOS (the tokenizer's or one of ``stop_ids``, as transformers' ``generate``
+        stops), decoded without special tokens, then cut before the first of ``stop``."""
         prompts = [list(p)[-self.max_length :] for p in prompts]
         if not prompts:
             return []
@@ -97,10 +100,10 @@ class EvalContext:
             batch_size=ev.batch_size,
             rules=ev.rules,
         )
-        eos, texts = self.tokenizer.eos_token_id, []
+        eos = {self.tokenizer.eos_token_id, *self.stop_ids} - {None}
+        texts = []
         for row in out.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
+            row = row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for word in stop:
                 text = text.split(word)[0]

@@ -145,8 +145,10 @@ class RunEvaluations:
         load_model: Callable[[str], tuple[Evaluator, dict]],
         world_directory: Path | None = None,
         shared_directory: Path | None = None,
+        stop_ids: tuple[int, ...] = (),
     ):
         self.config = config
+        self.stop_ids = stop_ids  # the model's generation-config EOS ids (generation stops at them)
         self.evaluator = evaluator
         self.tokenizer = tokenizer
         self.splits = splits
@@ -189,6 +191,7 @@ class RunEvaluations:
             load_model=load_other,
             world_directory=world,
             shared_directory=shared_eval_directory(config),
+            stop_ids=hf_checkpoint.stop_token_ids(prep.model_dir),
         )
 
     def load_model(self, path: str) -> tuple[Evaluator, dict]:
@@ -206,6 +209,7 @@ class RunEvaluations:
                 "path": model_path,
                 "metrics": [[m.name, m.version, options] for m, options in self.metrics],
                 "max_chunks": ev.max_chunks,
+                "stop_ids": list(self.stop_ids),
                 "dtype": self.evaluator.lm.config.dtype,
                 "oracle": ev.oracle_model if self.oracle is not None and name != "oracle" else None,
                 "data": evaluated_data(self.config.data),
@@ -237,6 +241,7 @@ class RunEvaluations:
             name,
             oracle=self.oracle if name != "oracle" else None,
             load_model=self.load_model,
+            stop_ids=self.stop_ids,
         )
         value = evaluate_model(ctx, self.metrics)
         if cache and jax.process_index() == 0:

@@ -58,14 +58,15 @@ def perplexity_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
 def extraction_strength(hits: np.ndarray) -> float:
     """Extraction strength of one chunk (Carlini et al. 2021; open-unlearning's teacher-forced form) from its
     ``n`` valid positions' argmax hits: ``1 - k/n`` for the smallest ``k`` such that every prediction from
-    position ``k`` on is the true token. A chunk whose last prediction is wrong needs the whole chunk (``k = n``,
-    ES 0); open-unlearning's loop stops at ``k = n - 1`` there and reports ``1/n``."""
+    position ``k`` on is the true token, with ``k`` at most ``n - 1``: open-unlearning's loop
+    (``memorization.py``) ends at ``k = n - 1`` whether or not the last prediction is right, so a chunk whose last
+    prediction is wrong scores ``1/n``."""
     n = len(hits)
     if not n:
         return math.nan
     wrong = np.flatnonzero(~np.asarray(hits, bool))
     k = int(wrong[-1]) + 1 if len(wrong) else 0  # the shortest prefix after which the suffix is all hits
-    return 1.0 - k / n
+    return 1.0 - min(k, n - 1) / n
 
 
 def memorization_metrics(stats: dict[str, np.ndarray]) -> dict[str, float]:
@@ -109,7 +110,8 @@ def min_k_plus_plus_score(
 ) -> np.ndarray:
     """Min-K%++ (Zhang et al. 2024): Min-K% over ``(log p(x_t) - mu_t) / sigma_t``, where ``mu_t``/``sigma_t`` are
     the mean and standard deviation of ``log p(z)`` for ``z ~ p(. | x_<t)``."""
-    z = [(x - mu) / np.maximum(sd, 1e-12) for x, mu, sd in zip(logprobs, means, stds)]
+    # open-unlearning's min_k_plus_plus.py floors the variance at 1e-6: the standard deviation at 1e-3
+    z = [(x - mu) / np.maximum(sd, 1e-3) for x, mu, sd in zip(logprobs, means, stds)]
     return min_k_score(z, k)
 
 
@@ -217,6 +219,25 @@ def privacy_leakage(auc_unlearned: float, auc_retrained: float) -> float:
     still looks like members (under-unlearned); large positive = it looks less familiar than unseen text
     (over-unlearned)."""
     return (auc_unlearned - auc_retrained) / auc_retrained * 100.0
+
+
+# With no retrained model to compare with, PrivLeak is against a chance-level one, as open-unlearning's privleak
+# defaults its reference AUC to 0.5.
+CHANCE_AUC = 0.5
+
+
+def retrained_reference(given: float, oracle: float | None) -> tuple[float, str]:
+    """The retrained model's AUC for PrivLeak (MUSE's scale) and where it comes from: ``given`` when non-zero (a
+    published value, e.g. MUSE's ``constants.py``), else the oracle's measured one, else chance (0.5)."""
+    if given:
+        return float(given), "given"
+    if oracle is not None:
+        return float(oracle), "oracle"
+    return CHANCE_AUC, "chance"
+
+
+# Where a PrivLeak's retrained AUC came from, in words for report.md.
+RETRAINED_FROM = {"given": "given", "oracle": "the oracle's", "chance": "no retrained model: 0.5, as open-unlearning"}
 
 
 # --- verbatim memorisation ----------------------------------------------------------------------------------

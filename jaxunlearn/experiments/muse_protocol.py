@@ -40,7 +40,7 @@ def criteria_row(report: dict, model: str) -> dict[str, Any]:
     m = report["models"][model]
     muse = m.get("muse", {})
     row = {k: 100 * muse[k]["rougeL_f1"] for k in ("verbmem_forget", "knowmem_forget", "knowmem_retain") if k in muse}
-    leak = m.get("mia", {}).get("privleak", {}).get(PRIVLEAK)
+    leak = muse.get("privleak", {}).get("privleak", m.get("mia", {}).get("privleak", {}).get(PRIVLEAK))
     row["privleak"] = leak if leak is not None else math.nan
     row["forget_ppl"] = m["perplexity"]["forget"]["ppl"]
     return row

@@ -55,6 +55,9 @@ class Method:
     # ``check(hparams, model_config)`` raises ValueError for hyper-parameters that cannot work on this model
     # (e.g. a layer it does not have); called before any compute.
     check: Callable[[Mapping[str, Any], Any], None] | None = None
+    # Reads each forget batch's ``topic`` (0 or 1) and has per-topic hyper-parameters: may train on two forget
+    # topics (``data.forget2``). Every other method refuses a second topic.
+    topics: bool = False
 
     def needs(self, hparams: Mapping[str, Any] | None = None) -> Needs:
         """This method's inputs under ``hparams`` (the defaults merged with the given values)."""
@@ -71,12 +74,13 @@ def register(
     trainable: Trainable | None = None,
     transform: Transform | None = None,
     check: Callable[[Mapping[str, Any], Any], None] | None = None,
+    topics: bool = False,
     **hparams: Any,
 ):
     """Register an objective under ``name`` with its default hyper-parameters (overridable in config).
 
     ``needs`` is a :class:`Needs` or a function of the hyper-parameters returning one; ``trainable``,
-    ``transform`` and ``check`` are the optional parts of :class:`Method`.
+    ``transform``, ``check`` and ``topics`` are the optional parts of :class:`Method`.
     """
 
     def needs_rule(hp: Mapping[str, Any]) -> Needs:
@@ -86,7 +90,7 @@ def register(
         if name in METHODS:
             raise ValueError(f"unlearning method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = Method(name, fn, dict(hparams), needs_rule, summary, trainable, transform, check)
+        METHODS[name] = Method(name, fn, dict(hparams), needs_rule, summary, trainable, transform, check, topics)
         return fn
 
     return decorate

@@ -47,8 +47,10 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "read_generation_config",
     "read_hf_config",
     "resolve_model_dir",
+    "stop_token_ids",
     "save_pretrained",
     "to_hf_layout",
 ]
@@ -169,6 +171,32 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
+    """A model directory's ``generation_config.json`` as a dict (``None`` without one, or for a GGUF file)."""
+    path = model_dir / GENERATION_CONFIG
+    if not model_dir.is_dir() or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def stop_token_ids(model_dir: Path) -> tuple[int, ...]:
+    """The ids greedy generation stops at, as transformers' ``generate`` takes them: the ``eos_token_id`` (one id or
+    a list) of ``generation_config.json`` when it has one, else of ``config.json``; e.g. Llama-3's ``<|eot_id|>``
+    and Phi-3.5's ``<|end|>`` beside the tokenizer's EOS."""
+    generation = read_generation_config(model_dir) or {}
+    eos = generation.get("eos_token_id")
+    if eos is None:
+        eos = read_hf_config(model_dir).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(int(i) for i in ids)
 
 
 def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -505,10 +533,13 @@ def save_pretrained(
     tokenizer: Any = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory that ``transformers`` loads.
 
-    ``dtype`` defaults to the source checkpoint's ``torch_dtype``/``dtype`` (else the parameter dtype). Files
+    ``dtype`` defaults to the source checkpoint's ``torch_dtype``/``dtype`` (else the parameter dtype);
+    ``generation_config`` (the source's) is written as ``generation_config.json``, so that generation stops at the
+    same ids. Files
     are written to a temporary sibling directory and moved into place at the end, so an interrupted export
     never leaves a half-written checkpoint behind. In multi-host runs every process must call this; only
     process 0 writes.
@@ -527,6 +558,8 @@ def save_pretrained(
             (tmp / "config.json").write_text(json.dumps(config.to_hf(_dtype_name(np_dtype)), indent=2, sort_keys=True))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            if generation_config is not None:
+                (tmp / GENERATION_CONFIG).write_text(json.dumps(dict(generation_config), indent=2, sort_keys=True))
             _apply_umask(tmp)
             if out.exists():
                 shutil.rmtree(out)

@@ -213,9 +213,11 @@ def _train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     if needs.reference:
         ref_dtype = reference_dtype(model_config, config.model.reference_dtype)
         reference = _abstract_params(model_config, setup.param_shardings, ref_dtype)
-    t = config.train
+    t, d = config.train, config.data
+    # First-token chunks (data.first_tokens) can be longer than max_length: plan for the longest (an upper bound).
+    length = max((d.max_length, *d.first_tokens))
     batch = StepBatcher.abstract_batch(
-        t.micro_batch_size, t.grad_accum_steps, config.data.max_length, retain=needs.retain
+        t.micro_batch_size, t.grad_accum_steps, length, retain=needs.retain, topics=bool(d.forget2.path)
     )
     step, b_shardings = setup.compile(get_method(config.method.name), ctx, batch, reference=reference is not None)
     batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch, b_shardings)

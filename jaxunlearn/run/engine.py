@@ -367,7 +367,10 @@ def export(prep: Prepared, wd: Workdir, lm: LanguageModel, params: dict, resume:
         return target
     if not bool(jax.device_get(jax.jit(all_finite)(params))):
         raise NonFiniteError(f"the parameters to export to {target} are not finite; nothing was exported")
-    hf_checkpoint.save_pretrained(lm.bind(params), target, tokenizer=prep.tokenizer, dtype=dtype)
+    generation = hf_checkpoint.read_generation_config(prep.model_dir)  # so that it generates as the source did
+    hf_checkpoint.save_pretrained(
+        lm.bind(params), target, tokenizer=prep.tokenizer, dtype=dtype, generation_config=generation
+    )
     return target
 
 

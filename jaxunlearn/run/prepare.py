@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import ml_collections
 
 from jaxunlearn.common.settings import flatten, set_dotted
 from jaxunlearn.config import validate
-from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks
+from jaxunlearn.data import Chunks, DataError, DocumentSource, StepBatcher, load_chunks, qa
+from jaxunlearn.data.chunks import pad_token_id
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.methods.registry import Needs, get_method, method_hparams, resolve_needs
 from jaxunlearn.models import ModelConfig, hf_checkpoint, param_shardings
@@ -60,12 +62,17 @@ def prepare(config: ml_collections.ConfigDict, *, training: bool = True) -> Prep
         )
     model_dir, model_config = model_architecture(config, mesh)
     tokenizer = load_tokenizer(config, model_dir, model_config)
+    resolve_qa_templates(config, model_config, tokenizer, split_names(config, needs, training))
     chunks = load_splits(config, tokenizer, model_config, split_names(config, needs, training))
     batcher, total = None, 0
     if training:
         retain = chunks["retain"] if needs.retain else None
+        forget, forget2 = chunks["forget"], chunks.get("forget2")
+        if forget2 is not None:  # one width for both topics' batches (the longer cap)
+            width, pad_id = max(forget.tokens.shape[1], forget2.tokens.shape[1]), pad_token_id(tokenizer)
+            forget, forget2 = forget.widened(width, pad_id), forget2.widened(width, pad_id)
         t = config.train
-        batcher = StepBatcher(chunks["forget"], retain, t.micro_batch_size, t.grad_accum_steps, config.seed)
+        batcher = StepBatcher(forget, retain, t.micro_batch_size, t.grad_accum_steps, config.seed, forget2)
         total = t.max_steps or t.epochs * batcher.steps_per_epoch
     # Utility is measured on `eval_retain` when given (e.g. in-distribution text for the *_general methods).
     named = {**chunks, "retain": chunks.get("eval_retain", chunks.get("retain"))}
@@ -128,10 +135,35 @@ def load_tokenizer(config: ml_collections.ConfigDict, model_dir: Path, model_con
     return tokenizer
 
 
+def resolve_qa_templates(
+    config: ml_collections.ConfigDict, model_config: ModelConfig, tokenizer: Any, names: list[str]
+) -> None:
+    """Replace each ``auto`` question-answer template that this run reads (``data.qa_template`` for question-answer
+    splits, ``evaluation.tofu.template``) with the model's TOFU format (:func:`qa.template_for_model`: its
+    model_type, chat template and names), so that the chunks' cache keys and the recorded config hold the real one.
+    A model without a known format is a ConfigError naming the setting."""
+    hf_name = json.loads(model_config.hf_config_json or "{}").get("_name_or_path", "")
+    hints = [config.model.path, config.model.tokenizer, getattr(tokenizer, "name_or_path", ""), hf_name]
+    d, e = config.data, config.evaluation
+    targets = []
+    if d.get("qa_template") == qa.AUTO and any(d[s].get("question") for s in names):
+        targets.append((d, "qa_template", "config.data.qa_template"))
+    if e.enabled and "tofu" in e.metrics and e.tofu.path and e.tofu.template == qa.AUTO:
+        targets.append((e.tofu, "template", "config.evaluation.tofu.template"))
+    for section, key, where in targets:
+        try:
+            section[key] = qa.template_for_model(model_config.model_type, tokenizer, [str(h) for h in hints], where)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        log.info("%s=auto: %r for this model", where, section[key])
+
+
 def split_names(config: ml_collections.ConfigDict, needs: Needs, training: bool) -> list[str]:
-    """The data splits a run reads: forget, retain when the method needs it, and the evaluation splits."""
+    """The data splits a run reads: forget (and forget2 when training on two topics), retain when the method needs
+    it, and the evaluation splits."""
     d = config.data
-    names = ["forget"] + (["retain"] if needs.retain and training else [])
+    names = ["forget"] + (["forget2"] if d.forget2.path and training else [])
+    names += ["retain"] if needs.retain and training else []
     if config.evaluation.enabled:
         names += [s for s in ("approximate", "general") if d[s].path]
         if d.eval_retain.path:
@@ -144,19 +176,23 @@ def split_names(config: ml_collections.ConfigDict, needs: Needs, training: bool)
 def load_splits(
     config: ml_collections.ConfigDict, tokenizer: Any, model_config: ModelConfig, names: list[str]
 ) -> dict[str, Chunks]:
-    """The chunks of every named split, each checked against the model's vocabulary."""
+    """The chunks of every named split, each checked against the model's vocabulary. With ``data.first_tokens`` the
+    training splits are one chunk per document: the forget topics' first ``first_tokens`` tokens, retain's first
+    ``max_length``."""
     d = config.data
+    first = dict(zip(("forget", "forget2"), d.first_tokens)) | ({"retain": d.max_length} if d.first_tokens else {})
     chunks = {}
     with locations.synced_cache(d.cache_dir, "config.data.cache_dir") as cache_dir:
         for split in names:
             chunks[split] = load_chunks(
                 DocumentSource.from_config(split, d[split]),
                 tokenizer,
-                d.max_length,
+                first.get(split, d.max_length),
                 min_tokens=d.min_chunk_tokens,
                 add_special_tokens=d.add_special_tokens,
                 cache_dir=cache_dir or None,
                 qa_template=d.get("qa_template", ""),
+                first_only=split in first,
             )
     for split, c in chunks.items():
         top = int(c.tokens.max())

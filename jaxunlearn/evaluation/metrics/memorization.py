@@ -20,7 +20,8 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     return section("Memorisation", note, results, "split", fields, 4)
 
 
-@register_metric("memorization", report=report)
+# version 2: extraction strength 1/n where the last prediction is wrong, as open-unlearning
+@register_metric("memorization", report=report, version=2)
 def memorization(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any]:
     """``{split: {exact_memorization, extraction_strength, chunks}}`` for every evaluation split."""
     return {split: M.memorization_metrics(ctx.stats(split)) for split in ctx.splits}

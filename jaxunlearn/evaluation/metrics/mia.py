@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxunlearn.data.arrays import Chunks
 from jaxunlearn.evaluation import statistics as M
 from jaxunlearn.evaluation.registry import ARTIFACTS, EvalContext, Option, register_metric, subset
 from jaxunlearn.evaluation.tables import fmt, table
@@ -25,6 +26,8 @@ OPTIONS = {
     # Min-K% (k=0.4) AUC of a retrained model for PrivLeak, on MUSE's scale (forget = non-members, as MUSE's
     # constants.py publishes them: news 0.4772, books 0.5393); 0 = unknown: the oracle's, else 0.5 (open-unlearning).
     "retrained_auc": Option(0.0, lambda v: 0 <= v <= 1, "in [0, 1] on MUSE's scale (0 = unknown)"),
+    # MUSE's PrivLeak on these members (off in the MUSE presets, where the muse metric computes it on MUSE's sets)
+    "privleak": Option(True, lambda v: isinstance(v, bool), "True or False"),
     # The GradNorm attack (one backward pass per chunk, so off by default): the norm of its per-tensor gradients.
     "gradnorm": Option("", lambda v: v in GRADNORM_ORDERS, f"one of {sorted(GRADNORM_ORDERS)} ('' = off)"),
 }
@@ -34,13 +37,18 @@ def _rows(stats: dict, rows: np.ndarray) -> dict:
     return {k: v[rows] for k, v in stats.items() if k != "index"}
 
 
+def scored_texts(tokenizer: Any, chunks: Chunks, idx: np.ndarray) -> list[str]:
+    """The text zlib compresses: each chunk's scored tokens (a question-answer chunk's answer only) decoded without
+    special tokens, as open-unlearning's ``extract_target_texts_from_processed_data`` does."""
+    spans = zip(chunks.tokens[idx], chunks.prompts[idx], chunks.lengths[idx])
+    return [tokenizer.decode(t[start:length], skip_special_tokens=True) for t, start, length in spans]
+
+
 def _scores(ctx: EvalContext, split: str, n: int, options: Mapping[str, Any], reference: Any) -> dict:
     stats = ctx.stats(split)
     rows = subset(len(stats["logprob"]), n)  # balance the two sides, spanning both
     chunks, idx = ctx.splits[split], stats["index"][rows]
-    # zlib's compressed length of the scored text: a question-answer chunk's answer only
-    spans = zip(chunks.tokens[idx], chunks.prompts[idx], chunks.lengths[idx])
-    texts = [ctx.tokenizer.decode(t[start:length]) for t, start, length in spans]
+    texts = scored_texts(ctx.tokenizer, chunks, idx)
     ref = _rows(ctx.stats(split, *reference), rows) if reference else None
     ks = tuple(float(k) for k in options["ks"])
     scores = M.mia_scores(_rows(stats, rows), texts, ref, ks)
@@ -65,20 +73,11 @@ def membership(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] |
     return summary
 
 
-# When neither a retrained AUC nor an oracle is given, PrivLeak is against a chance-level retrained model, as
-# open-unlearning's privleak defaults its reference to 0.5.
-CHANCE_AUC = 0.5
-
-
 def retrained_reference(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> tuple[float, str]:
     """The retrained model's Min-K% (k=0.4) AUC on MUSE's scale, and where it comes from: the given
     ``retrained_auc``, else the oracle's measured AUC (converted), else chance."""
-    if options["retrained_auc"]:
-        return float(options["retrained_auc"]), "given"
     oracle = results.get("oracle", {}).get("mia", {}).get(PRIVLEAK_ATTACK, {}).get("auc")
-    if oracle is not None:
-        return M.muse_auc(oracle), "oracle"
-    return CHANCE_AUC, "chance"
+    return M.retrained_reference(options["retrained_auc"], None if oracle is None else M.muse_auc(oracle))
 
 
 def add_privleak(results: dict[str, dict[str, Any]], options: Mapping[str, Any]) -> None:
@@ -87,7 +86,7 @@ def add_privleak(results: dict[str, dict[str, Any]], options: Mapping[str, Any])
     reference, source = retrained_reference(results, options)
     for metrics in results.values():
         mia = metrics.get("mia")
-        if mia and PRIVLEAK_ATTACK in mia:
+        if mia and PRIVLEAK_ATTACK in mia and options["privleak"]:
             own = M.muse_auc(mia[PRIVLEAK_ATTACK]["auc"])
             mia["privleak"] = {
                 PRIVLEAK_ATTACK: M.privacy_leakage(own, reference),
@@ -112,11 +111,7 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     leak = {n: r["privleak"] for n, r in results.items() if r.get("privleak")}
     if leak:
         first = next(iter(leak.values()))
-        against = {
-            "given": "evaluation.mia.retrained_auc",
-            "oracle": "the oracle's, converted",
-            "chance": "no retrained model given: 0.5, as open-unlearning",
-        }[first["retrained_from"]]
+        against = {**M.RETRAINED_FROM, "given": "evaluation.mia.retrained_auc"}[first["retrained_from"]]
         lines += [
             "PrivLeak (MUSE's C3, Min-K% k=0.4): (AUC - AUC_retrained) / AUC_retrained x 100 with both AUCs on "
             "MUSE's scale, where the forget set is the non-member side (MUSE AUC = 1 - the AUC above); "
@@ -162,4 +157,5 @@ def plot_roc(artifacts: Mapping[str, Mapping[str, Mapping[str, Any]]], directory
     return path
 
 
-register_metric("mia", report=report, options=OPTIONS, finalize=add_privleak, plot=plot_roc)(membership)
+# version 2: zlib on the text without special tokens, Min-K%++'s variance floored at 1e-6 (open-unlearning's)
+register_metric("mia", report=report, options=OPTIONS, finalize=add_privleak, plot=plot_roc, version=2)(membership)

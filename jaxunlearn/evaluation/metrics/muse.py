@@ -9,10 +9,17 @@ On the MUSE data set (``muse-bench/MUSE-News`` or ``MUSE-Books``, or a local cop
   ``Question: q\\nAnswer: a\\n\\n`` blocks followed by ``Question: q\\nAnswer: ``; the answer is cut before the first
   ``\\n\\n``, ``\\nQuestion`` or ``Question:``.
 
-Each is the mean ROUGE-L F1 (rouge-score, no stemming: MUSE's ``mean_rougeL``), with the recall alongside. PrivLeak
-(C3) is the ``mia`` metric's (Min-K% k=0.4 on MUSE's scale against the retrained model: the oracle, or
-``mia.retrained_auc``), with the forget split as members and ``data.approximate`` (MUSE's ``privleak`` holdout) as non-members. Scalability and
-sustainability (C5, C6) are runs over growing or successive forget sets: ``python -m jaxunlearn.commands.muse``.
+Each is the mean ROUGE-L F1 (rouge-score, no stemming: MUSE's ``mean_rougeL``), with the recall alongside.
+
+* **PrivLeak** (C3, no privacy leakage), as ``metrics/privleak.py`` and ``eval.py``: every text of
+  ``privleak/forget`` and ``privleak/holdout`` scored whole (the tokenizer's special tokens added, as
+  ``tokenizer.encode``; cut at ``privleak_max_tokens``), Min-K% (k=0.4) over its tokens' log-probs, the AUC with
+  the *holdout* texts as the positive class (MUSE's scale, ``forget_holdout_Min-40%``), then
+  ``(AUC - AUC_retrained) / AUC_retrained x 100`` against ``retrained_auc`` (MUSE's ``constants.py``: news 0.4772,
+  books 0.5393), else the oracle's AUC measured the same way, else 0.5 (open-unlearning's default).
+
+Scalability and sustainability (C5, C6) are runs over growing or successive forget sets:
+``python -m jaxunlearn.commands.muse``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 
 from jaxunlearn.data.documents import load_records
 from jaxunlearn.data.source import DocumentSource
+from jaxunlearn.evaluation import statistics as stats
 from jaxunlearn.evaluation.registry import EvalContext, Option, register_metric
 from jaxunlearn.evaluation.tables import fmt
 
@@ -42,6 +50,12 @@ OPTIONS = {
     "knowmem_forget_icl": Option("knowmem:forget_qa_icl", _split_spec, SPEC),
     "knowmem_retain": Option("knowmem:retain_qa", _split_spec, SPEC),
     "knowmem_retain_icl": Option("knowmem:retain_qa_icl", _split_spec, SPEC),
+    "privleak_forget": Option("privleak:forget", _split_spec, SPEC),
+    "privleak_holdout": Option("privleak:holdout", _split_spec, SPEC),
+    # MUSE scores each text whole; longer texts than this are cut (0 = the model's max_position_embeddings).
+    "privleak_max_tokens": Option(0, lambda v: v >= 0, ">= 0 (0 = the model's context length)"),
+    # MUSE's published AUC of its retrained model, on MUSE's scale (news 0.4772, books 0.5393); 0 = the oracle's.
+    "retrained_auc": Option(0.0, lambda v: 0 <= v <= 1, "in [0, 1] on MUSE's scale (0 = the oracle's, else 0.5)"),
     "verbmem_new_tokens": Option(128, lambda v: v >= 1, ">= 1"),
     "knowmem_new_tokens": Option(32, lambda v: v >= 1, ">= 1"),
     "max_items": Option(0, lambda v: v >= 0, ">= 0 (0 = all)"),
@@ -102,16 +116,58 @@ def knowledge_memorisation(ctx: EvalContext, options: Mapping[str, Any], side: s
     return rouge_l(outputs, [r["answer"] for r in qa])
 
 
+PRIVLEAK_K = 0.4  # MUSE's privleak_auc_key: forget_holdout_Min-40%
+
+
+def privleak_scores(ctx: EvalContext, options: Mapping[str, Any], key: str) -> tuple[np.ndarray, int]:
+    """Min-K% (k=0.4) of each text of the split option ``key`` names, scored whole (MUSE's ``inference``), and how
+    many texts were cut at ``privleak_max_tokens``."""
+    limit = options["privleak_max_tokens"] or ctx.evaluator.lm.config.max_position_embeddings
+    ids = [encode(ctx, r["text"]) for r in load(options, key, ["text"])]
+    cut = sum(len(x) > limit for x in ids)
+    ids = [x[:limit] for x in ids if len(x) >= 2]  # one token has nothing to score
+    logprobs = ctx.evaluator.sequence_logprobs(ctx.params, ids, desc=f"privleak {key}")
+    return stats.min_k_score(logprobs, PRIVLEAK_K), cut
+
+
+def privacy_leakage(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any]:
+    """C3's AUC on MUSE's scale: the holdout texts are the positive class, so a model that still knows the forget
+    set scores below 0.5 (:func:`add_privleak` turns it into PrivLeak once the retrained model's is known)."""
+    forget, cut_forget = privleak_scores(ctx, options, "privleak_forget")
+    holdout, cut_holdout = privleak_scores(ctx, options, "privleak_holdout")
+    return {
+        "muse_auc": stats.attack_summary(holdout, forget)["auc"],
+        "forget": len(forget),
+        "holdout": len(holdout),
+        "truncated": cut_forget + cut_holdout,
+    }
+
+
 def muse(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``{verbmem_forget, knowmem_forget, knowmem_retain: {rougeL_f1, rougeL_recall, n}}`` (nothing without
-    ``path``)."""
+    """``{verbmem_forget, knowmem_forget, knowmem_retain: {rougeL_f1, rougeL_recall, n}, privleak: {muse_auc,
+    ...}}`` (nothing without ``path``)."""
     if not options["path"]:
         return None
     return {
         "verbmem_forget": verbatim_memorisation(ctx, options),
         "knowmem_forget": knowledge_memorisation(ctx, options, "forget"),
         "knowmem_retain": knowledge_memorisation(ctx, options, "retain"),
+        "privleak": privacy_leakage(ctx, options),
     }
+
+
+def add_privleak(results: dict[str, dict[str, Any]], options: Mapping[str, Any]) -> None:
+    """Each model's PrivLeak (%) against the retrained model's AUC: ``retrained_auc``, else the oracle's, else 0.5."""
+    oracle = results.get("oracle", {}).get("muse", {}).get("privleak", {}).get("muse_auc")
+    reference, source = stats.retrained_reference(options["retrained_auc"], oracle)
+    for metrics in results.values():
+        leak = metrics.get("muse", {}).get("privleak")
+        if leak:
+            leak.update(
+                privleak=stats.privacy_leakage(leak["muse_auc"], reference),
+                retrained_muse_auc=reference,
+                retrained_from=source,
+            )
 
 
 ROWS = (
@@ -119,6 +175,7 @@ ROWS = (
     ("knowmem_forget", "C2 KnowMem on the forget set (lower = less knowledge memorisation)"),
     ("knowmem_retain", "C4 KnowMem on the retain set (utility: higher is better)"),
 )
+PRIVLEAK_ROW = "C3 PrivLeak % (0 = like the retrained model; negative = the forget set still looks familiar)"
 
 
 def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[str]:
@@ -126,8 +183,7 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     lines = [
         "## MUSE",
         "",
-        "ROUGE-L F1 x 100 (MUSE's scale); PrivLeak (C3) is in the membership section. Scalability and "
-        "sustainability: `python -m jaxunlearn.commands.muse`.",
+        "ROUGE-L F1 x 100 (MUSE's scale). Scalability and sustainability: `python -m jaxunlearn.commands.muse`.",
         "",
         "| criterion | " + " | ".join(names) + " |",
         "|" + "---|" * (len(names) + 1),
@@ -135,8 +191,26 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     for key, title in ROWS:
         cells = [fmt(100 * results[n][key]["rougeL_f1"], 4) if key in results[n] else "-" for n in names]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    leaks = {n: r["privleak"] for n, r in results.items() if "privleak" in r.get("privleak", {})}
+    if leaks:
+        lines.append(
+            f"| {PRIVLEAK_ROW} | "
+            + " | ".join(fmt(leaks[n]["privleak"], 4) if n in leaks else "-" for n in names)
+            + " |"
+        )
+        first = next(iter(leaks.values()))
+        source = {**stats.RETRAINED_FROM, "given": "evaluation.muse.retrained_auc"}[first["retrained_from"]]
+        lines += [
+            "",
+            f"PrivLeak: Min-K% (k=0.4) AUC on MUSE's scale (holdout texts positive) over {first['forget']} forget and "
+            f"{first['holdout']} holdout texts, each whole; AUC: "
+            + ", ".join(f"{n} {fmt(v['muse_auc'], 4)}" for n, v in leaks.items())
+            + f"; retrained {fmt(first['retrained_muse_auc'], 4)} ({source}).",
+        ]
+        if first["truncated"]:
+            lines.append(f"{first['truncated']} texts longer than evaluation.muse.privleak_max_tokens were cut.")
     return lines + [""]
 
 
-# version 2: VerbMem against the first verbmem_new_tokens tokens of the continuation, as MUSE cuts it
-register_metric("muse", report=report, options=OPTIONS, version=2)(muse)
+# version 3: PrivLeak on MUSE's privleak sets (version 2: VerbMem against the first verbmem_new_tokens tokens)
+register_metric("muse", report=report, options=OPTIONS, finalize=add_privleak, version=3)(muse)

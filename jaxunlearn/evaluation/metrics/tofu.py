@@ -18,8 +18,13 @@ the answer's tokens and EOS, after the prompt the question fills in ``template``
 ROUGE-L recall, truth ratio} x {retain, real authors, world facts}; ``forget_quality`` the p-value of the
 two-sample Kolmogorov-Smirnov test between the model's forget-set truth ratios and those of a model trained
 without the forget set: the run's oracle (``evaluation.oracle_model``: TOFU's retain model), or a retain model's
-``TOFU_EVAL.json`` from open-unlearning (``retain_logs``). High forget quality = indistinguishable from the retain
-model.
+``TOFU_EVAL.json`` from open-unlearning (``retain_logs``), with the test's statistic as ``ks_statistic``. High
+forget quality = indistinguishable from the retain model.
+
+``template`` ``auto`` (the default) lays the questions out as open-unlearning does for the model
+(:func:`jaxunlearn.data.qa.template_for_model`). ``question_key`` ``paraphrased_question`` asks the forget and
+retain sets' paraphrased questions instead (open-unlearning's ``eval.tofu.question_key``: every forget and retain
+metric, not real authors or world facts). ``max_items`` is TOFU's ``ds_size``: the first items of every set.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ SETS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 # The right answer a truth ratio compares the perturbed answers with.
 RIGHT = {"forget": "paraphrased_answer", "retain": "paraphrased_answer"}
+# The sets whose questions ``question_key`` picks (open-unlearning's forget_* and retain_* metric configs).
+QUESTION_KEY_SETS = ("forget", "retain")
+QUESTION_KEYS = ("question", "paraphrased_question")
 
 
 def _check_template(value: str) -> bool:
@@ -57,7 +65,10 @@ OPTIONS = {
     "retain": Option("retain_perturbed", bool, "a configuration name"),
     "real_authors": Option("real_authors_perturbed", bool, "a configuration name"),
     "world_facts": Option("world_facts_perturbed", bool, "a configuration name"),
-    "template": Option(qa.DEFAULT_TEMPLATE, _check_template, "one {question} field and {answer} at its end"),
+    "template": Option(
+        qa.AUTO, _check_template, "auto, chat[:SYSTEM PROMPT], or one {question} field and {answer} at its end"
+    ),
+    "question_key": Option("question", lambda v: v in QUESTION_KEYS, " or ".join(QUESTION_KEYS)),
     "max_new_tokens": Option(200, lambda v: v >= 1, ">= 1"),
     "max_items": Option(0, lambda v: v >= 0, ">= 0 (0 = all)"),
     "retain_logs": Option("", None, "a retain model's TOFU_EVAL.json (open-unlearning) or report.json"),
@@ -65,11 +76,15 @@ OPTIONS = {
 
 
 def load_set(options: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
-    """The question-answer records of one TOFU set (``split`` train of its configuration)."""
+    """The question-answer records of one TOFU set (``split`` train of its configuration), its first ``max_items``
+    (TOFU's ``ds_size``: ``select(range(min(ds_size, len)))``; 0 = all, as open-unlearning), the question asked
+    under ``question``."""
     source = DocumentSource(label=f"tofu.{name}", path=options["path"], name=options[name], split="train")
-    columns = ["question", "answer", "perturbed_answer"] + ([RIGHT[name]] if name in RIGHT else [])
+    key = options["question_key"] if name in QUESTION_KEY_SETS else "question"
+    columns = [key, "answer", "perturbed_answer"] + ([RIGHT[name]] if name in RIGHT else [])
     records = load_records(source, columns)
-    return records[: options["max_items"]] if options["max_items"] else records
+    records = records[: options["max_items"]] if options["max_items"] else records
+    return [{**r, "question": r[key]} for r in records]
 
 
 def answer_nll(ctx: EvalContext, template: str, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -144,6 +159,8 @@ def tofu(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] | None:
     forget_truth_ratios}`` (nothing without ``path``); ``forget_quality`` is added across models."""
     if not options["path"]:
         return None
+    if options["template"] == qa.AUTO:
+        options = {**options, "template": model_template(ctx)}
     out: dict[str, Any] = {}
     for name in SETS:
         out[name], ratios = evaluate_set(ctx, options, name)
@@ -155,6 +172,14 @@ def tofu(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] | None:
         components += [prob, out[name]["rougeL_recall"], out[name]["truth_ratio"]]
     out["model_utility"] = harmonic_mean(components)
     return out
+
+
+def model_template(ctx: EvalContext) -> str:
+    """The TOFU format of the evaluated model (``template`` ``auto`` outside a run, which resolves it earlier)."""
+    names = [getattr(ctx.tokenizer, "name_or_path", "")]
+    hf = json.loads(ctx.evaluator.lm.config.hf_config_json or "{}")
+    names.append(hf.get("_name_or_path", ""))
+    return qa.template_for_model(ctx.evaluator.lm.config.model_type, ctx.tokenizer, names)
 
 
 def reference_ratios(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> list[float] | None:
@@ -179,7 +204,8 @@ def reference_ratios(results: Mapping[str, Mapping[str, Any]], options: Mapping[
 
 
 def add_forget_quality(results: dict[str, dict[str, Any]], options: Mapping[str, Any]) -> None:
-    """``forget_quality`` of every model: the KS-test p-value of its forget truth ratios against the reference's."""
+    """``forget_quality`` of every model: the KS-test p-value of its forget truth ratios against the reference's;
+    ``ks_statistic`` the test's statistic (the largest gap between the two empirical distributions)."""
     from scipy.stats import ks_2samp
 
     reference = reference_ratios(results, options)
@@ -187,13 +213,14 @@ def add_forget_quality(results: dict[str, dict[str, Any]], options: Mapping[str,
         return
     for metrics in results.values():
         if "tofu" in metrics:
-            metrics["tofu"]["forget_quality"] = float(
-                ks_2samp(metrics["tofu"]["forget_truth_ratios"], reference).pvalue
-            )
+            test = ks_2samp(metrics["tofu"]["forget_truth_ratios"], reference)
+            metrics["tofu"]["forget_quality"] = float(test.pvalue)
+            metrics["tofu"]["ks_statistic"] = float(test.statistic)
 
 
 ROWS = (
     ("forget_quality", None, "forget quality (KS p-value vs the retain model)"),
+    ("ks_statistic", None, "KS statistic vs the retain model"),
     ("model_utility", None, "model utility (harmonic mean of 9)"),
     ("prob", "forget", "forget: p(answer)"),
     ("rougeL_recall", "forget", "forget: ROUGE-L recall"),
@@ -216,8 +243,9 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
         "## TOFU",
         "",
         f"{next(iter(results.values()))['forget']['n']} forget questions ({options['forget']}); answers "
-        f"generated greedily for up to {options['max_new_tokens']} tokens. Forget quality needs a retain model "
-        "(the oracle, or evaluation.tofu.retain_logs).",
+        f"generated greedily for up to {options['max_new_tokens']} tokens; forget and retain sets asked by "
+        f"{options['question_key']}. Forget quality needs a retain model (the oracle, or "
+        "evaluation.tofu.retain_logs).",
         "",
         "| measure | " + " | ".join(names) + " |",
         "|" + "---|" * (len(names) + 1),
@@ -228,4 +256,4 @@ def report(results: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any])
     return lines + [""]
 
 
-register_metric("tofu", report=report, options=OPTIONS, finalize=add_forget_quality)(tofu)
+register_metric("tofu", report=report, options=OPTIONS, finalize=add_forget_quality, version=2)(tofu)

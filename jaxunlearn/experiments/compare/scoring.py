@@ -29,13 +29,13 @@ def _term(x: float) -> float:
 
 def benchmark_columns(unlearned: dict) -> dict[str, Any]:
     """The benchmarks' headline numbers of a run: TOFU's forget quality and model utility, MUSE's criteria (ROUGE-L
-    F1 x 100) and each multiple-choice task's accuracy (WMDP, MMLU, ...)."""
+    F1 x 100, PrivLeak in %) and each multiple-choice task's and group's accuracy (WMDP, MMLU, ...)."""
     row = {}
     if "tofu" in unlearned:
         row.update(tofu_forget_quality=unlearned["tofu"].get("forget_quality", math.nan))
         row.update(tofu_model_utility=unlearned["tofu"]["model_utility"])
     for key, value in unlearned.get("muse", {}).items():
-        row[f"muse_{key}"] = 100 * value["rougeL_f1"]
+        row[f"muse_{key}"] = value.get("privleak", math.nan) if key == "privleak" else 100 * value["rougeL_f1"]
     for task, value in unlearned.get("tasks", {}).items():
         row[f"acc_{task.rsplit(':', 1)[-1]}"] = value["acc"]
     return row

@@ -10,6 +10,7 @@ from jaxunlearn.common.settings import flatten, set_dotted
 from jaxunlearn.config import base_config
 from jaxunlearn.config.files import config_files
 
+RETAIN = "data.retain."
 VARIANTS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")  # the paper's
 
 
@@ -20,9 +21,13 @@ def variant_config(name: str, preset: str, overrides: dict[str, Any], lr_multipl
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(preset)
+    # the preset's own retain split (not general text, as the *_general variants retain on): given paths apply
+    in_domain = config.data.retain.to_dict() == base_config(config.method.name, preset=preset).data.retain.to_dict()
     for key, value in overrides.items():
         if key.startswith("method.") and key.split(".", 1)[1] not in config.method:
             continue  # a hyper-parameter of another method (e.g. beta for the GA variants)
+        if key.startswith(RETAIN) and not in_domain:
+            continue
         set_dotted(config, key, value)
     config.optim.lr = float(config.optim.lr * lr_multiplier)
     return config
@@ -31,9 +36,11 @@ def variant_config(name: str, preset: str, overrides: dict[str, Any], lr_multipl
 def command_line_overrides(config, preset: str, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fields of ``config`` that differ from its method's base defaults, and the ``explicit`` command-line
     overrides (``--config.KEY=VALUE``, even when equal to the base config's default: ``retain_weight=1`` must reach
-    a method whose own default is 0); method name and lr excluded."""
+    a method whose own default is 0); method name and lr excluded. The retain split only as given explicitly (a
+    local copy of the preset's retain data), which :func:`variant_config` applies to the in-domain variants."""
     default = flatten(base_config(config.method.name, preset=preset).to_dict())
     given = flatten(config.to_dict())
-    skip = ("method.name", "optim.lr", "data.retain.")
-    keys = [k for k, v in given.items() if default.get(k) != v] + [k for k in explicit or {} if k in given]
+    skip = ("method.name", "optim.lr")
+    differ = [k for k, v in given.items() if default.get(k) != v and not k.startswith(RETAIN)]
+    keys = differ + [k for k in explicit or {} if k in given]
     return {k: given[k] for k in dict.fromkeys(keys) if not k.startswith(skip)}
