@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -216,3 +217,248 @@ def test_compare_refuses_a_runs_bad_data_in_one_line(setup, tmp_path):
     )
     _refused(result, "data.forget", str(empty))
     assert not [p for p in (tmp_path / "compare").rglob("*") if p.is_file()]  # no run record, no checkpoint
+
+
+# --- The catalogue of bad inputs (issue 26), in process: each one line and exit status 2 --------------------------
+# A row is an action that does what the command line does with one bad input; it runs as the commands run it (a
+# refusal raised outside a command's own handlers becomes one line too: jaxunlearn.commands.cli.run_command), and
+# must end in exactly one "jaxunlearn: error: " line containing every fragment, with exit status 2.
+
+
+class _Flag:
+    """An absl flag holder: what the commands read of their flags."""
+
+    def __init__(self, value, present=True):
+        self.value, self.present = value, present
+
+
+def _compare_args(tmp_path, **flags):
+    from jaxunlearn.config import base_config
+
+    values = {
+        "config": base_config("ga"),
+        "workdir": str(tmp_path / "compare"),
+        "methods": ["ga"],
+        "lr_multipliers": ["1"],
+        "preset": "builtin",
+        "world_seeds": [],
+        **flags,
+    }
+    return types.SimpleNamespace(**{k: _Flag(v) for k, v in values.items()})
+
+
+def _compare(**flags):
+    def action(tmp_path, monkeypatch):
+        from jaxunlearn.commands import compare
+
+        compare.main(["compare"], _compare_args(tmp_path, **flags))
+
+    return action
+
+
+def _plan_max_compiles(tmp_path, monkeypatch):
+    from jaxunlearn.commands import plan
+
+    plan.main(["plan"], types.SimpleNamespace(topology=_Flag("v5e-16"), max_compiles=_Flag(-1)))
+
+
+def _parse(*argv, config_flag=True):
+    """``cli.parse_flags`` on a fresh set of flags with the commands' ``--config``."""
+
+    def action(tmp_path, monkeypatch):
+        from absl import flags
+        from ml_collections import config_flags
+
+        from jaxunlearn.commands import cli
+
+        fresh = flags.FlagValues()
+        if config_flag:
+            config_flags.DEFINE_config_file("config", None, "config", flag_values=fresh, lock_config=True)
+        monkeypatch.setattr(flags, "FLAGS", fresh)
+        (tmp_path / "not_a_config.py").write_text("x = 1\n")  # no get_config()
+        monkeypatch.chdir(tmp_path)
+        cli.parse_flags(["prog", *argv])
+
+    return action
+
+
+def _cpu_devices(value):
+    def action(tmp_path, monkeypatch):
+        from jaxunlearn.parallel import cpu_devices
+
+        monkeypatch.setenv(cpu_devices.ENV, value)
+        monkeypatch.setenv("XLA_FLAGS", "")
+        cpu_devices.configure()
+
+    return action
+
+
+def _chat_template_without_one(tmp_path, monkeypatch):
+    from jaxunlearn.data import qa
+    from tests.tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    assert not getattr(tokenizer, "chat_template", None)
+    qa.question_answer_ids(tokenizer, "chat:You are a helpful assistant.", "Who?", "Me.")
+
+
+def _answers(*answers):
+    def action(tmp_path, monkeypatch):
+        from jaxunlearn.data import DocumentSource, load_chunks
+        from tests.tiny_models import make_tokenizer
+
+        path = tmp_path / "qa.jsonl"
+        path.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": a}) + "\n" for i, a in enumerate(answers)))
+        source = DocumentSource(label="forget", path=str(path), question="question")
+        load_chunks(source, make_tokenizer(), 32, cache_dir="")
+
+    return action
+
+
+def _nested_json(name):
+    """A data file or a model's config.json nested too deeply for Python's JSON parser (a RecursionError)."""
+
+    def action(tmp_path, monkeypatch):
+        from jaxunlearn.data import DocumentSource, load_documents
+        from jaxunlearn.models.hf_checkpoint import read_hf_config
+
+        path = tmp_path / name
+        path.write_text("[" * 200_000 + "\n")
+        if name == "config.json":
+            read_hf_config(tmp_path)
+        load_documents(DocumentSource(label="forget", path=str(path)))
+
+    return action
+
+
+CATALOGUE = [
+    pytest.param(
+        _plan_max_compiles, ("--max_compiles=-1: give a number of compilations >= 1",), id="plan-max-compiles"
+    ),
+    pytest.param(_compare(world_seeds=["-1"]), ("--world_seeds=-1: give integers >= 0",), id="compare-world-seed"),
+    pytest.param(_compare(lr_multipliers=["1", "abc"]), ("--lr_multipliers=1,abc: give numbers > 0",), id="compare-lr"),
+    pytest.param(_compare(lr_multipliers=["1", "0"]), ("--lr_multipliers=1,0: give numbers > 0",), id="compare-lr-0"),
+    pytest.param(_compare(methods=[]), ("--methods is empty: give at least one of the configs", "ga_kl"), id="methods"),
+    pytest.param(
+        _parse("--config=nope.py", "--config.train.max_steps=3"),
+        ("--config=nope.py: cannot load it (No such file or directory: 'nope.py')", "ga_kl"),
+        id="config-file-missing",
+    ),
+    pytest.param(
+        _parse("--config=not_a_config.py"),
+        ("--config=not_a_config.py: the file has no get_config() function",),
+        id="config-file-without-get-config",
+    ),
+    pytest.param(
+        _parse("--config.train.max_steps=3"),
+        ("--config.train.max_steps: an override needs --config=CONFIG",),
+        id="override-without-config",
+    ),
+    *[
+        pytest.param(_cpu_devices(v), (f"JAXUNLEARN_CPU_DEVICES='{v}': a number of CPU devices >= 1",), id=f"cpus-{v}")
+        for v in ("abc", "0", "-1")
+    ],
+    pytest.param(
+        _chat_template_without_one,
+        ("config.data.qa_template='chat:You are a helpful assistant.': the tokenizer has no chat template",),
+        id="chat-template-without-one",
+    ),
+    pytest.param(_nested_json("forget.jsonl"), ("data.forget:", "forget.jsonl:1 is not valid JSON"), id="deep-jsonl"),
+    pytest.param(_nested_json("forget.json"), ("data.forget:", "forget.json is not valid JSON"), id="deep-json"),
+    pytest.param(_nested_json("config.json"), ("config.json is not valid JSON: maximum recursion",), id="deep-config"),
+    pytest.param(
+        _answers("", " ", None),
+        ("data.forget:", "qa.jsonl", "every answer (column 'answer') is empty"),
+        id="answers-all-empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("action", "fragments"), CATALOGUE)
+def test_bad_input_is_one_line(action, fragments, tmp_path, monkeypatch, capsys):
+    from jaxunlearn.commands.cli import fail, refusals
+
+    with pytest.raises(SystemExit) as exited:
+        try:
+            action(tmp_path, monkeypatch)
+        except refusals() as e:  # as jaxunlearn.commands.cli.run_command reports it
+            fail(str(e))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("jaxunlearn: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "compare").exists()  # nothing written
+
+
+def test_empty_answers_among_others_are_dropped_with_a_warning(tmp_path, caplog):
+    from jaxunlearn.data import DocumentSource, load_chunks
+    from tests.tiny_models import make_tokenizer
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": a}) + "\n" for i, a in enumerate(["x", ""])))
+    chunks = load_chunks(DocumentSource("forget", str(path), question="question"), make_tokenizer(), 32, cache_dir="")
+    assert chunks.num_documents == 1
+    assert "1 of 2 answers are empty; those pairs are dropped" in caplog.text
+
+
+def test_a_refusal_outside_a_commands_handlers_is_one_line(tmp_path):
+    """What the commands share (jaxunlearn.commands.cli.run_command), through the real command line: e.g.
+    JAXUNLEARN_CPU_DEVICES=abc, read by ``cpu_devices.configure`` before a command's own ``try``."""
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "JAXUNLEARN_CPU_DEVICES": "abc"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxunlearn.main", "--config=ga", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    _refused(result, "JAXUNLEARN_CPU_DEVICES='abc': a number of CPU devices >= 1")
+    assert not (tmp_path / "run").exists()
+
+
+# --- Damaged caches (issue 26): a cached evaluation or the world's manifest that cannot be read is recomputed ------
+
+
+def _nested(path):
+    path.write_text("[" * 200_000)
+
+
+def _directory(path):
+    path.mkdir()
+    (path / "x").write_text("")
+
+
+@pytest.mark.parametrize("damage", [_nested, _directory], ids=["deeply-nested-json", "directory-in-the-way"])
+def test_a_damaged_cached_evaluation_is_recomputed_and_leaves_nothing_half_written(damage, tmp_path, caplog):
+    from jaxunlearn.evaluation.runner import ResultCache
+
+    cache = ResultCache(tmp_path)
+    damage(cache.path("perplexity", "k"))
+    assert cache.read("perplexity", "k") is None
+    assert "ignoring the damaged cached evaluation" in caplog.text
+    cache.write("perplexity", "k", {"forget": 1.0})  # a directory in the way: a warning, the result still reported
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    if damage is _nested:
+        assert cache.read("perplexity", "k") == {"forget": 1.0}
+    else:
+        assert "cannot cache the evaluation in" in caplog.text
+
+
+@pytest.mark.parametrize("damage", [_nested, _directory], ids=["deeply-nested-json", "directory-in-the-way"])
+def test_a_damaged_world_manifest_means_rebuild(damage, tmp_path, caplog):
+    from jaxunlearn.world.build import verify
+
+    damage(tmp_path / "manifest.json")
+    assert verify(tmp_path) is None
+    assert "is incomplete or unreadable" in caplog.text
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path):
+    from jaxunlearn.storage.files import write_json
+
+    (tmp_path / "run.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_json(tmp_path / "run.json", {"status": "running"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]

@@ -93,16 +93,11 @@ ROWS = [
     row("int-for-str", {"model.path": 7}, "config.model.path", "must be a str"),
     row("str-for-tuple", {"evaluation.metrics": "perplexity"}, "config.evaluation.metrics", "must be a tuple"),
     row("list-for-tuple", {"evaluation.metrics": ["perplexity"]}, "config.evaluation.metrics", "must be a tuple"),
-    row(
-        "bool-for-int",
-        {"train.epochs": True},
-        "config.train.epochs",
-        "=True: must be a",
-        # Accepted today: bool is a subclass of int (the float check excludes bools, the int check does not).
-        marks=pytest.mark.xfail(strict=True, reason="a bool passes as an int"),
-    ),
+    row("bool-for-int", {"train.epochs": True}, "config.train.epochs", "=True: must be a"),
+    row("bool-for-max-steps", {"train.max_steps": True}, "config.train.max_steps", "=True: must be a int"),
     row("str-for-hparam", {"method.forget_weight": "high"}, "config.method.forget_weight", "must be a float", "ga_gd"),
     row("infinite-lr", {"optim.lr": math.inf}, "config.optim.lr", "must be a finite number"),
+    row("negative-seed", {"seed": -1}, "config.seed", ">= 0"),
     row("nan-world-lr", {"world.lr": math.nan}, "config.world.lr", "must be a finite number"),
     row(
         "minus-infinite-cap",
@@ -125,6 +120,8 @@ ROWS = [
     row("param-dtype", {"model.param_dtype": "float13"}, "config.model.param_dtype", "one of ("),
     row("compute-dtype", {"model.dtype": "int8"}, "config.model.dtype", "one of ("),
     row("reference-dtype", {"model.reference_dtype": "fp16"}, "config.model.reference_dtype", "or ''"),
+    row("remat", {"model.remat": "everything"}, "config.model.remat", "one of ('none', 'full', 'dots'"),
+    row("attention-impl", {"model.attention_impl": "flash"}, "config.model.attention_impl", "one of ('xla', 'dot_"),
     # --- mesh (jaxunlearn/parallel/sharding.py) ------------------------------------------------------------------
     row("mesh-data-zero", {"mesh.data": 0}, "config.mesh.data", "positive, or -1"),
     row("mesh-fsdp-minus-2", {"mesh.fsdp": -2}, "config.mesh.fsdp", "positive, or -1"),
@@ -133,6 +130,14 @@ ROWS = [
     row("rule-not-a-pair", {"mesh.rules": (("batch",),)}, "config.mesh.rules", "expected a (logical_axis, mesh_axes)"),
     row("rule-axis-not-a-name", {"mesh.rules": ((1, "data"),)}, "config.mesh.rules", "expected a (logical_axis"),
     row("rule-unknown-mesh-axis", {"mesh.rules": (("batch", "pod"),)}, "config.mesh.rules", "unknown mesh axis"),
+    row("rules-empty", {"mesh.rules": ()}, "config.mesh.rules", "an empty table shards nothing"),
+    row("rule-empty-axis-name", {"mesh.rules": (("", "fsdp"),)}, "config.mesh.rules", "logical axis name is empty"),
+    row(
+        "rule-axis-twice",
+        {"mesh.rules": (("batch", "data"), ("batch", "fsdp"))},
+        "config.mesh.rules",
+        "logical axis 'batch' has a rule already",
+    ),
     # --- data (jaxunlearn/data/settings.py) ----------------------------------------------------------------------
     row("max-length-1", {"data.max_length": 1}, "config.data.max_length", "at least 2"),
     row("no-forget-set", {"data.forget.path": ""}, "config.data.forget.path", "the forget set is required"),
@@ -164,9 +169,13 @@ ROWS = [
         "qa-template-unknown-field",
         {"data.forget.question": "question", "data.qa_template": "Q: {question} ({topic})\nA: {answer}"},
         "config.data.qa_template",
-        "{topic}",
-        # Accepted today: the template only counts {question} and {answer}, and the prompt keeps "{topic}" as text.
-        marks=pytest.mark.xfail(strict=True, reason="an unknown template field is not refused"),
+        "no other field ({topic}: only {question} and {answer} are filled in)",
+    ),
+    row(
+        "qa-template-context-field",
+        {"data.forget.question": "question", "data.qa_template": "Context: {context}\nQ: {question}\nA: {answer}"},
+        "config.data.qa_template",
+        "{context}",
     ),
     row(
         "first-tokens-two-for-one-topic",
@@ -232,6 +241,7 @@ ROWS = [
     row("log-every", {"train.log_every": 0}, "config.train.log_every", ">= 1"),
     # --- checkpoint (jaxunlearn/storage/checkpoints.py) ----------------------------------------------------------
     row("checkpoint-every", {"checkpoint.every_steps": -1}, "config.checkpoint.every_steps", ">= 0 (0 = only at"),
+    row("checkpoint-minutes", {"checkpoint.every_minutes": -5.0}, "config.checkpoint.every_minutes", ">= 0 (0 = off)"),
     row("checkpoint-keep", {"checkpoint.keep": 0}, "config.checkpoint.keep", ">= 1"),
     row("export-dtype", {"checkpoint.export_dtype": "int8"}, "config.checkpoint.export_dtype", "or ''"),
     # --- evaluation (jaxunlearn/evaluation/settings.py and each metric's options) --------------------------------
@@ -378,6 +388,8 @@ ROWS = [
     *[row(f"world-{name}", {f"world.{name}": 0}, f"config.world.{name}", ">= 1") for name in WORLD_COUNTS],
     row("world-band", {"world.band_max_chars": 1000}, "config.world.band_max_chars", ">= band_min_chars"),
     row("world-heads", {"world.num_heads": 3}, "config.world.num_heads", "must divide hidden_size"),
+    row("world-kv-heads", {"world.num_kv_heads": 3}, "config.world.num_kv_heads", "must divide num_heads (4)"),
+    row("world-seed", {"world.seed": -1}, "config.world.seed", ">= 0"),
     # --- across sections (jaxunlearn/config/validation.py) -------------------------------------------------------
     row(
         "ga-gd-without-retain-set",

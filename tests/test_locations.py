@@ -123,7 +123,7 @@ def test_main_on_file_urls_gives_what_it_gives_on_paths(tmp_path):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["hf_model"] == str(run_dir / "hf_model")
     assert {"log.txt", "report.md", "checkpoints", "hf_model"} <= {p.name for p in run_dir.iterdir()}
-    assert not (run_dir / ".jaxunlearn.lock").exists()  # the lock stays with the staging directory
+    assert (run_dir / ".jaxunlearn.lock.json").exists()  # the lock is the directory's own: a path sees it too
     assert (tmp_path / "home-b" / "remote" / "file").is_dir()  # the inputs were read from the mirror
 
     again = _run(url_run, tmp_path / "home-c")  # another machine: nothing staged or mirrored there yet

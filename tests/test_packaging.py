@@ -30,9 +30,15 @@ def test_config_names_resolve_to_the_shipped_files(capsys, monkeypatch):
     assert named_configs(argv) == ["prog", f"--config={ga_kl}:arxiv", "--config.seed=3", "--workdir=x"]
     assert named_configs(["prog", "--config", "ga"]) == ["prog", "--config", ga]
     assert named_configs(["prog", "--", "--config=nope"]) == ["prog", "--", "--config=nope"]  # not a flag
-    monkeypatch.chdir(REPO)  # file paths stay as they are, existing or not (their errors are the loader's)
-    for path in ("configs/ga.py", "configs/ga.py:arxiv", f"{ga}:github", "configs/nope.py", "nope.py"):
+    monkeypatch.chdir(REPO)  # existing file paths stay as they are; a missing one is one line, before absl parses
+    for path in ("configs/ga.py", "configs/ga.py:arxiv", f"{ga}:github"):
         assert named_configs(["prog", f"--config={path}"]) == ["prog", f"--config={path}"]
+    for path in ("configs/nope.py", "configs/nope.py:arxiv"):
+        with pytest.raises(SystemExit) as missing:
+            named_configs(["prog", f"--config={path}"])
+        assert missing.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"jaxunlearn: error: --config={path}: cannot load it") and "\n" not in err
     config = ConfigFileFlagParser("config").parse(named_configs(["p", "--config=ga_kl:arxiv"])[1].split("=", 1)[1])
     assert config.method.name == "ga_kl" and config.data.forget.name == "arxiv"
     assert ConfigFileFlagParser("config").parse(shipped["ga"].as_posix()).model.path.startswith("world:")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from jaxunlearn.common import interrupts
 from jaxunlearn.config.files import config_files
 
 CONFIG_HELP = "A shipped config's name, e.g. ga_kl or ga_kl:arxiv (preset), or a config file (configs/ga_kl.py:arxiv)."
@@ -31,8 +31,13 @@ def _last_line(text: str) -> str:
 def _config_path(value: str) -> str:
     """``NAME[:preset]`` -> the shipped file's path (with the preset); a file path is left as it is."""
     name, colon, preset = value.partition(":")
-    if not name or Path(name).is_file() or "/" in name or name.endswith(".py"):
+    if not name or Path(name).is_file():
         return value
+    if "/" in name or name.endswith(".py"):  # a file that is not there (absl would print a paragraph)
+        fail(
+            f"--config={value}: cannot load it (No such file or directory: {name!r}); give a config file or a "
+            f"shipped config's name ({', '.join(config_files())})"
+        )
     shipped = config_files()
     if name not in shipped:
         fail(f"--config={value}: no such file, and no shipped config of that name (shipped: {', '.join(shipped)})")
@@ -61,12 +66,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         text = str(e)
+        override = re.match(r"Unknown command line flag '(config\.[^']*)'", text)
+        if override and not any(a.split("=")[0] in ("--config", "-config") for a in argv):
+            fail(f"--{override.group(1)}: an override needs --config=CONFIG (a shipped config's name or a config file)")
         if "Traceback" in text:  # ml_collections embeds the config file's traceback in the message
             flag = re.match(r"flag (--\S+):", text)
             fail(f"{flag.group(1) if flag else '--config'}: {_last_line(text)}")
         fail(text)
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.* override
         text = str(e).replace("\\n", " ").replace("\\'", "'").strip("'\" ")
+        if isinstance(e, AttributeError) and "has no attribute 'get_config" in text:  # a file that is no config
+            given = next((a.split("=", 1)[1] for a in argv if a.split("=")[0] in ("--config", "-config")), "CONFIG")
+            fail(
+                f"--config={given}: the file has no get_config() function (a config file defines get_config() "
+                "returning an ml_collections.ConfigDict)"
+            )
         key = re.match(r"'?(\w+)'?", text)
         culprit = next(
             (a.split("=")[0] for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]),
@@ -82,14 +96,39 @@ def run_command(main: Callable[[list[str], Any], None], module_name: str, define
     (the flag holders). A command defines its flags here, when it runs, not when its module is imported: the
     commands' modules are also libraries (``evaluate``, ``run_comparison``), and two of them imported into one
     process would otherwise both define ``--config``. Run as a console script (``jaxunlearn-plan``), ``--help`` shows
-    the command's docstring and flags as ``python -m`` does (absl documents ``__main__`` and ``sys.argv[0]``)."""
+    the command's docstring and flags as ``python -m`` does (absl documents ``__main__`` and ``sys.argv[0]``).
+    SIGINT and SIGTERM end every command with exit status 130 and one line (:mod:`jaxunlearn.common.interrupts`)."""
+    interrupts.install()  # first: python -m jaxunlearn.main installs it before importing anything else
     args = define_flags()
+
+    def guarded(argv: list[str]) -> None:  # a refusal raised outside a command's own handlers is one line too
+        try:
+            main(argv, args=args)
+        except refusals() as e:
+            fail(str(e))
+
     module = sys.modules[module_name]
     if sys.modules["__main__"] is not module:
         sys.modules["__main__"].__doc__ = module.__doc__
         for flag in flags.FLAGS.get_key_flags_for_module(module_name):
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(functools.partial(main, args=args), flags_parser=parse_flags)
+    try:
+        try:
+            app.run(guarded, flags_parser=parse_flags)
+        finally:
+            interrupts.hold()  # the end: a signal from here on is only recorded, and decides the exit status
+    except KeyboardInterrupt as e:
+        interrupted(e)
+    except SystemExit as e:
+        if not e.code and interrupts.received():  # a signal is never swallowed: no exit status 0 after one
+            interrupted(None)
+        raise
+
+
+def interrupted(error: BaseException | None) -> NoReturn:
+    """Exit status 130 with one line naming the signal (after the line that logged it, if it is still due)."""
+    interrupts.announce_pending()
+    fail(interrupts.exit_message(error), code=130)
 
 
 def loaded_config(holder: Any, name: str = "config") -> Any:

@@ -8,13 +8,14 @@ The experiment (``jaxunlearn.experiments.compare``):
 
 from __future__ import annotations
 
+import math
 import sys
 from types import SimpleNamespace
 
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn.commands.cli import CONFIG_HELP, fail, refusals, run_command
+from jaxunlearn.commands.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
 from jaxunlearn.config.files import config_files
 from jaxunlearn.experiments import compare as experiment
 from jaxunlearn.parallel import cpu_devices
@@ -52,27 +53,30 @@ def define_flags() -> SimpleNamespace:
 def main(argv: list[str], args: SimpleNamespace) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    config, workdir, methods, preset = args.config.value, args.workdir.value, args.methods.value, args.preset.value
-    if config is None:
-        fail("--config=CONFIG is required: a config file or a shipped config's name (e.g. --config=ga_kl)")
+    workdir, methods, preset = args.workdir.value, args.methods.value, args.preset.value
+    config = loaded_config(args.config)
     known = list(config_files())
+    if not methods:
+        fail(f"--methods is empty: give at least one of the configs {', '.join(known)}")
     unknown = [m for m in methods if m not in known]
     if unknown:
         fail(f"--methods: unknown {', '.join(unknown)}; choose from the configs {', '.join(known)}")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    multipliers = [float(x) for x in args.lr_multipliers.value]
-    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
+    multipliers = lr_multipliers(args.lr_multipliers.value)
     given = ",".join(args.world_seeds.value)
     try:
         seeds = [int(x) for x in args.world_seeds.value]
     except ValueError:
-        fail(f"--world_seeds={given}: give integers, e.g. --world_seeds=0,1,2")
+        fail(f"--world_seeds={given}: give integers >= 0, e.g. --world_seeds=0,1,2")
+    if any(seed < 0 for seed in seeds):
+        fail(f"--world_seeds={given}: give integers >= 0, e.g. --world_seeds=0,1,2")
     if seeds and len(set(seeds)) != len(seeds):
         fail(f"--world_seeds={given}: a seed appears twice")
     if seeds and preset != "builtin":
         fail(f"--world_seeds repeats the comparison on built-in worlds: it needs --preset=builtin, not {preset}")
+    cpu_devices.configure(config)  # before JAX starts: one CPU device per core
     explicit = config_flags.get_override_values(flags.FLAGS["config"])
     try:
         result = experiment.run_comparison(config, workdir, methods, multipliers, preset, seeds, explicit)
@@ -80,6 +84,18 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
         fail(str(e))
     print(f"comparison: {locations.join(locations.shown(workdir), 'compare.md')}", file=sys.stdout)
     print(f"best: {result['best']['variant']} at lr {result['best']['lr']:.3g}")
+
+
+def lr_multipliers(values: list[str]) -> list[float]:
+    """``--lr_multipliers`` as numbers: each finite and > 0, at least one; one line naming the flag otherwise."""
+    given = ",".join(values)
+    try:
+        multipliers = [float(x) for x in values]
+    except ValueError:
+        multipliers = []
+    if not multipliers or not all(math.isfinite(m) and m > 0 for m in multipliers):
+        fail(f"--lr_multipliers={given}: give numbers > 0, e.g. --lr_multipliers=0.3,1,3")
+    return multipliers
 
 
 def run() -> None:

@@ -42,6 +42,8 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not args.topology.value:
         fail("--topology is required (e.g. --topology=v5e-16)")
+    if args.max_compiles.value < 1:
+        fail(f"--max_compiles={args.max_compiles.value}: give a number of compilations >= 1")
     config = loaded_config(args.config)
     from jaxunlearn.planning.planner import describe, plan_step
     from jaxunlearn.planning.search import search

@@ -2,8 +2,10 @@
 
     python -m jaxunlearn.main --config=configs/ga_kl.py [--workdir=DIR] [--config.KEY=VALUE ...]
 
-Runs (or resumes) one unlearning run. Exit status: 0 done, 2 bad input (config, data, checkpoint, mesh,
-workdir), 3 non-finite loss or parameters, 130 interrupted (rerun the same command to resume).
+Runs (or resumes) one unlearning run. Exit status: 0 done, 1 a full disk (recorded in run.json), 2 bad input
+(config, data, checkpoint, mesh, workdir, unreachable storage), 3 non-finite loss or parameters, 130 interrupted
+(rerun the same command to resume). ``--force_workdir`` runs in a directory that holds other files (never
+replacing one of them).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from types import SimpleNamespace
 from absl import flags
 from ml_collections import config_flags
 
-from jaxunlearn.commands.cli import CONFIG_HELP, fail, loaded_config, refusals, run_command
+from jaxunlearn.commands.cli import CONFIG_HELP, fail, interrupted, loaded_config, refusals, run_command
 from jaxunlearn.parallel import cpu_devices
 from jaxunlearn.storage import locations
 
@@ -25,6 +27,11 @@ def define_flags() -> SimpleNamespace:
     return SimpleNamespace(
         config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
         workdir=flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config file name>)."),
+        force_workdir=flags.DEFINE_bool(
+            "force_workdir",
+            False,
+            "Run in an existing --workdir that holds files jaxunlearn did not write (none of them is replaced).",
+        ),
     )
 
 
@@ -43,13 +50,21 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = args.workdir.value or str(Path("workdirs") / Path(config_path).stem.split(":")[0])
     try:
-        record = unlearn(config, workdir)
+        record = unlearn(config, workdir, force_workdir=args.force_workdir.value)
     except refusals() as e:
         fail(str(e))
     except NonFiniteError as e:
         fail(str(e), code=3)
     except KeyboardInterrupt as e:
-        fail(f"interrupted: {e or 'rerun the same command to resume'}", code=130)
+        interrupted(e)
+    except Exception as e:
+        if not locations.disk_full(e):
+            raise
+        fail(
+            f"no space left on device while writing the run ({locations.shown(workdir)}); run.json records it and "
+            "the last complete checkpoint is kept: free space and rerun the same command to resume",
+            code=1,
+        )
     shown = locations.shown(workdir)
     print(f"unlearned model: {record.get('hf_model') or shown}")
     print(f"run record:      {locations.join(shown, 'run.json')}")

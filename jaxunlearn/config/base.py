@@ -55,7 +55,12 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     c.method = method_config(method)
     c.optim = _optim_section()
     c.train = _train_section()
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=2, export=True, export_dtype=""))
+    # Checkpoints every `every_steps` steps, and after the first step that ends `every_minutes` minutes after the last
+    # one (0 = off): a preemption or a signal loses at most that much work (SIGTERM/SIGINT checkpoint the current
+    # step, but only once it ends: a long step may outlast a preemption's notice).
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(every_steps=10, every_minutes=0.0, keep=2, export=True, export_dtype="")
+    )
     c.evaluation = evaluation_settings.default_config()
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / multi-node GPU)
     # The built-in world, used wherever a path reads "world:<target|oracle|forget|retain|...>".

@@ -47,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(name in known, "config.method.name", name, f"unknown method; known: {', '.join(sorted(known))}")
     given = flatten(config, "config")
     check_keys_and_types(given, flatten(base_config(name), "config"))
+    require(config.seed >= 0, "config.seed", config.seed, ">= 0 (it seeds NumPy's generators)")  # no section owns it
     for section, check in SECTION_OWNERS.items():
         check(config[section])
     check_across_sections(config)
@@ -61,7 +62,8 @@ def check_keys_and_types(given: dict[str, Any], reference: dict[str, Any]) -> No
         raise ConfigError(f"{key}: missing config key")
     for key, value in given.items():
         expected = type(reference[key])
-        ok = isinstance(value, expected) or (
+        # bool is a subclass of int: True is no count (and no float) unless the default is a bool.
+        ok = (isinstance(value, expected) and (expected is bool or not isinstance(value, bool))) or (
             expected is float and isinstance(value, int) and not isinstance(value, bool)
         )
         require(ok, key, value, f"must be a {expected.__name__}")

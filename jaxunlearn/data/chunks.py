@@ -179,7 +179,17 @@ def _write_cache(path: Path, key: str, chunks: Chunks) -> None:
 
 def _question_answers(source: DocumentSource) -> list[tuple[str, str]]:
     records = load_records(source, [source.question, source.answer_column])
-    return [(str(r[source.question]), str(r[source.answer_column])) for r in records]
+    text = lambda v: "" if v is None else str(v)  # noqa: E731 (a null answer is empty, not the text "None")
+    pairs = [(text(r[source.question]), text(r[source.answer_column])) for r in records]
+    kept = [(q, a) for q, a in pairs if a.strip()]  # an empty answer would train on the EOS token alone
+    where = f"data.{source.label}: {source.describe()}"
+    if pairs and not kept:
+        raise DataError(f"{where}: every answer (column {source.answer_column!r}) is empty; nothing to train on")
+    if len(kept) < len(pairs):
+        log.warning(
+            "%s: %d of %d answers are empty; those pairs are dropped", where, len(pairs) - len(kept), len(pairs)
+        )
+    return kept
 
 
 def _tokenize(

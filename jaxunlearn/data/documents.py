@@ -79,12 +79,12 @@ def _records_from_json(path: Path, source: DocumentSource, columns: Columns) -> 
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
                     raise DataError(f"data.{source.label}: {path}:{lineno} is not valid JSON: {e}") from e
     else:
         try:
             data = json.loads(_read_text(path, source))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
             raise DataError(f"data.{source.label}: {path} is not valid JSON: {e}") from e
         rows = data if isinstance(data, list) else [data]
     for i, row in enumerate(rows):

@@ -16,6 +16,7 @@ resolved by :func:`template_for_model` before any text is tokenised.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,9 @@ CHAT_FORMATS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 # model_type -> the format, for tokenizers without a chat template (Llama is told apart by its name, below).
 PLAIN_FORMATS = {"phi": QUESTION_ANSWER, "gpt_neox": QUESTION_ANSWER, "stablelm": QUESTION_ANSWER}
+
+
+FIELD = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")  # a template field, {question}; other braces are text
 
 
 def is_chat(template: str) -> bool:
@@ -109,6 +113,9 @@ def check_template(template: str, where: str = "config.data.qa_template") -> Non
         problems.append("one {question} field")
     if not template.endswith("{answer}") or template.count("{answer}") != 1:
         problems.append("one {answer} field at its very end")
+    unknown = sorted(set(FIELD.findall(template)) - {"{question}", "{answer}"})
+    if unknown:  # it would stay in every prompt as literal text
+        problems.append(f"no other field ({', '.join(unknown)}: only {{question}} and {{answer}} are filled in)")
     if problems:
         raise ValueError(f"{where}={template!r}: a question-answer template needs " + " and ".join(problems))
 
@@ -124,13 +131,17 @@ def render(template: str, question: str, answer: str) -> tuple[str, str]:
     return prompt, head[len(prompt) :] + answer
 
 
-def _chat_ids(tokenizer: Any, template: str, question: str, answer: str | None) -> list[int]:
+def _chat_ids(
+    tokenizer: Any, template: str, question: str, answer: str | None, where: str = "config.data.qa_template"
+) -> list[int]:
     system = template[len(CHAT) + 1 :] if template.startswith(CHAT + ":") else ""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"data.qa_template={template!r}: the tokenizer has no chat template; give a text template")
+        raise DataError(
+            f"{where}={template!r}: the tokenizer has no chat template; give a text template, e.g. {DEFAULT_TEMPLATE!r}"
+        )
     ids = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=answer is None, date_string=CHAT_DATE, return_dict=False
     )
@@ -138,7 +149,14 @@ def _chat_ids(tokenizer: Any, template: str, question: str, answer: str | None) 
 
 
 def question_answer_ids(
-    tokenizer: Any, template: str, question: str, answer: str, *, add_special_tokens: bool = True, eos: bool = True
+    tokenizer: Any,
+    template: str,
+    question: str,
+    answer: str,
+    *,
+    add_special_tokens: bool = True,
+    eos: bool = True,
+    where: str = "config.data.qa_template",
 ) -> tuple[list[int], int]:
     """``(ids, prompt_length)``: the tokens of the filled template (with the tokenizer's special tokens when
     ``add_special_tokens``, and its EOS appended when ``eos`` and not already last), and how many of them the
@@ -146,8 +164,8 @@ def question_answer_ids(
     if template == AUTO:
         raise ValueError("the question-answer template 'auto' must be resolved first (qa.template_for_model)")
     if is_chat(template):
-        prompt_ids = _chat_ids(tokenizer, template, question, None)
-        ids = _chat_ids(tokenizer, template, question, answer) if answer or eos else list(prompt_ids)
+        prompt_ids = _chat_ids(tokenizer, template, question, None, where)
+        ids = _chat_ids(tokenizer, template, question, answer, where) if answer or eos else list(prompt_ids)
     else:
         prompt, answer_text = render(template, question, answer)
         encode = lambda text: tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]  # noqa: E731

@@ -67,13 +67,19 @@ class ResultCache:
             if entry["key"] != key or entry["sha256"] != _digest(value):
                 raise ValueError("its content does not match its checksum")
             return value
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: '[' * 200000
             log.warning("ignoring the damaged cached evaluation %s (%s); recomputing it", path, e)
             return None
 
     def write(self, name: str, key: str, value: Any) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json(self.path(name, key), {"key": key, "value": value, "sha256": _digest(value)})
+        """Cache a result, or warn in one line when it cannot be (a directory in the way, a read-only or full
+        disk): the cache only saves time, and the result is still reported."""
+        path = self.path(name, key)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"key": key, "value": value, "sha256": _digest(value)})
+        except OSError as e:
+            log.warning("cannot cache the evaluation in %s (%s); continuing without it", path, e)
 
 
 def _digest(value: Any) -> str:
@@ -284,8 +290,8 @@ class RunEvaluations:
             for line in self.history_path.read_text().splitlines():
                 try:
                     entry = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:  # a line cut short by a kill: that step is evaluated again
+                except (json.JSONDecodeError, RecursionError):  # a line cut short by a kill: evaluated again
                     entry = None
-                if entry is not None:
+                if isinstance(entry, dict) and "step" in entry:
                     by_step[entry["step"]] = entry
         return sharding.from_process0([by_step[s] for s in sorted(by_step) if s <= up_to])

@@ -31,7 +31,7 @@ from jaxunlearn.models.registry import (
     register_family,
     supported_model_types,
 )
-from jaxunlearn.models.spec import ModelConfig
+from jaxunlearn.models.spec import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 from jaxunlearn.parallel import sharding
 
 __all__ = [
@@ -142,5 +142,7 @@ def check_config(model: Any) -> None:
             "param_dtype": DTYPE,
             "dtype": DTYPE,
             "reference_dtype": DTYPE_OR_DEFAULT,
+            "remat": (lambda v: v in REMAT_POLICIES, f"one of {REMAT_POLICIES}"),
+            "attention_impl": (lambda v: v in ATTENTION_IMPLS, f"one of {ATTENTION_IMPLS}"),
         },
     )

@@ -169,7 +169,7 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{model_dir} has no config.json")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply ('[' * 200000)
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
@@ -183,7 +183,7 @@ def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply ('[' * 200000)
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 

@@ -16,6 +16,8 @@ import logging
 import os
 from typing import Any
 
+from jaxunlearn.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV = "JAXUNLEARN_CPU_DEVICES"  # a device count; 1 keeps XLA's single CPU device
@@ -29,10 +31,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def requested() -> int | None:
+    """``$JAXUNLEARN_CPU_DEVICES`` as a count (``None`` when unset or empty); ConfigError naming the variable when
+    it is not a whole number >= 1."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{ENV}={value!r}: a number of CPU devices >= 1 (1 keeps XLA's single CPU device), or unset")
+    return count
+
+
 def device_count(config: Any = None) -> int:
     """How many CPU devices to ask for: ``$JAXUNLEARN_CPU_DEVICES``, else one per usable core, reduced to the
     largest count that splits the config's micro-batch evenly; 1 when the config chooses its own mesh."""
-    wanted = int(os.environ.get(ENV) or usable_cores())
+    wanted = requested() or usable_cores()
     if config is None:
         return max(wanted, 1)
     mesh = config.mesh
@@ -44,7 +61,8 @@ def device_count(config: Any = None) -> int:
 
 def configure(config: Any = None) -> int | None:
     """Ask XLA for :func:`device_count` CPU devices (before any JAX backend exists); returns the count set, or
-    ``None`` when nothing was changed."""
+    ``None`` when nothing was changed. A bad ``$JAXUNLEARN_CPU_DEVICES`` is refused (ConfigError) in any case."""
+    requested()
     flags = os.environ.get("XLA_FLAGS", "")
     if _FLAG in flags:
         return None

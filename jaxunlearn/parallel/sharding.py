@@ -181,6 +181,10 @@ def normalize_rules(rules: Sequence[Sequence[Any]] | None) -> Rules:
         if len(entry) != 2 or not isinstance(entry[0], str):
             raise MeshError(f"sharding rule {entry!r}: expected a (logical_axis, mesh_axes) pair")
         logical, target = entry
+        if not logical:
+            raise MeshError(f"sharding rule {entry!r}: the logical axis name is empty")
+        if logical in (name for name, _ in out):
+            raise MeshError(f"sharding rule {entry!r}: logical axis {logical!r} has a rule already")
         if target is None:
             targets: tuple[str, ...] = ()
         elif isinstance(target, str):
@@ -365,6 +369,8 @@ def check_config(mesh: Any) -> None:
             "dcn_data": (lambda v: v >= 1, ">= 1 (the number of slices the data axis spans)"),
         },
     )
+    if not mesh.rules:  # no rule shards anything, not even the batch: every device would hold and compute it all
+        raise ConfigError("config.mesh.rules=(): an empty table shards nothing; give (logical_axis, mesh_axes) rules")
     try:
         normalize_rules(mesh.rules)
     except (MeshError, TypeError, ValueError) as e:

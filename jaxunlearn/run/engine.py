@@ -23,6 +23,7 @@ import ml_collections
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxunlearn.common import interrupts
 from jaxunlearn.config import validate
 from jaxunlearn.evaluation.in_run import StoppingRule, perplexity_hook
 from jaxunlearn.evaluation.registry import Oracle
@@ -47,27 +48,36 @@ __all__ = ["NonFiniteError", "Prepared", "WorkdirError", "prepare", "unlearn"]
 log = logging.getLogger("jaxunlearn")
 
 
-def unlearn(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``."""
+def unlearn(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, force_workdir: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) unlearning and evaluate it; returns the run record also written to ``run.json``.
+    ``force_workdir`` lets the run share an existing directory that holds other files (none of them is replaced)."""
     if config.get("distributed", False):
         sharding.initialize_distributed()
+        interrupts.rearm()  # jax.distributed takes SIGTERM for its preemption notifier
     logs.configure_logging()  # before prepare(): building the built-in world is reported as it happens
     validate(config)
-    with Workdir(workdir).claimed() as wd:
+    with Workdir(workdir, force=force_workdir).claimed() as wd:
+        interrupts.fault_point("prepare")  # tests: a signal before run.json exists
         prep = prepare(config)
         resume = open_checkpoints(prep, wd)
         wd.accept(run_record(prep))
+        interrupts.fault_point("load")
         models = load_models(prep, resume)
         evals = make_evaluations(prep, wd, models)
         before = evaluate_before(prep, evals, models)
         method, derived = resolve_method(prep.config.method, before)
         rule = StoppingRule.from_config(prep.config.evaluation, before["history"][0]) if evals else None
+        interrupts.check()  # a signal swallowed on the way (a library's bare except) stops the run here
         trained = train(prep, wd, resume, models, evals, rule, method)
         params = models.unlearned(trained.state["params"])
+        interrupts.fault_point("export")
         export_dir = export(prep, wd, models.lm, params, resume)
         resume.checkpointer.close()
         report = evaluate_after(prep, wd, evals, before, trained, rule, params)
         log.info("done: %s", export_dir or wd.path)
+        interrupts.check()  # never "completed" after a signal
         return wd.finish(
             "completed",
             steps=trained.steps,
@@ -331,8 +341,9 @@ def add_default_hooks(
         trainer.add_hook(rule.hook(evals, writer))
     trainer.add_hook(on_signal)
     saver = hooks.checkpoint_hook(resume.checkpointer, lambda info: _meta(prep, wd, info))
-    trainer.add_hook(saver, every=config.checkpoint.every_steps, at_end=True)
-    trainer.add_hook(lambda info: wd.sync(), every=config.checkpoint.every_steps, at_end=True)  # a staged workdir
+    every = dict(every=config.checkpoint.every_steps, minutes=config.checkpoint.every_minutes, at_end=True)
+    trainer.add_hook(saver, **every)
+    trainer.add_hook(lambda info: wd.sync(), **every)  # a staged workdir
     if os.environ.get(hooks.KILL_AFTER_STEP_ENV):
         trainer.add_hook(hooks.kill_hook(os.environ[hooks.KILL_AFTER_STEP_ENV], resume.checkpointer))
 

@@ -8,11 +8,14 @@ on a terminal the progress bar shows them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import jax
+
+from jaxunlearn.storage import locations
 
 log = logging.getLogger("jaxunlearn")
 
@@ -24,6 +27,24 @@ class _Console(logging.StreamHandler):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, "console", True) and super().filter(record)
+
+
+class _LogFile(logging.FileHandler):
+    """``log.txt``; a write that fails (a full disk) closes it at once instead of printing a traceback for every
+    further line: the run's own error says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        log.removeHandler(self)
+        with contextlib.suppress(Exception):  # closing flushes, which fails the same way
+            self.close()
+
+
+class _NotDiskFull(logging.Filter):
+    """Orbax's background threads log a full disk with a traceback each; the run reports it once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (locations.disk_full(error) if error else "No space left on device" in record.getMessage())
 
 
 class _Pending(logging.Handler):
@@ -50,6 +71,8 @@ def configure_logging() -> None:
         log.addHandler(_Pending())
     for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+        if not any(isinstance(f, _NotDiskFull) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_NotDiskFull())
 
 
 def console_is_terminal() -> bool:
@@ -68,7 +91,7 @@ def attach_log_file(workdir: Path) -> None:
     path = str(log_file(workdir))
     if any(getattr(h, "baseFilename", None) == path for h in log.handlers):
         return
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(_FILE_FORMAT)
     for pending in [h for h in log.handlers if isinstance(h, _Pending)]:
         for record in pending.records:

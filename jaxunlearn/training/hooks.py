@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxunlearn.common import interrupts
+
 log = logging.getLogger("jaxunlearn")
 
 
@@ -65,28 +67,37 @@ class StepInfo:
 Hook = Callable[[StepInfo], None]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Registered:
     fn: Hook
     every: int  # run when step % every == 0 (0: never periodically)
     at_end: bool  # also run on the step the loop ends with
+    seconds: float  # also run when this long has passed since it last ran (0: never by time)
+    last: float  # the clock when it last ran (or was registered)
 
 
 class Hooks:
-    """Hooks with periods, run in registration order after every step."""
+    """Hooks with periods, run in registration order after every step. ``clock``: seconds (``time.monotonic``; a
+    test's fake clock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._hooks: list[_Registered] = []
+        self._clock = clock
 
-    def add(self, fn: Hook, *, every: int = 1, at_end: bool = False) -> None:
-        """Call ``fn(info)`` after every ``every``-th step (and on the last one with ``at_end``)."""
-        if every < 0:
-            raise ValueError(f"every={every}: must be >= 0")
-        self._hooks.append(_Registered(fn, every, at_end))
+    def add(self, fn: Hook, *, every: int = 1, at_end: bool = False, minutes: float = 0.0) -> None:
+        """Call ``fn(info)`` after every ``every``-th step, after the first step that ends ``minutes`` or more after
+        it last ran (a period in time: checkpoints that bound the work a preemption loses), and on the last step
+        with ``at_end``."""
+        if every < 0 or minutes < 0:
+            raise ValueError(f"every={every}, minutes={minutes}: must be >= 0")
+        self._hooks.append(_Registered(fn, every, at_end, minutes * 60.0, self._clock()))
 
     def __call__(self, info: StepInfo) -> None:
+        now = self._clock()  # one reading per step: hooks with the same period run on the same steps
         for hook in self._hooks:
-            if (hook.every and info.step % hook.every == 0) or (hook.at_end and info.ending):
+            due = (hook.every and info.step % hook.every == 0) or (hook.at_end and info.ending)
+            if due or (hook.seconds and now - hook.last >= hook.seconds):
+                hook.last = now
                 hook.fn(info)
 
 
@@ -136,14 +147,15 @@ def progress_bar(bar: Any) -> Hook:
 
 
 @contextlib.contextmanager
-def signal_hook(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[Hook]:
-    """While active, SIGTERM/SIGINT (preemption, Ctrl-C) no longer kill the process: the hook marks the current
-    step ``interrupted`` so that it is checkpointed and the run exits, resumable."""
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in signals}
+def signal_hook() -> Iterator[Hook]:
+    """While active, SIGTERM/SIGINT (preemption, Ctrl-C) no longer stop the process at once
+    (:func:`jaxunlearn.common.interrupts.deferred`): the hook marks the current step ``interrupted`` so that it is
+    checkpointed and the run exits, resumable. A signal that comes after the last step's hooks is raised when the
+    block ends (after the caller waited for the checkpoint)."""
 
     def hook(info: StepInfo) -> None:
-        signum = received[0] if received else 0
+        interrupts.fault_point(f"step{info.step}")  # tests: a signal during step N's hooks
+        signum = interrupts.received() or 0
         if jax.process_count() > 1:
             # A signal reaches each host at its own moment: all processes must stop after the same step, or one
             # would wait forever in the next step's collectives for the others.
@@ -153,11 +165,8 @@ def signal_hook(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> I
         if signum:
             info.interrupted = signum
 
-    try:
+    with interrupts.deferred("after the current step, which is checkpointed first"):
         yield hook
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def checkpoint_hook(checkpointer: Any, meta: Callable[[StepInfo], dict[str, Any]]) -> Hook:

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from jaxunlearn.common import interrupts
+from jaxunlearn.common.interrupts import Interrupted
 from jaxunlearn.data import StepBatcher
 from jaxunlearn.parallel import sharding
 from jaxunlearn.training.hooks import Hook, Hooks, StepInfo
@@ -53,9 +55,10 @@ class Trainer:
         self.total = total
         self.hooks = Hooks()
 
-    def add_hook(self, fn: Hook, *, every: int = 1, at_end: bool = False) -> None:
-        """Call ``fn(info)`` after every ``every``-th step (and on the step the loop ends with, ``at_end``)."""
-        self.hooks.add(fn, every=every, at_end=at_end)
+    def add_hook(self, fn: Hook, *, every: int = 1, at_end: bool = False, minutes: float = 0.0) -> None:
+        """Call ``fn(info)`` after every ``every``-th step, when ``minutes`` have passed since it last ran, and on
+        the step the loop ends with (``at_end``)."""
+        self.hooks.add(fn, every=every, at_end=at_end, minutes=minutes)
 
     def step(self, state: Any, step: int) -> StepInfo:
         """Run optimizer step ``step`` (0-based); raises :class:`NonFiniteError` instead of applying a bad one."""
@@ -75,7 +78,8 @@ class Trainer:
         return StepInfo(step + 1, self.total, state, metrics, tokens, seconds, unlearned=self.unlearned)
 
     def run(self, state: Any, start: int) -> LoopResult:
-        """Steps from ``start`` until the last one, a stopping rule, or a signal (then KeyboardInterrupt)."""
+        """Steps from ``start`` until the last one, a stopping rule, or a signal (then :class:`Interrupted`, a
+        ``KeyboardInterrupt``)."""
         info = None
         timed_tokens, timed_seconds = 0, 0.0
         for step in range(start, self.total):
@@ -87,7 +91,10 @@ class Trainer:
             if info.ending:
                 break
         if info is not None and info.interrupted is not None:
-            raise KeyboardInterrupt(f"stopped by signal {info.interrupted} after step {info.step}; rerun to resume")
+            signum = info.interrupted
+            raise Interrupted(
+                signum, f"interrupted by {interrupts.name(signum)} after step {info.step}: rerun to resume"
+            )
         return LoopResult(
             state,
             info.step if info else start,

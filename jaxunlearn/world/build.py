@@ -35,7 +35,7 @@ from jaxunlearn.common.versions import library_versions
 from jaxunlearn.data.arrays import Chunks
 from jaxunlearn.data.chunks import tokenize_and_chunk
 from jaxunlearn.data.documents import documents_fingerprint
-from jaxunlearn.errors import AT_LEAST_1, POSITIVE, check_rules, require
+from jaxunlearn.errors import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_rules, require
 from jaxunlearn.models import ModelConfig
 from jaxunlearn.models.hf_checkpoint import save_pretrained
 from jaxunlearn.parallel import sharding
@@ -203,7 +203,7 @@ def verify(directory: Path) -> dict[str, Any] | None:
                 log.warning("built-in world %s: %s does not match its hash", directory, rel)
                 return None
         return manifest
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:  # damaged: rebuild it
         log.warning("built-in world %s is incomplete or unreadable (%s)", directory, e)
         return None
 
@@ -410,8 +410,15 @@ def check_config(w: Any) -> None:
     rules = {
         "general_eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
         "lr": POSITIVE,
+        "seed": (NON_NEGATIVE[0], ">= 0 (a NumPy seed)"),
         **{k: AT_LEAST_1 for k in WORLD_POSITIVE},
     }
     check_rules(w, "config.world", rules)
     require(w.band_max_chars >= w.band_min_chars, "config.world.band_max_chars", w.band_max_chars, ">= band_min_chars")
     require(w.hidden_size % w.num_heads == 0, "config.world.num_heads", w.num_heads, "must divide hidden_size")
+    require(
+        w.num_heads % w.num_kv_heads == 0,
+        "config.world.num_kv_heads",
+        w.num_kv_heads,
+        f"must divide num_heads ({w.num_heads}): each key-value head serves a whole group of query heads",
+    )

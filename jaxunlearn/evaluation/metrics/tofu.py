@@ -49,6 +49,7 @@ RIGHT = {"forget": "paraphrased_answer", "retain": "paraphrased_answer"}
 # The sets whose questions ``question_key`` picks (open-unlearning's forget_* and retain_* metric configs).
 QUESTION_KEY_SETS = ("forget", "retain")
 QUESTION_KEYS = ("question", "paraphrased_question")
+WHERE = "config.evaluation.tofu.template"
 
 
 def _check_template(value: str) -> bool:
@@ -91,7 +92,7 @@ def answer_nll(ctx: EvalContext, template: str, pairs: Sequence[tuple[str, str]]
     """Mean NLL ``[n]`` of each answer's tokens (and EOS) after its question's prompt."""
     scored = []
     for question, answer in pairs:
-        ids, prompt_length = qa.question_answer_ids(ctx.tokenizer, template, question, answer)
+        ids, prompt_length = qa.question_answer_ids(ctx.tokenizer, template, question, answer, where=WHERE)
         scored.append((ids[:prompt_length], ids[prompt_length:]))
     sums = ctx.evaluator.score_continuations(ctx.params, scored, ctx.max_length, desc="tofu: answers")
     return np.asarray([-s / min(len(cont), ctx.max_length) for (s, _), (_, cont) in zip(sums, scored)])
@@ -99,7 +100,7 @@ def answer_nll(ctx: EvalContext, template: str, pairs: Sequence[tuple[str, str]]
 
 def greedy_answers(ctx: EvalContext, template: str, questions: Sequence[str], max_new_tokens: int) -> list[str]:
     """The model's greedy answer to each question (cut at EOS, special tokens dropped)."""
-    prompts = [qa.question_answer_ids(ctx.tokenizer, template, q, "", eos=False) for q in questions]
+    prompts = [qa.question_answer_ids(ctx.tokenizer, template, q, "", eos=False, where=WHERE) for q in questions]
     return ctx.generate_text([ids[:length] for ids, length in prompts], max_new_tokens)
 
 
