@@ -295,3 +295,16 @@ def test_random_kills_then_reruns_end_bit_identical(setup, tmp_path):
             np.testing.assert_array_equal(got[name], expected[name], err_msg=f"trial {trial}, kills {kills}: {name}")
         steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4, 5, 6], (trial, kills, steps)
+
+
+def test_an_unexported_model_is_named_as_such_not_as_the_workdir(tmp_path):
+    """``checkpoint.export=False``: the output names the checkpoints, and an export an earlier run left, rather than
+    calling the workdir the unlearned model."""
+    from jaxunlearn.commands.unlearn import model_line
+
+    assert model_line({"hf_model": str(tmp_path / "hf_model")}, str(tmp_path)) == str(tmp_path / "hf_model")
+    line = model_line({"hf_model": None}, str(tmp_path))
+    assert line.startswith("not exported (checkpoint.export=False)") and str(tmp_path / "checkpoints") in line
+    assert "earlier export" not in line
+    (tmp_path / "hf_model").mkdir()
+    assert f"{tmp_path / 'hf_model'} holds an earlier export" in model_line({"hf_model": None}, str(tmp_path))

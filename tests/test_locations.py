@@ -23,6 +23,7 @@ from tests.tiny_models import write_tiny_setup
         ("s3://my-bucket/x", "s3://my-bucket/x"),
         ("file:///tmp/run", "/tmp/run"),
         ("file://localhost/tmp/run", "/tmp/run"),
+        ("file:///tmp/%C3%BCber%20uns", "/tmp/\u00fcber uns"),  # percent-escapes decoded, as RFC 8089 file URIs
     ],
 )
 def test_urls_become_store_paths(text, expected, monkeypatch):

@@ -257,3 +257,30 @@ def test_a_setting_added_since_the_run_started_blocks_resume_only_when_it_change
     assert config_differences(old, {**added, "optim": {"lr": 2e-5}}) == ["config.optim.lr"]
     removed = {"data": {"forget": {"path": "f.jsonl"}}}
     assert config_differences(old, removed) == ["config.optim.lr"]  # a value that was set and is gone
+
+
+def test_a_checkpoint_whose_deletion_a_kill_cut_short_is_removed_without_a_warning_each_run(tmp_path, caplog):
+    """Orbax deletes old steps (max_to_keep) with rmtree; a kill in the middle leaves a step without its metadata,
+    about which Orbax warns "Metadata file does not exist" on every later run. The next run removes it once."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from jaxunlearn.storage.checkpoints import Checkpointer
+
+    directory = tmp_path / "checkpoints"
+    first = Checkpointer(directory, keep=3)
+    for step in (1, 2):
+        first.save(step, {"w": jnp.full(3, float(step))}, {"step": step})
+    first.wait()
+    first.close()
+    (directory / "1" / "_CHECKPOINT_METADATA").unlink()  # as a kill during rmtree leaves it
+    shutil.rmtree(directory / "1" / "state")
+    for rerun in range(2):
+        caplog.clear()
+        checkpointer = Checkpointer(directory, keep=3)
+        assert checkpointer.latest_step() == 2 and checkpointer.read_meta(2) == {"step": 2}
+        checkpointer.close()
+        assert "Metadata file does not exist" not in caplog.text
+        assert ("incomplete checkpoint" in caplog.text) == (rerun == 0)  # removed once, said once
+    assert sorted(p.name for p in directory.iterdir()) == ["2"]

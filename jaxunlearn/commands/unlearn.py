@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from jaxunlearn.commands.cli import CONFIG_HELP, fail, interrupted, loaded_config, refusals, run_command
@@ -66,13 +67,25 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
             code=1,
         )
     shown = locations.shown(workdir)
-    print(f"unlearned model: {record.get('hf_model') or shown}")
+    print(f"unlearned model: {model_line(record, shown)}")
     print(f"run record:      {locations.join(shown, 'run.json')}")
     if record.get("report"):
         print(f"report:          {record['report']}")
         if jax.process_index() == 0:
             report = locations.read_text(record["report"].removesuffix(".md") + ".json", "report")
             print(summary(json.loads(report)))
+
+
+def model_line(record: dict, shown: str) -> str:
+    """Where the unlearned model is: its export, else its last checkpoint (``checkpoint.export=False``), naming an
+    export an earlier run of this workdir left."""
+    if record.get("hf_model"):
+        return record["hf_model"]
+    line = f"not exported (checkpoint.export=False); its last checkpoint is in {locations.join(shown, 'checkpoints')}"
+    earlier = locations.join(shown, "hf_model")
+    if epath.Path(earlier).exists():
+        line += f"; {earlier} holds an earlier export"
+    return line
 
 
 def run() -> None:

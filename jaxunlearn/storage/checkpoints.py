@@ -24,6 +24,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path | epath.Path, *, keep: int = 2):
         # A store's path (gs://...) stays an epath.Path: pathlib would fold its "//".
         self.directory = directory if isinstance(directory, epath.Path) else Path(directory).absolute()
+        remove_incomplete_steps(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -51,6 +52,29 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# What every complete step directory holds (Orbax's finalised metadata and this module's two items).
+STEP_PARTS = ("_CHECKPOINT_METADATA", "state", "meta")
+
+
+def remove_incomplete_steps(directory: Path | epath.Path) -> list[str]:
+    """Remove step directories that lack part of a complete checkpoint: one whose deletion (Orbax's ``max_to_keep``)
+    a kill cut short, which Orbax would otherwise warn about on every later run and could never restore. Orbax's
+    own temporary directories are left to it. Process 0 removes them; every process then waits for it."""
+    path = epath.Path(directory)
+    removed = []
+    if jax.process_index() == 0 and path.exists():
+        for step in path.iterdir():
+            if step.name.isdigit() and step.is_dir() and not all((step / part).exists() for part in STEP_PARTS):
+                log.warning("removing %s: an incomplete checkpoint (a run was killed while deleting it)", step)
+                step.rmtree()
+                removed.append(step.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxunlearn: incomplete checkpoints removed")
+    return removed
 
 
 def abstract_like(tree: Any) -> Any:

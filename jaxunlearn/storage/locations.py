@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def remote(text: str | os.PathLike, what: str) -> epath.Path | None:
         host, slash, path = rest.partition("/")
         if host not in ("", "localhost") or not slash:
             raise LocationError(f"{what}={text}: malformed URL; write file:///ABSOLUTE/PATH")
-        return epath.Path("/" + path.rstrip("/"))
+        return epath.Path("/" + urllib.parse.unquote(path).rstrip("/"))  # %C3%BC is ü (RFC 8089)
     if scheme not in REMOTE_SCHEMES:
         supported = ", ".join(f"{s}://" for s in (*REMOTE_SCHEMES, "file"))
         raise LocationError(f"{what}={text}: unsupported URL scheme {scheme}:// (use {supported} or a local path)")
