@@ -331,7 +331,24 @@ def _nested_json(name):
     return action
 
 
+def _lora(**fields):
+    """A config with ``lora`` settings, validated as the main command does before any work."""
+
+    def action(tmp_path, monkeypatch):
+        from jaxunlearn.config import base_config, validate
+
+        config = base_config("ga_kl")
+        config.lora.update(fields)
+        validate(config)
+
+    return action
+
+
 CATALOGUE = [
+    pytest.param(_lora(rank=-1), ("config.lora.rank=-1: >= 0",), id="lora-rank"),
+    pytest.param(_lora(rank=8, dropout=0.1), ("config.lora.dropout=0.1: only 0",), id="lora-dropout"),
+    pytest.param(_lora(rank=8, targets="(q"), ("config.lora.targets='(q': not a regular expression",), id="lora-regex"),
+    pytest.param(_lora(rank=8, base_dtype="int4"), ("config.lora.base_dtype='int4': one of",), id="lora-dtype"),
     pytest.param(
         _plan_max_compiles, ("--max_compiles=-1: give a number of compilations >= 1",), id="plan-max-compiles"
     ),

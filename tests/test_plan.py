@@ -1,7 +1,10 @@
 """The planner: TPU slice names, per-chip memory of the real step compiled for a TPU topology (libtpu, no TPU),
 the search, and the settings it recommends run for real on fake CPU devices."""
 
+import dataclasses
+import importlib
 import json
+import shlex
 import subprocess
 import sys
 
@@ -15,9 +18,9 @@ from jaxunlearn.methods.context import Context
 from jaxunlearn.methods.registry import get_method
 from jaxunlearn.models import ModelConfig, hf_checkpoint, init_model, split_model
 from jaxunlearn.parallel import sharding
-from jaxunlearn.planning.planner import plan_mesh, plan_step, settings_flags
+from jaxunlearn.planning.planner import plan_mesh, plan_settings, plan_step, settings_flags
 from jaxunlearn.planning.search import lean_settings, search, with_settings
-from jaxunlearn.planning.topology import TopologyError, parse_topology
+from jaxunlearn.planning.topology import GENERATIONS, Topology, TopologyError, parse_topology
 from jaxunlearn.training.step import StepSetup, init_state
 
 TINY = dict(
@@ -36,6 +39,7 @@ TINY = dict(
 # 4.3 billion parameters in one layer: 48 GiB of fp32 weights and AdamW moments over 4 chips of 16 GiB, before
 # gradients and activations.
 HUGE = {**TINY, "vocab_size": 262144, "hidden_size": 8192, "num_hidden_layers": 1, "intermediate_size": 256}
+search_module = importlib.import_module("jaxunlearn.planning.search")  # the package exports search() by that name
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +157,76 @@ def test_the_command_line_reports_does_not_fit_with_exit_status_1(libtpu, tmp_pa
     assert proc.returncode == 1, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["fits"] is False and out["train"]["total"] > 16
+
+
+def fsdp4_adapter_params(rank: int) -> int:
+    """TINY's LoRA adapter parameters one chip holds with fsdp=4 (every linear weight of every layer), by hand:
+    PEFT's ``A`` is ``[rank, in]`` and ``B`` ``[out, rank]``; a hidden-size dimension is split 4 ways (embed ->
+    fsdp), the intermediate (mlp -> tensor=1) and key/value (32) dimensions are not."""
+    h, m, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    kv = h // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    linear = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]  # (in, out): q k v o gate up down
+    per_chip = lambda n: n // 4 if n == h else n  # noqa: E731
+    return rank * layers * sum(per_chip(i) + per_chip(o) for i, o in linear)
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_kl"])
+def test_lora_plans_the_frozen_base_and_the_adapters_optimizer_state(libtpu, tmp_path_factory, method):
+    config = plan_config(shape_dir(tmp_path_factory, f"tiny_lora_{method}", TINY), method=method)
+    config.lora.rank = 4
+    plan = plan_step(config, parse_topology("v5e:2x2"))
+    adapters = fsdp4_adapter_params(4)
+    assert adapters == 4736  # of 8192 in all: the split is by dimension, not a plain quarter
+    # The frozen base in lora.base_dtype (bfloat16), passed to the step whether or not the method has a reference,
+    # which it then is: no second copy.
+    assert plan.train.parameters == fsdp4_parameter_bytes() // 2
+    assert plan.train.reference == 0
+    # AdamW's two fp32 moments of the adapters only (plus step counters), and fp32 gradient sums of the adapters.
+    assert 0 <= plan.train.optimizer - 8 * adapters <= 64
+    assert plan.train.gradients <= 4 * adapters
+    # Evaluation: the bf16 base with the fp32 adapters attached (no merged copy), the adapters' state resident; the
+    # export's merge (fp32 out: the tiny checkpoint's dtype) is the larger program and so the one reported.
+    assert plan.evaluation is not None
+    assert plan.evaluation.parameters == fsdp4_parameter_bytes() // 2 + 4 * adapters
+    assert plan.evaluation.optimizer == plan.train.optimizer and plan.evaluation.reference == 0
+    merged = fsdp4_parameter_bytes()
+    assert plan.evaluation.total >= plan.evaluation.parameters + plan.evaluation.optimizer + merged
+    # The printed flags reproduce the plan.
+    assert plan.settings["lora.rank"] == 4 and plan.settings["lora.base_dtype"] == "bfloat16"
+    assert "--config.lora.rank=4 --config.lora.base_dtype='bfloat16'" in settings_flags(plan.settings)
+    assert "lora.rank" not in plan_settings(with_settings(config, {"lora.rank": 0}))
+    assert plan_settings(with_settings(base_config(method, preset="arxiv"), plan.settings)) == plan.settings
+    only_q = with_settings(config, {"lora.targets": r".*\.q_proj\.weight"})  # not the default: shown, shell-quoted
+    flags = shlex.split(settings_flags(plan_settings(only_q)))
+    assert flags[-3:] == [
+        "--config.lora.rank=4",
+        "--config.lora.base_dtype=bfloat16",
+        r"--config.lora.targets=.*\.q_proj\.weight",
+    ]
+
+
+# Full fine-tuning of WIDE needs about 62 MiB per chip (fp32 weights, AdamW moments, gradients), LoRA at most 28 MiB
+# (its export's merge: the merged fp32 model next to the bf16 base).
+WIDE = {**TINY, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 1}
+
+
+def test_search_proposes_lora_when_no_full_fine_tuning_setting_fits(libtpu, tmp_path_factory, monkeypatch, capsys):
+    from jaxunlearn.commands import plan as plan_command
+
+    monkeypatch.setattr(search_module, "REMAT_BY_RECOMPUTE", ("full",))  # the leanest policy only: fewer compiles
+    config = plan_config(shape_dir(tmp_path_factory, "wide", WIDE), method="ga", micro=1, accum=1)
+    config.evaluation.batch_size = 1
+    one_chip = Topology(dataclasses.replace(GENERATIONS["v5e"], hbm_gib=48 / 1024), (1, 1))  # 48 MiB of HBM
+    result = search(config, one_chip)
+    assert result.exhausted and result.best is not None and result.best.fits
+    assert result.lora_fallback
+    assert [("lora.rank" in p.settings, p.fits) for p in result.plans] == [(False, False), (True, True)]
+    assert result.best.settings["lora.rank"] == 16 and result.best.settings["lora.base_dtype"] == "bfloat16"
+    assert result.best.train.optimizer < 0.02 * result.plans[0].train.optimizer
+    plan_command._report_search(result, as_json=False)
+    out = capsys.readouterr().out
+    assert "no full fine-tuning setting fits: this is a LoRA setting" in out
+    assert "recommended LoRA" in out and "--config.lora.rank=16 --config.lora.base_dtype='bfloat16'" in out
 
 
 def test_shipped_shapes_resolve_offline_and_have_the_published_sizes():

@@ -2,7 +2,9 @@
 
     python -m jaxunlearn.commands.evaluate --config=configs/ga.py --model=PATH_OR_ID [--workdir=DIR] [--config.KEY=VALUE ...]
 
-``--model`` is a Hugging Face directory, a Hub id, or a jaxunlearn run directory (its exported ``hf_model/``).
+``--model`` is a Hugging Face directory, a Hub id, a jaxunlearn run directory (its exported ``hf_model/``), or a
+PEFT LoRA adapter directory (``adapter_config.json``; a LoRA run's ``hf_adapter/``), evaluated on the base model
+its config names or ``--base_model``.
 The config supplies the data splits (``data.forget``/``approximate``/``retain``/``general``), the model's
 numerics (``model.param_dtype``/``dtype``/``remat``/``attention_impl``) and the ``evaluation`` options; its
 method and training settings are ignored. Writes ``report.json``, ``report.md`` and plots to ``--workdir``
@@ -37,8 +39,24 @@ def resolve_model(path: str) -> str:
     return path
 
 
-def evaluate(config, model: str, workdir: str | Path) -> dict:
-    """Evaluate ``model`` on the config's splits; returns the report dict."""
+def adapter_base(adapter: str, base_model: str = "") -> str:
+    """The base model a PEFT adapter directory goes on: ``base_model``, else its ``base_model_name_or_path``."""
+    import json
+
+    from jaxunlearn.models import lora
+
+    if base_model:
+        return base_model
+    base = json.loads((Path(adapter) / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    if not base:
+        raise FileNotFoundError(f"{adapter}/{lora.ADAPTER_CONFIG} names no base model: give --base_model=PATH_OR_ID")
+    return base
+
+
+def evaluate(config, model: str, workdir: str | Path, base_model: str = "") -> dict:
+    """Evaluate ``model`` on the config's splits; returns the report dict. A PEFT adapter directory is evaluated
+    on ``base_model`` (default: the base its ``adapter_config.json`` names)."""
+    from jaxunlearn.models import lora
     from jaxunlearn.parallel import sharding
     from jaxunlearn.run import logs
     from jaxunlearn.run.prepare import prepare
@@ -46,7 +64,14 @@ def evaluate(config, model: str, workdir: str | Path) -> dict:
     locations.check(workdir, "--workdir")  # before any work
     if config.get("distributed", False):
         sharding.initialize_distributed()  # before any device is used
-    config.model.path = resolve_model(model)
+    adapter = None
+    if locations.remote(model, "--model") is None and lora.is_peft_dir(Path(model).expanduser()):
+        adapter, config.model.path = (
+            str(Path(model).expanduser()),
+            adapter_base(str(Path(model).expanduser()), base_model),
+        )
+    else:
+        config.model.path = resolve_model(model)
     config.evaluation.enabled = True
     config.evaluation.oracle_model = ""  # one model: nothing to compare with
     logs.configure_logging()
@@ -54,13 +79,14 @@ def evaluate(config, model: str, workdir: str | Path) -> dict:
     with locations.output_directory(workdir, "--workdir") as local:
         try:
             logs.attach_log_file(local)
-            return _evaluate_into(prep, model, local)
+            return _evaluate_into(prep, model, local, adapter)
         finally:
             logs.detach_log_file()
 
 
-def _evaluate_into(prep, model: str, workdir: Path) -> dict:
-    """The evaluation and its report, written to the local directory ``workdir``."""
+def _evaluate_into(prep, model: str, workdir: Path, adapter: str | None = None) -> dict:
+    """The evaluation and its report, written to the local directory ``workdir``; ``adapter``: a PEFT LoRA
+    directory applied to the loaded model."""
     from jaxunlearn.evaluation.report import write_report
     from jaxunlearn.evaluation.runner import RunEvaluations
     from jaxunlearn.run.engine import load_checkpoint
@@ -68,6 +94,8 @@ def _evaluate_into(prep, model: str, workdir: Path) -> dict:
 
     ev = prep.config.evaluation
     lm, params = load_checkpoint(prep, prep.model_dir)
+    if adapter is not None:
+        lm, params = _with_adapter(prep, lm, params, adapter)
     evals = RunEvaluations.for_run(prep, lm, workdir)
     results = {"model": evals.evaluate("model", params, cache=False)}
     evals.finalize(results)
@@ -76,6 +104,7 @@ def _evaluate_into(prep, model: str, workdir: Path) -> dict:
         "title": f"evaluation of {model}",
         "model": {
             "path": model,
+            **({"base_model": prep.config.model.path} if adapter else {}),
             "model_type": prep.model_config.model_type,
             "num_params": prep.model_config.num_params,
         },
@@ -96,11 +125,26 @@ def _evaluate_into(prep, model: str, workdir: Path) -> dict:
     )
 
 
+def _with_adapter(prep, lm, params: dict, adapter: str):
+    """The model with a PEFT adapter's LoRA weights attached (applied layer by layer, not merged)."""
+    import jax
+
+    from jaxunlearn.models import lora
+    from jaxunlearn.parallel import sharding
+    from jaxunlearn.training.step import adapter_shardings
+
+    spec, adapters, _ = lora.load_peft(adapter, prep.model_config)
+    rules = sharding.normalize_rules(prep.config.mesh.rules)
+    adapters = jax.device_put(adapters, adapter_shardings(spec, prep.model_config, prep.mesh, rules))
+    return lm.with_lora(spec), lora.attach(params, adapters)
+
+
 def define_flags() -> SimpleNamespace:
     """The command's flags (defined when it runs: :func:`jaxunlearn.commands.cli.run_command`)."""
     return SimpleNamespace(
         config=config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True),
-        model=flags.DEFINE_string("model", None, "HF directory, Hub id, or jaxunlearn run directory."),
+        model=flags.DEFINE_string("model", None, "HF directory, Hub id, jaxunlearn run directory, or PEFT adapter."),
+        base_model=flags.DEFINE_string("base_model", "", "With a PEFT adapter as --model: the model it goes on."),
         workdir=flags.DEFINE_string("workdir", None, "Where to write the report (default: workdirs/eval-<model>)."),
     )
 
@@ -118,7 +162,7 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     workdir = args.workdir.value or str(Path("workdirs") / f"eval-{Path(model.rstrip('/')).name}")
     try:
-        evaluate(config, model, workdir)
+        evaluate(config, model, workdir, base_model=args.base_model.value)
     except (*refusals(), FileNotFoundError) as e:
         _fail(str(e))
     print(f"report: {locations.join(locations.shown(workdir), 'report.md')}", file=sys.stdout)

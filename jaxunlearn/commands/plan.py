@@ -30,9 +30,15 @@ def define_flags() -> SimpleNamespace:
         slices=flags.DEFINE_integer(
             "slices", 1, "Number of slices (multislice; the data axis spans them). Default: config.mesh.dcn_data."
         ),
-        search=flags.DEFINE_boolean("search", False, "Search remat, micro batch, fsdp x tensor, reference dtype."),
+        search=flags.DEFINE_boolean(
+            "search",
+            False,
+            "Search remat, micro batch, fsdp x tensor, reference dtype; LoRA (rank 16) when full fine-tuning fits none.",
+        ),
         json=flags.DEFINE_boolean("json", False, "Print JSON instead of tables."),
-        evaluation=flags.DEFINE_boolean("evaluation", True, "Also compile the evaluation step."),
+        evaluation=flags.DEFINE_boolean(
+            "evaluation", True, "Also compile the evaluation step (with LoRA: and the merge every LoRA run ends with)."
+        ),
         max_compiles=flags.DEFINE_integer("max_compiles", 12, "With --search: stop after this many compilations."),
     )
 
@@ -55,7 +61,11 @@ def main(argv: list[str], args: SimpleNamespace) -> None:
         )
         if args.search.value:
             result = search(
-                config, topology, max_compiles=args.max_compiles.value, on_plan=None if args.json.value else _show
+                config,
+                topology,
+                max_compiles=args.max_compiles.value,
+                on_plan=None if args.json.value else _show,
+                evaluation=args.evaluation.value,
             )
             _report_search(result, args.json.value)
             sys.exit(0 if result.best is not None else 1)
@@ -78,19 +88,29 @@ def _report_search(result, as_json: bool) -> None:
             "recommended": result.best.to_json() if result.best else None,
             "candidates": [p.to_json() for p in result.plans],
             "exhausted": result.exhausted,
+            "lora_fallback": result.lora_fallback,
         }
         print(json.dumps(out, indent=2))
         return
     if result.best is None:
         why = "" if result.exhausted else f" within --max_compiles={len(result.plans)}"
         print(f"no setting fits{why}")
+        if not result.exhausted and not any("lora.rank" in p.settings for p in result.plans):
+            print("LoRA settings are tried once no full fine-tuning setting fits: raise --max_compiles to reach them")
         return
     from jaxunlearn.planning.planner import settings_flags
 
     flags_text = settings_flags(result.best.settings)
+    if result.lora_fallback:
+        s = result.best.settings
+        print(
+            f"no full fine-tuning setting fits: this is a LoRA setting (rank-{s['lora.rank']} adapters trained over "
+            f"a frozen {s['lora.base_dtype']} base)"
+        )
+    kind = "LoRA " if "lora.rank" in result.best.settings else ""
     print(
-        f"recommended ({result.best.flops_per_step:.3e} FLOPs per step, {result.best.train.total / 2**30:.2f} GiB "
-        f"per chip):\n  {flags_text}"
+        f"recommended {kind}({result.best.flops_per_step:.3e} FLOPs per step, {result.best.train.total / 2**30:.2f} "
+        f"GiB per chip):\n  {flags_text}"
     )
 
 

@@ -16,6 +16,7 @@ from jaxunlearn.config.sources import PAPER_DATASET, domain_split, split_config
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation import settings as evaluation_settings
 from jaxunlearn.methods.registry import get_method
+from jaxunlearn.models import lora
 from jaxunlearn.parallel.sharding import DEFAULT_RULES
 from jaxunlearn.world.build import WorldRecipe
 
@@ -55,6 +56,8 @@ def base_config(method: str = "ga", *, preset: str = "builtin", retain: str = "i
     c.method = method_config(method)
     c.optim = _optim_section()
     c.train = _train_section()
+    # LoRA: rank > 0 trains low-rank adapters over a frozen base in base_dtype (see jaxunlearn/models/lora.py).
+    c.lora = ml_collections.ConfigDict(lora.default_config())
     # Checkpoints every `every_steps` steps, and after the first step that ends `every_minutes` minutes after the last
     # one (0 = off): a preemption or a signal loses at most that much work (SIGTERM/SIGINT checkpoint the current
     # step, but only once it ends: a long step may outlast a preemption's notice).

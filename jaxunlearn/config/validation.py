@@ -17,6 +17,7 @@ from jaxunlearn.data import settings as data_settings
 from jaxunlearn.errors import ConfigError, require
 from jaxunlearn.evaluation import settings as evaluation_settings
 from jaxunlearn.methods import registry as methods
+from jaxunlearn.models import lora
 from jaxunlearn.parallel import sharding
 from jaxunlearn.storage import checkpoints, locations
 from jaxunlearn.training import step
@@ -26,6 +27,7 @@ from jaxunlearn.world import build
 SECTION_OWNERS: dict[str, Callable[[Any], None]] = {
     "method": methods.check_config,
     "model": models.check_config,
+    "lora": lora.check_config,
     "mesh": sharding.check_config,
     "data": data_settings.check_config,
     "optim": step.check_optim_config,

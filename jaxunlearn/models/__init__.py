@@ -24,6 +24,7 @@ from jaxunlearn.models import llama  # noqa: F401
 from jaxunlearn.models import gpt_neox  # noqa: F401
 
 # isort: split
+import jaxunlearn.models.lora as lora_lib
 from jaxunlearn.models.registry import (
     Family,
     UnsupportedModelError,
@@ -88,19 +89,37 @@ class LanguageModel:
 
     graphdef: Any
     config: ModelConfig
+    lora: lora_lib.LoraSpec | None = None  # the adapters a params dict may hold under lora.LORA_KEY
 
     def bind(self, params: dict) -> nnx.Module:
-        """The NNX module with ``params`` as its parameters."""
-        return nnx.merge(self.graphdef, params)
+        """The NNX module with ``params`` as its parameters (the base's, without any LoRA adapters)."""
+        return nnx.merge(self.graphdef, lora_lib.split(params)[0])
+
+    def adapters(self, params: dict) -> tuple[lora_lib.LoraSpec, dict] | None:
+        """``(spec, adapters)`` when ``params`` hold LoRA adapters (the ``lora`` argument of the module's
+        ``hidden_states``), else None."""
+        adapters = lora_lib.split(params)[1]
+        if adapters is None:
+            return None
+        if self.lora is None:
+            raise ValueError("the params hold LoRA adapters but the model has no LoRA spec (LanguageModel.lora)")
+        return self.lora, adapters
+
+    def merged(self, params: dict, dtype: Any = None) -> dict:
+        """``params`` as ordinary parameters: LoRA adapters merged into their weights (float32, or ``dtype``);
+        params without adapters are returned as they are. For what needs every weight as one array (the
+        quantization and relearning attacks, export)."""
+        adapters = self.adapters(params)
+        return params if adapters is None else lora_lib.merge(adapters[0], params, dtype)
 
     def hidden_states(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype."""
-        return self.bind(params).hidden_states(tokens, mask)
+        return self.bind(params).hidden_states(tokens, mask, lora=self.adapters(params))
 
     def residual_stream(self, params: dict, tokens: jax.Array, mask: jax.Array | None, layers: int) -> jax.Array:
         """The residual stream ``[batch, length, embed]`` after the first ``layers`` decoder layers (no final
         norm; only those layers run): transformers' ``output_hidden_states[layers]``."""
-        return self.bind(params).hidden_states(tokens, mask, upto=layers)
+        return self.bind(params).hidden_states(tokens, mask, upto=layers, lora=self.adapters(params))
 
     def head(self, params: dict) -> jax.Array:
         """The ``[embed, vocab]`` output projection."""
@@ -108,7 +127,8 @@ class LanguageModel:
 
     def logits(self, params: dict, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """fp32 logits ``[batch, length, vocab]``."""
-        return self.bind(params)(tokens, mask)
+        module = self.bind(params)
+        return module.logits(module.hidden_states(tokens, mask, lora=self.adapters(params)))
 
     def with_dtype(self, dtype: str) -> LanguageModel:
         """The same model computing in ``dtype`` (e.g. ``"float32"`` to evaluate a bf16-compute model exactly).
@@ -117,7 +137,11 @@ class LanguageModel:
         """
         config = self.config.replace(dtype=dtype)
         graphdef, _ = nnx.split(abstract_model(config), nnx.Param)
-        return LanguageModel(graphdef, config)
+        return LanguageModel(graphdef, config, self.lora)
+
+    def with_lora(self, spec: lora_lib.LoraSpec | None) -> LanguageModel:
+        """The same model, reading LoRA adapters ``spec`` describes from its params."""
+        return dataclasses.replace(self, lora=spec)
 
 
 def split_model(model: nnx.Module) -> tuple[LanguageModel, dict]:

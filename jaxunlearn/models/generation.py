@@ -22,17 +22,17 @@ def greedy_tokens(
     lm: LanguageModel, params: dict, prompts: jax.Array, prompt_mask: jax.Array, max_new_tokens: int
 ) -> jax.Array:
     """``[batch, max_new_tokens]`` greedy continuation of left-padded ``prompts`` (traceable; jit it)."""
-    model = lm.bind(params)
+    model, lora = lm.bind(params), lm.adapters(params)
     batch, length = prompts.shape
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = lm.config.family.init_cache(lm.config, batch, length + max_new_tokens)
-    hidden, cache = model.hidden_states(prompts, prompt_mask, positions, cache)
+    hidden, cache = model.hidden_states(prompts, prompt_mask, positions, cache, lora=lora)
     first = jnp.argmax(model.logits(hidden[:, -1:]), axis=-1)[:, 0].astype(jnp.int32)
     last = positions[:, -1]
 
     def step(carry, i):
         token, cache = carry
-        hidden, cache = model.hidden_states(token[:, None], None, (last + 1 + i)[:, None], cache)
+        hidden, cache = model.hidden_states(token[:, None], None, (last + 1 + i)[:, None], cache, lora=lora)
         nxt = jnp.argmax(model.logits(hidden), axis=-1)[:, 0].astype(jnp.int32)
         return (nxt, cache), token
 

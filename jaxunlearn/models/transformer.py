@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxunlearn.models.lora import merge_layer as lora_merge_layer
 from jaxunlearn.models.precision import matmul_precision
 from jaxunlearn.models.rope import apply_rotary, inverse_frequencies
 from jaxunlearn.models.spec import NO_WINDOW, ModelConfig
@@ -343,6 +344,7 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         *,
         upto: int | None = None,
+        lora: tuple[Any, dict] | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Final-norm hidden states ``[batch, length, embed]`` in the compute dtype.
 
@@ -350,6 +352,8 @@ class Transformer(nnx.Module):
         attend over every cached slot, and ``(hidden, new_cache)`` is returned. With ``upto``, only the first
         ``upto`` decoder layers run and the residual stream after them is returned, without the final norm
         (transformers' ``hidden_states[upto]``: what a forward hook on ``model.layers[upto - 1]`` sees).
+        ``lora = (spec, adapters)``: LoRA adapters (stacked over layers) added to each layer's weights as it runs
+        (:func:`jaxunlearn.models.lora.merge_layer`).
         """
         cfg = self.config
         if upto is not None and not (1 <= upto <= cfg.num_layers and cache is None):
@@ -365,9 +369,11 @@ class Transformer(nnx.Module):
         x = constrain(x, ACTIVATION)
 
         graphdef, state = nnx.split(self.layers)
+        state = state.to_pure_dict()
+        adapters = None if lora is None else lora[1]["layers"]
         num_layers = cfg.num_layers if upto is None else upto
         if num_layers < cfg.num_layers:  # the stacked parameters of the first layers only: nothing else runs
-            state = jax.tree.map(lambda a: a[:num_layers], state)
+            state, adapters = jax.tree.map(lambda a: a[:num_layers], (state, adapters))
         # One window for every layer (the usual case) is a constant, not a scanned value: the compiler then builds
         # no per-layer [length, length] mask, and none at all for full causal attention.
         uniform = len(set(cfg.sliding_windows)) == 1
@@ -379,14 +385,16 @@ class Transformer(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
 
         def layer_step(x: Array, scanned: tuple) -> tuple[Array, tuple | None]:
-            layer_state, window, *kv = scanned
+            layer_state, window, layer_adapters, *kv = scanned
+            if layer_adapters is not None:
+                layer_state = lora_merge_layer(lora[0], layer_state, layer_adapters)
             window = cfg.sliding_windows[0] if uniform else window
             kv = (kv[0], kv[1], cache.index) if kv else None
             return nnx.merge(graphdef, layer_state)(x, positions, key_positions, key_valid, window, kv)
 
         if cfg.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[cfg.remat], prevent_cse=False)
-        scanned = (state, windows) if cache is None else (state, windows, cache.k, cache.v)
+        scanned = (state, windows, adapters) if cache is None else (state, windows, adapters, cache.k, cache.v)
         x, new_kv = _run_layers(layer_step, x, scanned, num_layers)
         if upto is not None:
             return x

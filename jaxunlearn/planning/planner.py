@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import re
+import shlex
 import time
 from typing import Any
 
@@ -29,10 +30,11 @@ from jaxunlearn.errors import ConfigError
 from jaxunlearn.evaluation.loop import Evaluator
 from jaxunlearn.methods.context import Context
 from jaxunlearn.methods.registry import get_method, resolve_needs
-from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, hf_checkpoint, param_shardings
+from jaxunlearn.models import LanguageModel, ModelConfig, abstract_model, hf_checkpoint, lora, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.planning.topology import GIB, Topology
 from jaxunlearn.training import flops
+from jaxunlearn.training import step as step_lib
 from jaxunlearn.training.step import StepSetup, reference_dtype
 from jaxunlearn.world import WorldRecipe
 
@@ -149,7 +151,16 @@ def plan_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         **({"mesh.dcn_data": config.mesh.dcn_data} if config.mesh.dcn_data > 1 else {}),  # multislice
         "train.split_passes": config.train.split_passes,
         "model.reference_dtype": config.model.reference_dtype,
+        **_lora_settings(config.get("lora")),
     }
+
+
+def _lora_settings(section: ml_collections.ConfigDict | None) -> dict[str, Any]:
+    """With LoRA, what changes the program: the rank, the base's dtype and (when not the default) the targets."""
+    if not section or not section.rank:
+        return {}
+    targets = {} if section.targets == lora.ALL_LINEAR else {"lora.targets": section.targets}
+    return {"lora.rank": section.rank, "lora.base_dtype": section.base_dtype, **targets}
 
 
 def plan_step(
@@ -208,9 +219,11 @@ def _train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, 
         tokenizer=None,
         chunk_size=config.train.logits_chunk_size,
     )
-    state = setup.abstract_state(model_config)
+    state = setup.abstract_state(model_config)  # with LoRA: the adapters and their optimizer state
     reference = None
-    if needs.reference:
+    if setup.lora is not None:  # the frozen base: always the step's second argument, and the method's reference
+        reference = _abstract_params(model_config, setup.base_shardings, jnp.dtype(config.lora.base_dtype))
+    elif needs.reference:
         ref_dtype = reference_dtype(model_config, config.model.reference_dtype)
         reference = _abstract_params(model_config, setup.param_shardings, ref_dtype)
     t, d = config.train, config.data
@@ -219,34 +232,59 @@ def _train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, 
     batch = StepBatcher.abstract_batch(
         t.micro_batch_size, t.grad_accum_steps, length, retain=needs.retain, topics=bool(d.forget2.path)
     )
-    step, b_shardings = setup.compile(get_method(config.method.name), ctx, batch, reference=reference is not None)
+    step, b_shardings = setup.compile(get_method(config.method.name), ctx, batch, reference=needs.reference)
     batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch, b_shardings)
     analysis = compiled_memory(step.lower(state, reference, batch), per_chip_bytes((state, reference, batch)))
-    gradients = per_chip_bytes(_abstract_params(model_config, setup.param_shardings, jnp.float32))  # fp32 sums
-    parts = dict(
-        parameters=per_chip_bytes(state["params"]),
-        optimizer=per_chip_bytes(state["opt_state"]),
-        reference=per_chip_bytes(reference) if reference is not None else 0,
-    )
+    gradients = per_chip_bytes(_as_float32(state["params"]))  # fp32 sums of the trained parameters' gradients
+    if setup.lora is None:
+        parts = dict(
+            parameters=per_chip_bytes(state["params"]),
+            optimizer=per_chip_bytes(state["opt_state"]),
+            reference=per_chip_bytes(reference) if reference is not None else 0,
+        )
+    else:  # the frozen base is the parameters and the reference; the adapters themselves count as other
+        parts = dict(parameters=per_chip_bytes(reference), optimizer=per_chip_bytes(state["opt_state"]), reference=0)
     return _memory(analysis, parts, gradients, topology), needs
+
+
+def _as_float32(tree: Any) -> Any:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), tree)
 
 
 def _eval_memory(
     config: ml_collections.ConfigDict, model_config: ModelConfig, mesh: Mesh, topology: Topology, train: Memory
 ) -> Memory:
-    """The evaluation pass, as run during training (the optimizer state and the reference stay resident)."""
+    """The evaluation pass, as run during training (the optimizer state and the reference stay resident).
+
+    With LoRA the evaluated model is the frozen base with the adapters attached (each layer adds its delta as it
+    runs), the adapters' optimizer state staying resident; the export's merge (base and adapters in, the merged
+    model out in the export's dtype) is compiled too, and the larger of the two is the evaluation's memory."""
     ev = config.evaluation
     eval_config = model_config.replace(dtype=ev.dtype) if ev.dtype else model_config
-    lm = LanguageModel(nnx.graphdef(abstract_model(eval_config)), eval_config)
+    lora_spec = step_lib.lora_spec(config, model_config)
+    lm = LanguageModel(nnx.graphdef(abstract_model(eval_config)), eval_config, lora_spec)
     evaluator = Evaluator.for_run(lm, mesh, config)
     rules = sharding.normalize_rules(config.mesh.rules)
 
     params = _abstract_params(model_config, param_shardings(model_config, mesh, rules))
+    if lora_spec is not None:
+        setup = StepSetup.for_run(config, model_config, mesh, _PLANNED_STEPS)
+        state = setup.abstract_state(model_config)
+        base = _abstract_params(model_config, setup.base_shardings, jnp.dtype(config.lora.base_dtype))
+        params = lora.attach(base, state["params"])
     spec = sharding.named_sharding(("batch", "length"), rules, mesh, (evaluator.batch_size, config.data.max_length))
     tokens = jax.ShapeDtypeStruct((evaluator.batch_size, config.data.max_length), jnp.int32, sharding=spec)
     analysis = compiled_memory(evaluator.stats_step().lower(params, tokens, tokens), per_chip_bytes((params, tokens)))
-    parts = dict(parameters=per_chip_bytes(params), optimizer=train.optimizer, reference=train.reference)
-    return _memory(analysis, parts, 0, topology, resident=train.optimizer + train.reference)
+    if lora_spec is None:
+        parts = dict(parameters=per_chip_bytes(params), optimizer=train.optimizer, reference=train.reference)
+        return _memory(analysis, parts, 0, topology, resident=train.optimizer + train.reference)
+    # LoRA: the base and the adapters are the evaluation's arguments; the adapters' AdamW state stays resident.
+    parts = dict(parameters=per_chip_bytes(params), optimizer=train.optimizer, reference=0)
+    stats = _memory(analysis, parts, 0, topology, resident=train.optimizer)
+    dtype = hf_checkpoint.export_dtype(model_config, config.checkpoint.export_dtype or None)
+    merge = jax.jit(lambda p: lora.merge(lora_spec, p, dtype), out_shardings=param_shardings(model_config, mesh, rules))
+    merging = _memory(compiled_memory(merge.lower(params), per_chip_bytes(params)), parts, 0, topology, train.optimizer)
+    return stats if stats.total >= merging.total else merging
 
 
 @dataclasses.dataclass
@@ -298,7 +336,14 @@ def _memory(analysis: Any, parts: dict[str, int], gradients: int, topology: Topo
 
 def settings_flags(settings: dict[str, Any]) -> str:
     """``{"model.remat": "full", ...}`` as the command-line flags ``main`` takes (strings shell-quoted)."""
-    return " ".join(f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}" for k, v in settings.items())
+    return " ".join(
+        f"--config.{k}={_quoted(v)}" if isinstance(v, str) else f"--config.{k}={v}" for k, v in settings.items()
+    )
+
+
+def _quoted(text: str) -> str:
+    """``'text'`` for the shell, backslashes kept as they are (a LoRA targets regex); ``shlex`` when it has quotes."""
+    return f"'{text}'" if "'" not in text else shlex.quote(text)
 
 
 def describe(plan: StepPlan) -> str:
@@ -329,6 +374,12 @@ def describe(plan: StepPlan) -> str:
         f"model FLOPs per step: {plan.model_flops_per_step:.3e}  + recompute {plan.recompute_flops_per_step:.3e}"
         f"  = {plan.flops_per_step:.3e}",
     ]
+    if "lora.rank" in plan.settings:
+        tail.append(
+            f"LoRA rank {plan.settings['lora.rank']}: parameters = the frozen {plan.settings['lora.base_dtype']} base "
+            "(evaluation: the base with the adapters attached, or the export's merge in its dtype if larger), "
+            "optimizer = the adapters' AdamW state, reference 0 (the base is the reference), the adapters in other"
+        )
     return "\n".join(head + lines + tail)
 
 

@@ -6,6 +6,9 @@ whether forget and retain chunks take one backward pass or one each (``train.spl
 the remat policy only, so policies are tried from the cheapest; within one, the leanest setting is compiled
 first and the group is skipped when even that does not fit, then settings are tried in order of preference
 (bigger micro batches, no tensor parallelism, an exact reference, one pass) until one fits.
+
+When no full fine-tuning setting fits, the same search runs once more with LoRA (:data:`LORA_FALLBACK`: rank-16
+adapters on every linear weight of the decoder layers, over a frozen bfloat16 base that doubles as the reference).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import ml_collections
 
 from jaxunlearn.errors import ConfigError
 from jaxunlearn.methods.registry import resolve_needs
+from jaxunlearn.models import lora
 from jaxunlearn.planning.planner import StepPlan, model_config_for_plan, plan_step
 from jaxunlearn.planning.topology import Topology
 
@@ -28,6 +32,8 @@ log = logging.getLogger("jaxunlearn")
 REMAT_BY_RECOMPUTE = ("none", "dots", "dots_no_batch", "full")  # least recompute first
 MICRO_PER_CHIP = (4, 2, 1)
 TENSOR = (1, 2, 4, 8)
+# Tried when full fine-tuning fits no setting (a config with lora.rank > 0 is searched as it is).
+LORA_FALLBACK = {"lora.rank": 16, "lora.base_dtype": "bfloat16", "lora.targets": lora.ALL_LINEAR}
 
 
 @dataclasses.dataclass
@@ -35,6 +41,7 @@ class SearchResult:
     plans: list[StepPlan]  # every compiled candidate, in the order tried
     best: StepPlan | None  # the recommended one (None: nothing fits)
     exhausted: bool  # False when max_compiles stopped the search early
+    lora_fallback: bool = False  # best is a LoRA setting (LORA_FALLBACK) because full fine-tuning fits none
 
 
 def with_settings(config: ml_collections.ConfigDict, settings: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -60,7 +67,8 @@ def lean_settings(config: ml_collections.ConfigDict, topology: Topology, remat: 
     if chunks % batch_ways:
         return None
     needs = resolve_needs(config.method)
-    exact_reference = not needs.reference or config.model.param_dtype == "bfloat16"
+    # With LoRA the frozen base is the reference (model.reference_dtype plays no part).
+    exact_reference = not needs.reference or config.model.param_dtype == "bfloat16" or config.lora.rank > 0
     return {
         "model.remat": remat,
         "mesh.data": 1,  # per slice: the global data axis is data x dcn_data, one way per slice
@@ -105,11 +113,13 @@ def search(
     max_compiles: int = 12,
     devices: list[Any] | None = None,
     on_plan: Callable[[StepPlan], None] | None = None,
+    evaluation: bool = True,
 ) -> SearchResult:
     """The setting with the fewest FLOPs per step (recompute included) that fits ``topology``.
 
     Groups are tried from the cheapest; the first whose leanest setting fits wins, and that setting is then
-    improved greedily (:func:`improvements`) while the result still fits.
+    improved greedily (:func:`improvements`) while the result still fits. ``evaluation``: the evaluation step
+    must fit too (with LoRA it includes merging the adapters, which every LoRA run does at its end).
     """
     devices = devices if devices is not None else topology.devices()
     plans: list[StepPlan] = []
@@ -119,7 +129,7 @@ def search(
         if len(plans) >= max_compiles:
             raise _Budget
         try:
-            plan = plan_step(with_settings(config, settings), topology, devices=devices)
+            plan = plan_step(with_settings(config, settings), topology, devices=devices, evaluation=evaluation)
         except (ConfigError, ValueError) as e:
             log.info("skipping %s: %s", settings, e)
             return None
@@ -129,14 +139,26 @@ def search(
         return plan
 
     try:
-        for remat, tensor in groups(config, topology):
-            settings = lean_settings(config, topology, remat, tensor)
-            best = compile_one(settings) if settings else None
-            if best is not None and best.fits:
-                return SearchResult(plans, _improve(config, settings, best, compile_one, chosen), exhausted=True)
+        for extra in _modes(config):
+            mode = with_settings(config, extra)
+            for remat, tensor in groups(mode, topology):
+                settings = lean_settings(mode, topology, remat, tensor)
+                settings = {**extra, **settings} if settings else None
+                best = compile_one(settings) if settings else None
+                if best is not None and best.fits:
+                    best = _improve(mode, settings, best, compile_one, chosen)
+                    return SearchResult(plans, best, exhausted=True, lora_fallback=bool(extra))
     except _Budget:
-        return SearchResult(plans, chosen[-1] if chosen else None, exhausted=False)
+        fallback = bool(chosen) and not config.lora.rank and "lora.rank" in chosen[-1].settings
+        return SearchResult(plans, chosen[-1] if chosen else None, exhausted=False, lora_fallback=fallback)
     return SearchResult(plans, None, exhausted=True)
+
+
+def _modes(config: ml_collections.ConfigDict) -> Iterator[dict]:
+    """The settings each round of the search starts from: the config's own, then (full fine-tuning only) LoRA."""
+    yield {}
+    if not config.lora.rank:
+        yield LORA_FALLBACK
 
 
 def _improve(

@@ -31,17 +31,17 @@ from jaxunlearn.evaluation.report import write_report
 from jaxunlearn.evaluation.runner import RunEvaluations
 from jaxunlearn.methods.context import Context
 from jaxunlearn.methods.registry import get_method, method_hparams
-from jaxunlearn.models import LanguageModel, abstract_model, hf_checkpoint, param_shardings
+from jaxunlearn.models import LanguageModel, abstract_model, hf_checkpoint, lora, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.run import logs
 from jaxunlearn.run.metrics_writer import MetricWriter
 from jaxunlearn.run.prepare import Prepared, prepare
 from jaxunlearn.run.record import compute_summary, run_record, stamp
-from jaxunlearn.run.workdir import EXPORT, Workdir, WorkdirError, config_differences
+from jaxunlearn.run.workdir import ADAPTER_EXPORT, EXPORT, Workdir, WorkdirError, config_differences
 from jaxunlearn.storage.checkpoints import Checkpointer
 from jaxunlearn.training import hooks
 from jaxunlearn.training.loop import LoopResult, NonFiniteError, Trainer
-from jaxunlearn.training.step import StepSetup, all_finite, init_state, reference_dtype
+from jaxunlearn.training.step import StepSetup, all_finite, init_state, lora_spec, reference_dtype
 
 __all__ = ["NonFiniteError", "Prepared", "WorkdirError", "prepare", "unlearn"]
 
@@ -74,6 +74,7 @@ def unlearn(
         params = models.unlearned(trained.state["params"])
         interrupts.fault_point("export")
         export_dir = export(prep, wd, models.lm, params, resume)
+        adapter_dir = export_adapter(prep, wd, models.lm, trained.state["params"])
         resume.checkpointer.close()
         report = evaluate_after(prep, wd, evals, before, trained, rule, params)
         log.info("done: %s", export_dir or wd.path)
@@ -85,6 +86,7 @@ def unlearn(
             final_metrics=trained.last_metrics,
             tokens_per_s=trained.tokens_per_s,
             hf_model=wd.location(EXPORT) if export_dir else None,
+            **({"hf_adapter": wd.location(ADAPTER_EXPORT)} if adapter_dir else {}),
             report=wd.location("report.md") if report else None,
             **({"derived_hparams": derived} if derived else {}),
         )
@@ -125,16 +127,23 @@ def open_checkpoints(prep: Prepared, wd: Workdir) -> Resume:
 
 @dataclasses.dataclass
 class Models:
-    lm: LanguageModel  # the trained model's structure (training compute dtype)
-    original: dict | None  # the original parameters (donated to the train state when training starts)
-    reference: dict | None  # the frozen original for the method (model.reference_dtype)
+    lm: LanguageModel  # the trained model's structure (training compute dtype; with its LoRA spec)
+    original: dict | None  # the original parameters (donated to the train state when training starts, unless LoRA)
+    reference: dict | None  # the frozen original for the method (model.reference_dtype; the base with LoRA)
     oracle: dict | None  # the exact retrain, for the oracle column and distances
-    transform: Callable[[dict], dict] | None = None  # the method's unlearned model from trained parameters
+    transform: Callable[[dict], dict] | None = None  # the unlearned model from trained parameters
+    base: dict | None = None  # with LoRA: the frozen base (lora.base_dtype), the step's second argument
 
     def unlearned(self, params: dict) -> dict:
         """The unlearned model of trained ``params``: themselves, except for methods with a transform (task
-        vectors: the original minus the scaled fine-tuning difference)."""
+        vectors: the original minus the scaled fine-tuning difference) and LoRA (the base with the adapters
+        attached: each layer adds its delta as it runs, no merged copy)."""
         return params if self.transform is None else self.transform(params)
+
+    @property
+    def frozen(self) -> dict | None:
+        """What the train step receives besides its state: the base with LoRA, else the reference (or None)."""
+        return self.base if self.base is not None else self.reference
 
 
 def load_checkpoint(prep: Prepared, path: str | os.PathLike, dtype: str | None = None) -> tuple[LanguageModel, dict]:
@@ -145,17 +154,29 @@ def load_checkpoint(prep: Prepared, path: str | os.PathLike, dtype: str | None =
 def load_models(prep: Prepared, resume: Resume) -> Models:
     """The original (to start, for the reference model and for evaluation), the reference and the oracle."""
     config, ev = prep.config, prep.config.evaluation
+    spec = lora_spec(config, prep.model_config)
     lm = LanguageModel(nnx.graphdef(abstract_model(prep.model_config)), prep.model_config)
-    original = reference = oracle = None
-    if resume.latest is None or prep.needs.reference or ev.enabled:
+    original = reference = oracle = base = None
+    if resume.latest is None or prep.needs.reference or ev.enabled or spec is not None:
         lm, original = load_checkpoint(prep, prep.model_dir)
     method = get_method(config.method.name)
     shardings = param_shardings(prep.model_config, prep.mesh, config.mesh.rules)
+    if spec is not None:  # the base, stored once: the original, the reference and the step's frozen weights
+        original = base = _cast(original, config.lora.base_dtype, shardings)
+        log.info(
+            "LoRA rank %d (alpha %g) on %d weights: %s trainable params (%.2f%% of %s); base frozen in %s",
+            spec.rank,
+            spec.alpha,
+            sum(sum(t.layers) for t in spec.targets),
+            f"{spec.num_params():,}",
+            100 * spec.num_params() / prep.model_config.num_params,
+            f"{prep.model_config.num_params:,}",
+            config.lora.base_dtype,
+        )
+        reference = base if prep.needs.reference else None
     # A finished run still needs the original to rebuild a transformed model (a re-export in another dtype).
-    if prep.needs.reference and (not resume.finished or method.transform is not None):
-        ref_dtype = reference_dtype(prep.model_config, config.model.reference_dtype)
-        cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=shardings)
-        reference = cast(original)
+    elif prep.needs.reference and (not resume.finished or method.transform is not None):
+        reference = _cast(original, reference_dtype(prep.model_config, config.model.reference_dtype), shardings)
     if ev.enabled and ev.oracle_model:
         _, oracle = load_checkpoint(prep, ev.oracle_model)
     transform = None
@@ -163,7 +184,15 @@ def load_models(prep: Prepared, resume: Resume) -> Models:
         hparams = method_hparams(config.method)
         apply = jax.jit(lambda p, r: method.transform(p, r, hparams), out_shardings=shardings)
         transform = lambda params: apply(params, reference)  # noqa: E731
-    return Models(lm, original, reference, oracle, transform)
+    if spec is not None:  # evaluated as the base with the adapters attached; export merges (export())
+        attached = lambda adapters: lora.attach(base, adapters)  # noqa: E731
+        merge = jax.jit(lambda p: lora.merge(spec, p, prep.model_config.param_dtype), out_shardings=shardings)
+        transform = attached if transform is None else (lambda a, t=transform: t(merge(attached(a))))
+    return Models(lm.with_lora(spec), original, reference, oracle, transform, base)
+
+
+def _cast(params: dict, dtype: str, shardings: dict) -> dict:
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
 
 
 # --- evaluation before and after ------------------------------------------------------------------------------
@@ -290,7 +319,7 @@ def initial_state(prep: Prepared, resume: Resume, models: Models, setup: StepSet
     name, total = prep.config.method.name, prep.total_steps
     if resume.latest is None:
         log.info("starting %s: %d steps of %d chunks", name, total, prep.batcher.chunks_per_step)
-        return init_state(models.original, setup.tx, setup.shardings), 0
+        return init_state(setup.initial_params(models.original, prep.config.seed), setup.tx, setup.shardings), 0
     state, _ = resume.checkpointer.restore(resume.latest, setup.abstract_state(prep.model_config))
     start = int(state["step"])
     if not resume.finished:
@@ -308,7 +337,7 @@ def make_trainer(
     )
     method = get_method(method_config.name)
     step_fn, b_shardings = setup.compile(method, ctx, prep.batcher.batch(start), reference=models.reference is not None)
-    return Trainer(step_fn, prep.batcher, b_shardings, models.reference, prep.total_steps, models.transform)
+    return Trainer(step_fn, prep.batcher, b_shardings, models.frozen, prep.total_steps, models.transform)
 
 
 def _progress_bar(prep: Prepared, start: int) -> Any:
@@ -368,7 +397,7 @@ def _meta(prep: Prepared, wd: Workdir, info: hooks.StepInfo) -> dict[str, Any]:
 
 def export(prep: Prepared, wd: Workdir, lm: LanguageModel, params: dict, resume: Resume) -> Path | None:
     """The unlearned model in Hugging Face format (``hf_model/``), unless a finished run already exported it
-    in the requested dtype. Non-finite parameters are never exported."""
+    in the requested dtype (LoRA adapters merged into it). Non-finite parameters are never exported."""
     config = prep.config
     if not config.checkpoint.export:
         return None
@@ -378,10 +407,24 @@ def export(prep: Prepared, wd: Workdir, lm: LanguageModel, params: dict, resume:
         return target
     if not bool(jax.device_get(jax.jit(all_finite)(params))):
         raise NonFiniteError(f"the parameters to export to {target} are not finite; nothing was exported")
+    if lora.split(params)[1] is not None:  # LoRA: the adapters merged into the base, in the export's dtype
+        shardings = param_shardings(prep.model_config, prep.mesh, config.mesh.rules)
+        params = jax.jit(lambda p: lora.merge(lm.lora, p, dtype), out_shardings=shardings)(params)
     generation = hf_checkpoint.read_generation_config(prep.model_dir)  # so that it generates as the source did
     hf_checkpoint.save_pretrained(
         lm.bind(params), target, tokenizer=prep.tokenizer, dtype=dtype, generation_config=generation
     )
+    return target
+
+
+def export_adapter(prep: Prepared, wd: Workdir, lm: LanguageModel, adapters: dict) -> Path | None:
+    """With LoRA, the trained adapters alone in PEFT's format (``hf_adapter/``): ``PeftModel.from_pretrained`` puts
+    them on the original checkpoint (``config.model.path``)."""
+    if lm.lora is None or not prep.config.checkpoint.export:
+        return None
+    target = wd.path / ADAPTER_EXPORT
+    if jax.process_index() == 0:
+        lora.save_peft(lm.lora, adapters, target, prep.config.model.path)
     return target
 
 

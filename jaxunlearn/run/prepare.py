@@ -21,6 +21,7 @@ from jaxunlearn.methods.registry import Needs, get_method, method_hparams, resol
 from jaxunlearn.models import ModelConfig, hf_checkpoint, param_shardings
 from jaxunlearn.parallel import sharding
 from jaxunlearn.storage import locations
+from jaxunlearn.training.step import lora_spec
 from jaxunlearn.world import WorldRecipe, ensure_world
 
 EVAL_SPLITS = ("forget", "approximate", "retain", "general")
@@ -93,6 +94,8 @@ def model_architecture(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Pa
     )
     param_shardings(model_config, mesh, config.mesh.rules)  # fails now if the mesh cannot split the heads
     check_method(config.method, model_config)
+    if config.lora.rank:
+        lora_spec(config, model_config)  # targets that match no weight (the method trains) fail now
     hf_checkpoint.check_checkpoint(model_dir, model_config)  # headers and tensor table: a damaged file fails now
     if config.evaluation.enabled and config.evaluation.oracle_model:
         check_oracle_architecture(config.evaluation.oracle_model, model_config)

@@ -50,6 +50,7 @@ log = logging.getLogger("jaxunlearn")
 LOCK = ".jaxunlearn.lock"
 HOLDER = ".jaxunlearn.lock.json"  # who holds the lock (the lock file itself stays empty)
 EXPORT = "hf_model"
+ADAPTER_EXPORT = "hf_adapter"  # with LoRA: the adapters alone, in PEFT's format
 # The top-level names a run writes in its workdir (besides ``log.processN.txt``): never a user's file of these names.
 OUTPUTS = (
     "run.json",
@@ -59,6 +60,7 @@ OUTPUTS = (
     "checkpoints",
     "eval",
     EXPORT,
+    ADAPTER_EXPORT,
     "report.json",
     "report.md",
     "perplexity_history.png",
@@ -104,6 +106,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
     a, b = (flatten(json.loads(json.dumps(d, default=str)), "config") for d in (old, new))
     # A setting added since the run started, at an empty default ("", 0, off), is the behaviour it ran with.
     added = {k for k in set(a) ^ set(b) if not (a.get(k) or b.get(k))}
+    # LoRA's settings do nothing while its rank is 0 (off) in both.
+    if not (a.get("config.lora.rank") or b.get("config.lora.rank")):
+        added |= {k for k in set(a) | set(b) if k.startswith("config.lora.")}
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in added)
     return [k for k in keys if not k.startswith(resumable_changes())]
 
@@ -118,7 +123,7 @@ class Workdir:
         self.path = locations.staging_dir(self.url) if self.url else Path(path).expanduser().absolute()
         self.staged = locations.Staged(self.url, self.path, skip=_not_staged) if self.url else None
         if self.staged:
-            self.staged.replaced = (EXPORT,)
+            self.staged.replaced = (EXPORT, ADAPTER_EXPORT)
         self.record: dict[str, Any] | None = None  # run.json, once the run is accepted
         self._lock: filelock.BaseFileLock | None = None
 
@@ -345,6 +350,8 @@ def _not_staged(relative: str) -> bool:
 def _pulled(relative: str) -> bool:
     """What a resumed staged run needs locally: everything but the export's weights (its config.json tells
     whether the export is current)."""
+    if relative.startswith(f"{ADAPTER_EXPORT}/"):
+        return False
     return not relative.startswith(f"{EXPORT}/") or relative == f"{EXPORT}/config.json"
 
 

@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxunlearn.errors import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_rules
 from jaxunlearn.methods.context import Context
-from jaxunlearn.methods.registry import Method
-from jaxunlearn.models import abstract_model, param_shardings
+from jaxunlearn.methods.registry import Method, get_method, method_hparams
+from jaxunlearn.models import abstract_model, lora, param_shardings
 from jaxunlearn.parallel import sharding
 
 State = dict[str, Any]
@@ -117,13 +117,22 @@ def _add_pass(carry: tuple, out: tuple) -> tuple:
     return grads, loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics)
 
 
-def _loss_of_trainable(method: Method, ctx: Context, mask: Any) -> Callable:
+def _loss_of_trainable(
+    method: Method, ctx: Context, mask: Any, lora_spec: lora.LoraSpec | None = None, reference: bool = False
+) -> Callable:
     """``loss_fn(params, ref_params, micro, rng) -> (loss, metrics)``, with no gradient through the parameters
-    ``mask`` freezes (none computed at all)."""
+    ``mask`` freezes (none computed at all).
+
+    With LoRA (``lora_spec``), ``params`` are the adapters and ``ref_params`` the frozen base: the method sees the
+    base with the adapters attached, and as its reference (``reference``) the base alone.
+    """
 
     def loss_fn(params: dict, ref_params: Any, micro: Any, rng: jax.Array):
         if mask is not None:
             params = jax.tree.map(lambda p, m: p if np.any(m) else jax.lax.stop_gradient(p), params, mask)
+        if lora_spec is not None:
+            base = jax.lax.stop_gradient(ref_params)
+            params, ref_params = lora.attach(base, params), (base if reference else None)
         return method.loss(params, ref_params, micro, rng, ctx)
 
     return loss_fn
@@ -136,15 +145,21 @@ def make_train_step(
     schedule: optax.Schedule,
     *,
     split_passes: bool = False,
+    lora_spec: lora.LoraSpec | None = None,
+    reference: bool = False,
 ) -> Callable:
     """``step(state, ref_params, batch) -> (state, metrics)`` (not yet jitted; see :func:`compile_train_step`).
 
     ``split_passes``: one forward/backward pass per split of each micro-batch (:func:`passes_per_split`), for less
-    memory at the same FLOPs; by default the splits share one pass.
+    memory at the same FLOPs; by default the splits share one pass. ``lora_spec``: the state's params are LoRA
+    adapters and ``ref_params`` the frozen base (the method's reference too when ``reference``).
     """
 
     mask = method.trainable(ctx.hparams, ctx.model.config) if method.trainable is not None else None
-    loss_fn = _loss_of_trainable(method, ctx, mask)
+    if lora_spec is not None:
+        mask = lora.adapter_mask(lora_spec, mask)
+        ctx = dataclasses.replace(ctx, model=ctx.model.with_lora(lora_spec))
+    loss_fn = _loss_of_trainable(method, ctx, mask, lora_spec, reference)
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: State, ref_params: Any, batch: Any) -> tuple[State, dict[str, jax.Array]]:
@@ -249,39 +264,83 @@ class StepSetup:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     shardings: State  # of the train state
-    param_shardings: dict
+    param_shardings: dict  # of the trained parameters (the adapters with LoRA)
     mesh: Mesh
     rules: sharding.Rules
     split_passes: bool = False  # config.train.split_passes
+    lora: lora.LoraSpec | None = None  # config.lora: the state trains adapters over a frozen base
+    base_shardings: dict | None = None  # of the model's parameters (the frozen base and the reference)
 
     @classmethod
     def for_run(cls, config: Any, model_config: Any, mesh: Mesh, total_steps: int) -> StepSetup:
-        """From a run's config (``optim``, ``mesh.rules``) and architecture."""
+        """From a run's config (``optim``, ``mesh.rules``, ``lora``) and architecture."""
 
         tx, schedule = make_optimizer(config.optim, total_steps)
         rules = sharding.normalize_rules(config.mesh.rules)
-        params = param_shardings(model_config, mesh, rules)
+        base = param_shardings(model_config, mesh, rules)
+        spec = lora_spec(config, model_config)
+        params = base if spec is None else adapter_shardings(spec, model_config, mesh, rules)
         shardings = state_shardings(tx, params, mesh)
-        return cls(tx, schedule, shardings, params, mesh, rules, split_passes=config.train.split_passes)
+        return cls(tx, schedule, shardings, params, mesh, rules, config.train.split_passes, spec, base)
 
     def abstract_state(self, model_config: Any) -> State:
         """The train state as ``ShapeDtypeStruct``s with their shardings (to restore into, or to compile for)."""
         from flax import nnx
 
-        _, params = nnx.split(abstract_model(model_config), nnx.Param)
+        if self.lora is None:
+            _, params = nnx.split(abstract_model(model_config), nnx.Param)
+            params = params.to_pure_dict()
+        else:
+            params = lora.adapter_shapes(self.lora, model_config.num_layers)
         shapes = jax.eval_shape(
-            lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)},
-            params.to_pure_dict(),
+            lambda p: {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
         )
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings)
 
+    def initial_params(self, original: dict, seed: int) -> dict:
+        """The trained parameters a run starts from: the original's, or with LoRA fresh adapters (PEFT's init)."""
+        if self.lora is None:
+            return original
+        adapters = lora.init_adapters(self.lora, len(self.lora.targets[0].layers), seed)
+        return jax.device_put(adapters, self.param_shardings)
+
     def compile(self, method: Method, ctx: Context, batch: Any, *, reference: bool) -> tuple[Callable, Any]:
         """The jitted step for ``batch``-shaped inputs (arrays or ``ShapeDtypeStruct``s) and its batch shardings;
-        ``reference``: the step receives the frozen reference model (else ``None``)."""
+        ``reference``: the step receives the frozen reference model (else ``None``). With LoRA the step always
+        receives the frozen base, which is also the reference."""
         b_shardings = batch_shardings(batch, self.mesh, self.rules)
-        ref_shardings = self.param_shardings if reference else None
-        step = make_train_step(method, ctx, self.tx, self.schedule, split_passes=self.split_passes)
+        frozen = self.lora is not None or reference
+        ref_shardings = (self.base_shardings or self.param_shardings) if frozen else None
+        step = make_train_step(
+            method,
+            ctx,
+            self.tx,
+            self.schedule,
+            split_passes=self.split_passes,
+            lora_spec=self.lora,
+            reference=reference,
+        )
         return compile_train_step(step, self.shardings, ref_shardings, b_shardings, self.mesh, self.rules), b_shardings
+
+
+def lora_spec(config: Any, model_config: Any) -> lora.LoraSpec | None:
+    """A run's LoRA adapters (None without): ``config.lora``, within the parameters its method trains."""
+    method = get_method(config.method.name)
+    trainable = None
+    if method.trainable is not None and config.get("lora") and config.lora.rank:
+        trainable = method.trainable(method_hparams(config.method), model_config)
+    return lora.spec_for(config.get("lora"), model_config, trainable)
+
+
+def adapter_shardings(spec: lora.LoraSpec, model_config: Any, mesh: Mesh, rules: sharding.Rules) -> dict:
+    """``NamedSharding`` of every LoRA adapter array, by its logical axes (:func:`lora.adapter_axes`)."""
+    shapes = lora.adapter_shapes(spec, model_config.num_layers)
+    return jax.tree.map(
+        lambda axes, s: sharding.named_sharding(axes, rules, mesh, s.shape),
+        lora.adapter_axes(spec, model_config),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 SCHEDULES = ("cosine", "linear", "constant")

@@ -45,7 +45,8 @@ def quantization(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any]
     if not schemes or not splits:
         return None
     results = {"none": _measure({s: ctx.stats(s) for s in splits})}
+    merged = ctx.evaluator.lm.merged(ctx.params)  # LoRA: the weights as the unlearned model has them
     for scheme in schemes:
-        quantized = quantize_params(ctx.params, ctx.evaluator.lm.config, scheme)
+        quantized = quantize_params(merged, ctx.evaluator.lm.config, scheme)
         results[scheme] = _measure({s: ctx.stats(s, ctx.evaluator, quantized) for s in splits})
     return results

@@ -116,7 +116,7 @@ def relearning(ctx: EvalContext, options: Mapping[str, Any]) -> dict[str, Any] |
         def measure(step: int, params: dict, curve: list = curve) -> None:
             curve.append({"step": step, **_point(ctx, params, measured, options["max_chunks"])})
 
-        relearner.run(ctx.params, texts[corpus], measure)
+        relearner.run(ctx.evaluator.lm.merged(ctx.params), texts[corpus], measure)  # LoRA: it tunes every weight
         out[corpus] = {"before": curve[0], "after": curve[-1], "curve": curve, "chunks": len(texts[corpus])}
     out["_measured"] = {"forget_chunks": len(measured), "forget_documents": measured.num_documents}
     return out
