@@ -124,8 +124,12 @@ def test_an_empty_directory_or_a_jaxunlearn_run_is_accepted(contents, tmp_path):
     run.mkdir()
     for name, text in contents.items():
         (run / name).mkdir() if text is None else (run / name).write_text(text)
+    before = {p.name: (p.read_text() if p.is_file() else None) for p in run.iterdir()}
     with Workdir(run).claimed():
-        pass
+        assert (run / ".jaxunlearn.lock").exists()  # claimed: the lock is held in the directory itself
+    assert before == {
+        p.name: (p.read_text() if p.is_file() else None) for p in run.iterdir() if p.name in before
+    }  # nothing that was there is replaced
 
 
 def test_the_outputs_list_names_what_a_run_writes():

@@ -368,12 +368,8 @@ class Transformer(nnx.Module):
         x = self.embedding[...].at[tokens].get(mode="promise_in_bounds").astype(cfg.dtype)
         x = constrain(x, ACTIVATION)
 
-        graphdef, state = nnx.split(self.layers)
-        state = state.to_pure_dict()
-        adapters = None if lora is None else lora[1]["layers"]
         num_layers = cfg.num_layers if upto is None else upto
-        if num_layers < cfg.num_layers:  # the stacked parameters of the first layers only: nothing else runs
-            state, adapters = jax.tree.map(lambda a: a[:num_layers], (state, adapters))
+        graphdef, state, adapters = self._stacked(num_layers, lora)
         # One window for every layer (the usual case) is a constant, not a scanned value: the compiler then builds
         # no per-layer [length, length] mask, and none at all for full causal attention.
         uniform = len(set(cfg.sliding_windows)) == 1
@@ -403,6 +399,14 @@ class Transformer(nnx.Module):
             return hidden
         k, v = (constrain(a, CACHE_AXES) for a in new_kv)
         return hidden, KVCache(k, v, key_positions, key_valid, cache.index + t)
+
+    def _stacked(self, num_layers: int, lora: tuple[Any, dict] | None) -> tuple[Any, dict, dict | None]:
+        """``(graphdef, params, adapters)`` of the first ``num_layers`` stacked layers (nothing else runs)."""
+        graphdef, state = nnx.split(self.layers)
+        stacked = (state.to_pure_dict(), None if lora is None else lora[1]["layers"])
+        if num_layers < self.config.num_layers:
+            stacked = jax.tree.map(lambda a: a[:num_layers], stacked)
+        return graphdef, *stacked
 
     def head_kernel(self) -> Array:
         """The output projection as ``[embed, vocab]`` (the transposed embedding when tied)."""
