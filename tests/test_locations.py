@@ -2,13 +2,24 @@
 caches. ``file://`` goes through the same staging and mirroring code as a bucket, so the whole main command runs
 on URLs offline and must give what it gives on plain paths."""
 
+import collections
+import contextlib
+import importlib
 import json
+import math
 import os
+import shutil
 import subprocess
+import threading
+import time
+from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.spec import AbstractBufferedFile
 from safetensors.numpy import load_file
 
 from jaxunlearn.storage import locations
@@ -78,6 +89,259 @@ def test_fetch_mirrors_a_directory_and_follows_changes(tmp_path, monkeypatch):
     assert not (epath.Path(local) / "config.json").exists()
     with pytest.raises(locations.LocationError, match="not found"):
         locations.fetch.__wrapped__(f"file://{tmp_path}/nothing", "model")
+
+
+# --- fetching in parallel from a slow store ----------------------------------------------------------------
+
+
+class SlowStore(fsspec.AbstractFileSystem):
+    """A gs:// store over a local directory (``gs://BUCKET/PATH`` is ``root/BUCKET/PATH``) that, as gcsfs, lists
+    with ``ls``, stats with ``info`` and reads files with ranged requests; each request takes ``latency`` seconds
+    plus its bytes at ``bandwidth`` bytes/s. It records the requests: how many were in flight at most, which
+    ranges of which file were read. Reads of a file whose path ends with ``fail`` fail."""
+
+    protocol = ("gs", "gcs")
+    cachable = False
+    root: Path
+    latency = 0.0
+    bandwidth = math.inf
+    fail: str | None = None
+    stale: dict[str, tuple[int, float]] = {}  # path: (size, mtime) its next info gives, as before a change
+    lock = threading.Lock()
+    in_flight = max_in_flight = requests = 0
+    reads: collections.Counter  # ranged reads per path
+    starts: collections.defaultdict  # the offsets each path was read from
+
+    @classmethod
+    def reset(cls, root: Path, latency: float = 0.0, bandwidth: float = math.inf) -> None:
+        cls.root, cls.latency, cls.bandwidth, cls.fail, cls.stale = root, latency, bandwidth, None, {}
+        cls.in_flight = cls.max_in_flight = cls.requests = 0
+        cls.reads, cls.starts = collections.Counter(), collections.defaultdict(set)
+
+    @classmethod
+    @contextlib.contextmanager
+    def request(cls, size: int = 0):
+        with cls.lock:
+            cls.in_flight += 1
+            cls.requests += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            time.sleep(cls.latency + size / cls.bandwidth)
+            yield
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+    def _entry(self, name: str, local: Path) -> dict:
+        stat = local.stat()
+        kind = "directory" if local.is_dir() else "file"
+        return {"name": name, "type": kind, "size": 0 if kind == "directory" else stat.st_size, "mtime": stat.st_mtime}
+
+    def info(self, path, **kwargs):
+        name = self._strip_protocol(path)
+        with self.request():
+            if not (self.root / name).exists():
+                raise FileNotFoundError(path)
+            entry = self._entry(name, self.root / name)
+            if name in self.stale:
+                entry["size"], entry["mtime"] = self.stale.pop(name)
+            return entry
+
+    def ls(self, path, detail=True, **kwargs):
+        name = self._strip_protocol(path)
+        with self.request():
+            local = self.root / name
+            if not local.exists():
+                raise FileNotFoundError(path)
+            children = sorted(local.iterdir()) if local.is_dir() else [local]
+            entries = [self._entry(f"{name}/{c.name}" if c != local else name, c) for c in children]
+        return entries if detail else [e["name"] for e in entries]
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        assert mode == "rb", "a fetch only reads"
+        return _SlowFile(self, self._strip_protocol(path), mode, block_size=block_size or "default", **kwargs)
+
+
+class _SlowFile(AbstractBufferedFile):
+    def _fetch_range(self, start, end):
+        store = type(self.fs)
+        with store.request(end - start):
+            if store.fail and self.path.endswith(store.fail):
+                raise ConnectionError(f"503 Service Unavailable reading {self.path}")
+            with open(store.root / self.path, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+        with store.lock:
+            store.reads[self.path] += 1
+            store.starts[self.path].add(start)
+        return data
+
+
+@contextlib.contextmanager
+def slow_store(root: Path, latency: float = 0.0, bandwidth: float = math.inf):
+    """gs:// URLs served by :class:`SlowStore` over ``root`` while the block runs (no gcsfs needed)."""
+    registry = importlib.import_module("fsspec.registry")._registry  # (fsspec.registry is the read-only view)
+    saved = {k: registry.get(k) for k in ("gs", "gcs")}
+    required, reached = locations._require_client, set(locations._reached)
+    SlowStore.reset(root, latency, bandwidth)
+    registry.update(gs=SlowStore, gcs=SlowStore)
+    locations._require_client = lambda *a: None
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    try:
+        yield SlowStore
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                registry.pop(k, None)
+            else:
+                registry[k] = v
+        locations._require_client = required
+        locations._reached.clear()
+        locations._reached.update(reached)
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv(locations.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(locations.THREADS_ENV, raising=False)
+    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+    with slow_store(tmp_path / "gcs", latency=0.01) as store:
+        yield store
+
+
+def _tree(root: Path, n: int, seed: int = 0) -> dict[str, bytes]:
+    """``n`` files of random bytes (some in a subdirectory, one empty) under ``root``; returns their contents."""
+    rng = np.random.default_rng(seed)
+    files = {f"{'sub/' if i % 3 == 0 else ''}f{i:02d}.bin": rng.bytes(int(rng.integers(0, 3000))) for i in range(n)}
+    files["empty.txt"] = b""
+    for relative, data in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return files
+
+
+def _mirrored(local: Path) -> dict[str, bytes]:
+    """The mirror's files, without its manifest."""
+    return {
+        p.relative_to(local).as_posix(): p.read_bytes()
+        for p in local.rglob("*")
+        if p.is_file() and p.name != ".jaxunlearn-mirror.json"
+    }
+
+
+def test_a_parallel_fetch_mirrors_a_tree_and_follows_changes(store):
+    """Through a gs:// store listed and read as gcsfs does (directories named without the scheme): the bytes of
+    every file, the manifest of (size, mtime), then only the changed file copied again and the deleted one gone."""
+    model = store.root / "bucket" / "model"
+    files = _tree(model, 12)
+    local = Path(locations.fetch.__wrapped__("gs://bucket/model", "model"))
+    assert local == Path(os.environ[locations.CACHE_ENV]) / "remote" / "gs" / "bucket" / "model"
+    assert _mirrored(local) == files
+    manifest = json.loads((local / ".jaxunlearn-mirror.json").read_text())
+    assert manifest == {r: [len(d), int((model / r).stat().st_mtime)] for r, d in files.items()}
+
+    inode = {r: (local / r).stat().st_ino for r in files}  # a copy replaces the file: a new inode
+    changed = b"x" * len(files["f01.bin"])  # same size: only the modification time tells
+    (model / "f01.bin").write_bytes(changed)
+    os.utime(model / "f01.bin", (time.time() + 10, time.time() + 10))
+    (model / "sub" / "f03.bin").unlink()
+    store.reads.clear()
+    locations.fetch.__wrapped__("gs://bucket/model", "model")
+    assert _mirrored(local) == {**{r: d for r, d in files.items() if r != "sub/f03.bin"}, "f01.bin": changed}
+    assert set(store.reads) == {"bucket/model/f01.bin"}  # the unchanged files were not read again
+    assert [r for r in files if r != "sub/f03.bin" and (local / r).stat().st_ino != inode[r]] == ["f01.bin"]
+    assert "sub/f03.bin" not in json.loads((local / ".jaxunlearn-mirror.json").read_text())
+
+
+def test_transfers_overlap_up_to_the_thread_setting(store, monkeypatch, tmp_path):
+    """The requests in flight at once, counted by the store: one at a time with 1 thread, 4 with 4, more than
+    4 and at most 16 by default (not a timing: each request lasts 20 ms, plenty to overlap)."""
+    _tree(store.root / "bucket" / "model", 32)
+    for threads in ("1", "4", None):
+        if threads:
+            monkeypatch.setenv(locations.THREADS_ENV, threads)
+        else:
+            monkeypatch.delenv(locations.THREADS_ENV)
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        store.reset(store.root, latency=0.02)
+        locations.fetch.__wrapped__("gs://bucket/model", "model")
+        if threads:
+            assert store.max_in_flight == int(threads)
+        else:
+            assert 4 < store.max_in_flight <= locations.DEFAULT_THREADS == 16
+
+
+def test_a_large_file_is_fetched_in_ranges_that_reassemble_it(store, monkeypatch):
+    data = np.random.default_rng(1).bytes(10_007)
+    (store.root / "bucket" / "ckpt").mkdir()
+    (store.root / "bucket" / "ckpt" / "model.safetensors").write_bytes(data)
+    (store.root / "bucket" / "ckpt" / "config.json").write_text("{}")
+    monkeypatch.setattr(locations, "CHUNK_SIZE", 1000)
+    local = Path(locations.fetch.__wrapped__("gs://bucket/ckpt", "model"))
+    assert (local / "model.safetensors").read_bytes() == data
+    assert store.starts["bucket/ckpt/model.safetensors"] == set(range(0, 10_007, 1000))  # 11 ranged reads
+    assert store.starts["bucket/ckpt/config.json"] == {0}
+
+    single = Path(locations.fetch.__wrapped__("gs://bucket/ckpt/model.safetensors", "model"))  # a file URL
+    assert single.read_bytes() == data and single.is_file()
+
+
+def test_a_failed_transfer_names_the_file_and_leaves_nothing_partial(store, monkeypatch):
+    files = _tree(store.root / "bucket" / "model", 8)
+    big = np.random.default_rng(2).bytes(5000)
+    (store.root / "bucket" / "model" / "big.bin").write_bytes(big)
+    monkeypatch.setattr(locations, "CHUNK_SIZE", 1000)
+    store.fail = "f04.bin"
+    with pytest.raises(locations.LocationError) as failed:
+        locations.fetch.__wrapped__("gs://bucket/model", "model")
+    message = str(failed.value)
+    assert message.startswith("model=gs://bucket/model: copying gs://bucket/model/f04.bin failed (ConnectionError: ")
+    assert "503 Service Unavailable" in message and "\n" not in message
+    local = Path(os.environ[locations.CACHE_ENV]) / "remote" / "gs" / "bucket" / "model"
+    names = [p.name for p in local.rglob("*")]
+    assert not [n for n in names if "partial" in n] and "f04.bin" not in names
+    assert ".jaxunlearn-mirror.json" not in names  # nothing is trusted: the next fetch copies anew
+
+    store.fail = None
+    locations.fetch.__wrapped__("gs://bucket/model", "model")
+    assert _mirrored(local) == {**files, "big.bin": big}
+
+
+@pytest.mark.parametrize("ranges", [1, 5])
+def test_a_file_that_changes_while_it_is_copied_is_not_kept(ranges, store, monkeypatch):
+    """The store's file changed between the stat that the manifest would record and the copy: it grew (one
+    range: more bytes than the stat said), or its modification time moved (several ranges: they could mix two
+    versions)."""
+    data = np.random.default_rng(3).bytes(5000)
+    (store.root / "bucket" / "model").mkdir()
+    (store.root / "bucket" / "model" / "w.bin").write_bytes(data)
+    monkeypatch.setattr(locations, "CHUNK_SIZE", 5000 // ranges)
+    mtime = (store.root / "bucket" / "model" / "w.bin").stat().st_mtime
+    store.stale["bucket/model/w.bin"] = (4000, mtime) if ranges == 1 else (5000, mtime - 60)
+    with pytest.raises(locations.LocationError, match="w.bin (is longer than its 4000 bytes|changed while being c)"):
+        locations.fetch.__wrapped__("gs://bucket/model", "model")
+    local = Path(os.environ[locations.CACHE_ENV]) / "remote" / "gs" / "bucket" / "model"
+    assert not [p for p in local.rglob("*") if p.is_file()]
+
+
+def test_a_partial_file_a_killed_fetch_left_is_never_trusted(store):
+    files = _tree(store.root / "bucket" / "model", 4)
+    local = Path(locations.fetch.__wrapped__("gs://bucket/model", "model"))
+    (store.root / "bucket" / "model" / "f01.bin").write_bytes(b"new contents")
+    (local / ".f01.bin.partial-999999").write_bytes(b"new")  # a fetch killed mid-copy, its manifest not written
+    locations.fetch.__wrapped__("gs://bucket/model", "model")
+    assert _mirrored(local) == {**files, "f01.bin": b"new contents"}
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1.5"])
+def test_a_bad_thread_setting_is_refused_before_any_work(value, store, monkeypatch):
+    monkeypatch.setenv(locations.THREADS_ENV, value)
+    (store.root / "bucket" / "f.jsonl").write_text("{}")
+    for call in (locations.check, locations.fetch.__wrapped__):
+        with pytest.raises(locations.LocationError, match=rf"^JAXUNLEARN_FETCH_THREADS={value}: must be a whole"):
+            call("gs://bucket/f.jsonl", "config.data.forget.path")
+    assert not (Path(os.environ[locations.CACHE_ENV]) / "remote").exists()
 
 
 def _run(args, cache):

