@@ -2,15 +2,19 @@
 # One TPU VM worker's side of launch/tpu_pod.py, copied next to the code as ~/jaxunlearn/<run>/worker.sh:
 #   worker.sh start [--module=jaxunlearn.main] [--python=PY | --python-version=3.11] [--pip=SPEC]... [--env=K=V]...
 #                   -- ARGS...
-#   worker.sh status
+#   worker.sh status [--brief]
 #   worker.sh stop [--signal=TERM]
-# start: unpacks code.tar.gz into code/ (on this worker's own disk), builds or reuses this worker's environment
-# (uv, Python >= 3.11, requirements.txt + the package's tpu extra; kept in ~/jaxunlearn/envs/ and reused while
-# requirements.txt and pyproject.toml do not change), then starts `python -m MODULE ARGS` in code/, detached (its
-# own session, nohup: a dropped ssh does not stop it), writing logs/worker-<id>.log, worker-<id>.pid and, when it
-# ends, worker-<id>.exit.
+# start: exports the --env variables (for the setup too: PIP_INDEX_URL, UV_DEFAULT_INDEX, UV_PYTHON_INSTALL_MIRROR),
+# unpacks code.tar.gz into code/ (on this worker's own disk), builds or reuses this worker's environment (a pinned
+# uv from the package index; the image's Python when it is >= 3.11, else another Python >= 3.11 on the image, else
+# one that uv downloads; requirements.txt + the package's tpu extra; kept in ~/jaxunlearn/envs/ and reused while
+# those do not change), then starts `python -m MODULE ARGS` in code/, detached (its own session, nohup: a dropped
+# ssh does not stop it), writing logs/worker-<id>.log, worker-<id>.pid and, when it ends, worker-<id>.exit.
+# status --brief: one line `JAXUNLEARN_STATUS worker=<id> state=running|finished|killed|none [exit=<status>]`.
 # The worker id is the TPU VM's agent-worker-number (metadata server), or $JAXUNLEARN_WORKER_ID when set.
 set -euo pipefail
+
+UV_VERSION=0.13.10 # pinned: installed with `python3 -m pip install --user uv==...` from the package index
 
 run_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$run_dir")
@@ -50,33 +54,71 @@ unpack() {
   say "code unpacked into $code"
 }
 
+uv_ok() { [[ $(uv --version 2>/dev/null) == "uv $UV_VERSION"* ]]; }
+
+# uv $UV_VERSION in ~/.local/bin, from the package index (PIP_INDEX_URL when set): nothing else is fetched.
 ensure_uv() {
-  export PATH="$HOME/.local/bin:$HOME/.cargo/bin:$PATH"
-  command -v uv >/dev/null && return
-  say "installing uv"
-  curl -LsSf https://astral.sh/uv/install.sh | sh || python3 -m pip install --user --quiet uv
-  command -v uv >/dev/null || die "uv could not be installed"
+  export PATH="$HOME/.local/bin:$PATH"
+  uv_ok && return
+  say "installing uv $UV_VERSION: python3 -m pip install --user uv==$UV_VERSION (index: ${PIP_INDEX_URL:-PyPI})"
+  python3 -m pip install --user --quiet "uv==$UV_VERSION" ||
+    python3 -m pip install --user --quiet --break-system-packages "uv==$UV_VERSION" ||
+    die "uv $UV_VERSION could not be installed with python3 -m pip: no pip on the image, or no route to the" \
+      "package index (private network: Cloud NAT or a mirror, --index-url; see launch/README.md)"
+  uv_ok || die "uv $UV_VERSION was installed, but uv is $(command -v uv) ($(uv --version 2>&1))"
 }
 
-# Sets $py to this worker's environment for (requirements.txt, pyproject.toml, Python version, extra specs),
-# building it once: the pinned requirements plus the package's `tpu` extra (jax[tpu], storage clients), not the
-# package itself (the run imports it from code/).
+# Sets $base to a Python >= 3.11 already on this worker (the image's python3 first) and $base_version, or clears
+# them.
+find_python() {
+  local candidate
+  base="" base_version=""
+  for candidate in python3 python3.14 python3.13 python3.12 python3.11; do
+    command -v "$candidate" >/dev/null || continue
+    if base_version=$("$candidate" -c 'import sys
+print("%d.%d" % sys.version_info[:2]); sys.exit(sys.version_info < (3, 11))' 2>/dev/null); then
+      base=$(command -v "$candidate")
+      return
+    fi
+  done
+  base_version=""
+}
+
+# Sets $py to this worker's environment for (requirements.txt, pyproject.toml, base Python, extra specs), building
+# it once: the pinned requirements plus the package's `tpu` extra (jax[tpu], storage clients), not the package
+# itself (the run imports it from code/). The base Python: the image's own when it is >= 3.11 (or another >= 3.11
+# on the image; no download: UV_PYTHON_DOWNLOADS=never), else CPython $version that uv downloads.
 build_env() {
-  local version=$1 key env
+  local version=$1 key env request
   shift
   ensure_uv
-  key=$({ cat "$code/requirements.txt" "$code/pyproject.toml"; printf '%s\n' "$version" "$@"; } | sha256sum)
+  find_python
+  if [[ -n $base ]]; then
+    say "base Python: $base ($base_version, on the image)"
+    request=$base
+    export UV_PYTHON_DOWNLOADS=never
+  else
+    say "no Python >= 3.11 on this image (python3: $(python3 -V 2>&1 || echo none)): uv downloads CPython $version" \
+      "from ${UV_PYTHON_INSTALL_MIRROR:-GitHub (python-build-standalone)}."
+    say "  This needs internet access to ${UV_PYTHON_INSTALL_MIRROR:-github.com (a recent uv may try the Astral mirror" \
+      "releases.astral.sh first)}. To avoid it: an image with Python >= 3.11, --python=PATH (a Python >= 3.11 on" \
+      "every worker), or --env=UV_PYTHON_INSTALL_MIRROR=URL."
+    request=$version base_version=$version
+    export UV_PYTHON_DOWNLOADS=${UV_PYTHON_DOWNLOADS:-automatic}
+  fi
+  key=$({ cat "$code/requirements.txt" "$code/pyproject.toml"; printf '%s\n' "$request" "$@"; } | sha256sum)
   key=${key:0:16}
-  env=$root/envs/py$version-$key
+  env=$root/envs/py$base_version-$key
   mkdir -p "$root/envs"
   (
     flock 9 # one build at a time on this worker; other workers build on their own disks
     if [[ -f $env/.complete ]]; then
       say "reusing $env"
     else
-      say "building $env (uv, Python $version, requirements.txt + the tpu extra $*): minutes, once per worker"
+      say "building $env (uv $UV_VERSION, Python $base_version, requirements.txt + the tpu extra $*): minutes," \
+        "once per worker"
       rm -rf "$env"
-      uv venv --quiet --python "$version" "$env"
+      uv venv --quiet --python "$request" "$env"
       uv pip install --quiet --python "$env/bin/python" -r "$code/requirements.txt" -r "$code/pyproject.toml" \
         --extra tpu "$@"
       touch "$env/.complete"
@@ -129,6 +171,7 @@ cmd_start() {
   mkdir -p "$run_dir/logs"
   exec > >(tee -a "$log") 2>&1 # this setup's output goes to the ssh session and the log
   say "run $(basename "$run_dir") on $(hostname)"
+  for kv in ${envs[@]+"${envs[@]}"}; do export "${kv?}"; done
   unpack
   if [[ -n $python ]]; then
     py=$python
@@ -136,12 +179,23 @@ cmd_start() {
     build_env "$version" ${pips[@]+"${pips[@]}"}
   fi
   check_python
-  for kv in ${envs[@]+"${envs[@]}"}; do export "${kv?}"; done
   ln -sfn "$(basename "$run_dir")" "$root/latest"
   start_detached "$module" "$@"
 }
 
 cmd_status() {
+  if [[ ${1:-} == --brief ]]; then
+    if running; then
+      echo "JAXUNLEARN_STATUS worker=$id state=running"
+    elif [[ -f $exitfile ]]; then
+      echo "JAXUNLEARN_STATUS worker=$id state=finished exit=$(cat "$exitfile")"
+    elif [[ -f $pidfile ]]; then
+      echo "JAXUNLEARN_STATUS worker=$id state=killed"
+    else
+      echo "JAXUNLEARN_STATUS worker=$id state=none"
+    fi
+    return
+  fi
   if running; then
     echo "worker $id: running (pid $(cat "$pidfile"))"
   elif [[ -f $exitfile ]]; then
