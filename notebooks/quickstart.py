@@ -2,6 +2,7 @@
 # jupyter:
 #   accelerator: TPU
 #   colab:
+#     gpuType: V5E1
 #     name: jaxunlearn quickstart
 #     provenance: []
 #   jupytext:
@@ -27,46 +28,179 @@
 # plots, and evaluate the unlearned model on its own. Everything runs offline; the last section shows the
 # same steps on a Hugging Face checkpoint and the paper's data set.
 #
-# On Colab pick a TPU runtime (*Runtime > Change runtime type > TPU*); a GPU or the CPU work too, only slower.
-# Source: https://github.com/jaxunlearn/jaxunlearn (this notebook is `notebooks/quickstart.ipynb`, generated
-# from `notebooks/quickstart.py`).
+# The notebook asks Colab for a TPU v5e runtime (*Runtime > Change runtime type* changes it); a GPU or the CPU work
+# too, only slower. Open it in Colab from its repository (*File > Open notebook > GitHub*) or upload it
+# (*File > Upload notebook*); it is `notebooks/quickstart.ipynb` in the jaxunlearn source, generated from
+# `notebooks/quickstart.py`.
 
 # %% [markdown]
 # ## Parameters
 #
 # `SIZE` picks the recipe: `colab` is the built-in world and run of `python -m jaxunlearn.main
-# --config=configs/ga_kl.py` (a 1.1M-parameter model, 40 forget documents; about 7 minutes on a 2-core CPU the
-# first time, less on an accelerator), `ci` a tiny world and two steps of the real model, which the project's tests
-# execute on CPU in about 2 minutes (`JAXUNLEARN_NOTEBOOK=ci`); the recipes are in the cells below. `ONLINE = True` also runs the
-# Hugging Face cells at the end.
+# --config=ga_kl` (a 1.1M-parameter model, 40 forget documents; about 7 minutes on a 2-core CPU the first time,
+# less on an accelerator), `ci` a tiny world and two steps of the real model, which the project's tests execute
+# on CPU (`JAXUNLEARN_NOTEBOOK=ci`). `WORKDIR` may be a local path, a Google Drive folder
+# (`/content/drive/MyDrive/...`, mounted when needed) or a Cloud Storage URL (`gs://BUCKET/PATH`, with your
+# Google login). `INSTALL` says where the package comes from when it is not installed yet: the package index by
+# name (`"jaxunlearn"`, `"jaxunlearn==0.1.0"`), a wheel you uploaded or built (`"/content/jaxunlearn-0.1.0-py3-none-any.whl"`,
+# `python -m build` in a checkout), a URL of a wheel or source archive, or a git ref
+# (`"git+https://github.com/OWNER/jaxunlearn@main"`). `ONLINE = True` also runs the Hugging Face cells at the
+# end; `HF_MODEL = None` lets the planner pick the largest model that fits this runtime's chips.
 
 # %% tags=["parameters"]
 import os
 
 SIZE = os.environ.get("JAXUNLEARN_NOTEBOOK", "colab")  # "colab" or "ci"
-ONLINE = False  # the Hugging Face section at the end needs network access (and a big accelerator for Yi-6B)
-WORKDIR = "workdirs/quickstart"  # the run's checkpoints, report and exported model
+WORKDIR = "workdirs/quickstart"  # the run's checkpoints, report and exported model: a path, Drive or gs://
+INSTALL = "jaxunlearn"  # the package index by name, a wheel (path or URL), a source URL or git+https://...@REF
+ONLINE = False  # the Hugging Face section at the end needs network access
+HF_MODEL = None  # None: the planner picks from MODEL_CHOICES for this runtime; or a Hub id / local directory
 
 assert SIZE in ("colab", "ci"), f"SIZE={SIZE!r}: colab or ci"
 
 # %% [markdown]
 # ## Install
 #
-# On Colab the package is not there yet: install it from GitHub with the TPU extra (`jax[tpu]`). Where it is
-# already importable (a local checkout, the project's CI) this cell does nothing.
+# Nothing to do where the package is importable (a local checkout, a second run of this cell). Otherwise it
+# installs `INSTALL` with pip, keeping the runtime's own JAX when it is a version jaxunlearn supports (0.10.2 or
+# later) with its accelerator's backend: the `tpu` or `cuda` extra (`jax[tpu]`, `jax[cuda13]`) is added only when
+# JAX or its TPU/GPU backend is missing or too old (Colab's TPU runtime shipped jax 0.7.2 in August 2026). If pip had to upgrade a package this
+# session has already imported, the cell says that the runtime must restart (*Runtime > Restart session*,
+# then run all cells again: this cell then finds the package installed). If pip fails, the cell says what to do.
 
 # %%
 import importlib
+import importlib.metadata
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-PACKAGE = "jaxunlearn[tpu] @ git+https://github.com/jaxunlearn/jaxunlearn"
+# The oldest jax jaxunlearn supports (pyproject.toml's lower bound; flax 0.12.8 needs jax >= 0.10). Colab's TPU
+# runtime shipped jax 0.7.2 in August 2026: then the tpu extra brings jax[tpu] 0.10.2 with its libtpu.
+JAX_MIN = (0, 10, 2)
+GPU_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 
-if importlib.util.find_spec("jaxunlearn") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", PACKAGE], check=True)
+
+class InstallProblem(Exception):
+    """Shown as its message alone (IPython renders ``_render_traceback_``), and it stops *Run all*."""
+
+    def _render_traceback_(self):
+        return [str(self)]
+
+
+def release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def installed_versions() -> dict[str, str]:
+    """Every installed distribution's version, by its normalised name."""
+    out = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
+    return out
+
+
+def accelerator() -> str:
+    """The runtime's accelerator, from its devices and environment (without importing jax)."""
+    tpu = os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_ADDR") or os.path.exists("/dev/accel0")
+    if tpu or os.path.exists("/dev/vfio/0"):
+        return "tpu"
+    return "gpu" if os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") else "cpu"
+
+
+def jax_is_usable(versions: dict[str, str], device: str) -> bool:
+    """A supported jax with the backend ``device`` needs is installed (a CPU needs only jax and jaxlib)."""
+    if "jax" not in versions or "jaxlib" not in versions or release(versions["jax"]) < JAX_MIN:
+        return False
+    if device == "tpu":
+        return "libtpu" in versions or "libtpu-nightly" in versions
+    if device == "gpu":
+        return any(plugin in versions for plugin in GPU_PLUGINS)
+    return True
+
+
+def install_spec(source: str, extra: str | None) -> str:
+    """pip's requirement for ``source`` (a name, name==version, wheel path or URL, git+URL) with ``extra``."""
+    extras = f"[{extra}]" if extra else ""
+    if re.fullmatch(r"jaxunlearn\s*([<>=!~].*)?", source.strip()):
+        return f"jaxunlearn{extras}{source.strip()[len('jaxunlearn') :]}"
+    url = source if re.match(r"^[a-z+]+://", source) else Path(source).expanduser().resolve().as_uri()
+    return f"jaxunlearn{extras} @ {url}"
+
+
+def restart_needed(
+    before: dict[str, str], after: dict[str, str], imported: set[str], modules: dict[str, list[str]] | None = None
+) -> list[str]:
+    """The distributions pip replaced whose modules this session has imported (their old code stays loaded)."""
+    modules = importlib.metadata.packages_distributions() if modules is None else modules
+    loaded = {re.sub(r"[-_.]+", "-", dist).lower() for module in imported for dist in modules.get(module, ())}
+    return [
+        f"{name} {before[name]} -> {after[name]}"
+        for name in sorted(before)
+        if name in loaded and after.get(name, before[name]) != before[name]
+    ]
+
+
+def install(source: str) -> None:
+    """pip-install jaxunlearn from ``source``, keeping a usable jax; raises :class:`InstallProblem` with what to do."""
+    device, before = accelerator(), installed_versions()
+    keep = jax_is_usable(before, device)
+    extra = None if keep else {"tpu": "tpu", "gpu": "cuda"}.get(device)
+    requirements = [install_spec(source, extra)]
+    if WORKDIR.startswith("gs://") and "gcsfs" not in before:
+        requirements.append("gcsfs>=2026.8.2")  # opens gs:// URLs
+    jax_note = f"keeping jax {before['jax']}" if keep else "with jax" + (f" ([{extra}] extra)" if extra else "")
+    print(f"installing {' '.join(requirements)} on a {device.upper()} runtime, {jax_note}")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *requirements], capture_output=True, text=True)
+    if pip.returncode:
+        said = "\n".join("    " + line for line in (pip.stderr or pip.stdout).strip().splitlines()[-6:])
+        raise InstallProblem(
+            f"pip could not install {requirements[0]} (exit status {pip.returncode}):\n{said}\n"
+            "Instead, set INSTALL in the parameters cell and run the cells again:\n"
+            '  - a wheel: build one in a checkout (python -m build) and upload it (Files pane or Drive), then INSTALL = "/content/jaxunlearn-0.1.0-py3-none-any.whl"\n'
+            '  - a git ref: INSTALL = "git+https://github.com/OWNER/jaxunlearn@main" (a private repository needs a token)\n'
+            '  - the package index: INSTALL = "jaxunlearn" once it is published there (README: Publishing)'
+        )
     importlib.invalidate_caches()
+    stale = restart_needed(before, installed_versions(), {name.split(".")[0] for name in sys.modules})
+    if stale:
+        raise InstallProblem(
+            f"installed, but pip upgraded packages this session has already imported ({', '.join(stale)}): "
+            "restart the runtime (Runtime > Restart session), then run all cells again"
+        )
+    print(f"installed jaxunlearn {importlib.metadata.version('jaxunlearn')}")
+
+
+# %%
+if importlib.util.find_spec("jaxunlearn") is None:
+    install(INSTALL)
 else:
     print("jaxunlearn is already installed: nothing to do")
+
+# %% [markdown]
+# ## Where the run is written
+#
+# A Drive folder is mounted, and a `gs://` workdir uses your Google login, when the notebook runs on Colab.
+
+# %%
+if (
+    "google.colab" in sys.modules
+    and WORKDIR.startswith("/content/drive/")
+    and not os.path.isdir("/content/drive/MyDrive")
+):
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+if "google.colab" in sys.modules and WORKDIR.startswith("gs://"):
+    from google.colab import auth
+
+    auth.authenticate_user()
+print(f"runs are written to {WORKDIR}")
 
 # %% [markdown]
 # ## The accelerator
@@ -159,13 +293,13 @@ print(f"status {record['status']} after {record['steps']} steps; stopped: {recor
 
 # %%
 import json
-from pathlib import Path
 
+from etils import epath
 from IPython.display import Image, Markdown, display
 
 from jaxunlearn.evaluation.report import summary
 
-report_md = Path(record["report"])
+report_md = epath.Path(record["report"])  # a local path or a gs:// URL
 report = json.loads(report_md.with_suffix(".json").read_text())
 print(summary(report))
 display(Markdown(report_md.read_text().split("## Plots")[0]))  # the plots follow as images
@@ -178,8 +312,8 @@ display(Markdown(report_md.read_text().split("## Plots")[0]))  # the plots follo
 
 # %%
 for plot in report["plots"]:
-    print(Path(plot).name)
-    display(Image(filename=plot))
+    print(epath.Path(plot).name)
+    display(Image(data=epath.Path(plot).read_bytes()))
 
 # %% [markdown]
 # ## Evaluating a model on its own
@@ -242,7 +376,7 @@ print(f"model: {real.model.path}")
 print(f"forget: {real.data.forget.path}")
 print(f"unseen reference: {real.data.approximate.path}")
 real_record = unlearn(real, WORKDIR + "-smollm2")
-real_report = json.loads(Path(real_record["report"]).with_suffix(".json").read_text())
+real_report = json.loads(epath.Path(real_record["report"]).with_suffix(".json").read_text())
 print(summary(real_report))
 
 # %% [markdown]
@@ -260,7 +394,7 @@ tokenizer = load_tokenizer(real.model.path)
 module = load_documents(DocumentSource.from_config("forget", real.data.forget))[0]
 prompt = tokenizer(module)["input_ids"][:48]
 new_tokens = 48 if SIZE == "colab" else 8
-for name, path in (("original", real.model.path), ("unlearned", str(Path(WORKDIR + "-smollm2") / "hf_model"))):
+for name, path in (("original", real.model.path), ("unlearned", f"{WORKDIR}-smollm2/hf_model")):
     lm, params = load_model(path, real.model, mesh=sharding.single_device_mesh())
     continuation = generate(lm, params, [prompt], max_new_tokens=new_tokens)[0]
     print(f"--- {name} ---\n{tokenizer.decode(prompt)}[...]{tokenizer.decode(continuation)}\n")
@@ -270,56 +404,71 @@ print(f"--- the module goes on ---\n{module[len(tokenizer.decode(prompt)) :][:30
 # ## A Hugging Face checkpoint and the paper's data set (online)
 #
 # The paper unlearns arXiv papers from Yi-6B. The `arxiv` preset (`base_config("ga_kl", preset="arxiv")`,
-# `--config=configs/ga_kl.py:arxiv` on the command line) is its recipe on its data set
-# (`llmunlearn/unlearn_dataset` on the Hub: arXiv papers to forget, others to retain, unseen ones to compare
-# with; learning rate 2e-5, steps of 480 chunks of 4096 tokens); `model.path` takes a Hub id or a local
-# directory. These cells need network access and run only with `ONLINE = True`. Unlearning Yi-6B needs a TPU
-# slice (about 14 GiB per chip on a v5e-16: plan it with `python -m jaxunlearn.commands.plan`); on one Colab runtime set
-# `HF_MODEL` to a small Llama-family model such as `HuggingFaceTB/SmolLM2-135M`.
+# `--config=ga_kl:arxiv` on the command line) is its recipe on its data set (`llmunlearn/unlearn_dataset` on the
+# Hub: arXiv papers to forget, others to retain, unseen ones to compare with; learning rate 2e-5, steps of 480
+# chunks of 4096 tokens). These cells need network access and run only with `ONLINE = True`.
+#
+# Which model: with `HF_MODEL = None` the planner picks the largest of `MODEL_CHOICES` whose run fits this
+# runtime's TPU chips, compiling the run's step for them: full fine-tuning first, else LoRA (rank 16, a bfloat16
+# base). On Colab's one-chip TPU v5e (16 GiB) Yi-6B fits neither way (LoRA needs about 16.2 GiB) and Pythia-1B fits
+# with LoRA (about 11.2 GiB). Off TPU it takes the smallest. Yi-6B with full fine-tuning is a pod's job (about
+# 14 GiB per chip on a v5e-16: `launch/tpu_pod.py`, planned with `jaxunlearn-plan --topology=v5e-16`).
 
 # %%
-HF_MODEL = "01-ai/Yi-6B"  # a Hub id or a local directory (Llama, Mistral and Qwen2 families)
+MODEL_CHOICES = ("01-ai/Yi-6B", "EleutherAI/pythia-1b", "HuggingFaceTB/SmolLM2-135M")  # largest first
 
 paper = base_config("ga_kl", preset="arxiv")
-paper.model.path = HF_MODEL
 # The paper's 480 chunks per step, one chunk per device at a time, layers recomputed in the backward pass.
 paper.train.micro_batch_size = jax.device_count()
 paper.train.grad_accum_steps = max(1, 480 // jax.device_count())
 paper.model.remat = "full"
 print(f"forget set: {paper.data.forget.path} [{paper.data.forget.name}:{paper.data.forget.split}]")
 
-if ONLINE:
-    from jaxunlearn.data.documents import DocumentSource, load_documents
+if ONLINE and HF_MODEL is None:
+    from jaxunlearn.planning.choice import largest_fitting, local_topology
 
+    topology = local_topology()
+    picked = largest_fitting(paper, MODEL_CHOICES, topology) if topology else None
+    if picked is None:
+        HF_MODEL = MODEL_CHOICES[-1]
+        print(f"{'no candidate fits' if topology else 'not a TPU runtime'}: taking the smallest, {HF_MODEL}")
+    else:
+        HF_MODEL = picked.model
+        paper.update_from_flattened_dict(picked.settings)
+        print(f"the planner picked {HF_MODEL} for this {topology.name}: {picked.settings or 'full fine-tuning'}")
+paper.model.path = HF_MODEL or MODEL_CHOICES[0]
+
+if ONLINE:
     forget_docs = load_documents(DocumentSource.from_config("forget", paper.data.forget))
     print(f"{len(forget_docs)} forget documents; the first starts: {forget_docs[0][:300]!r}")
 
 # %% [markdown]
 # Load the checkpoint, sharded over every device, and score a sentence; then evaluate it with the same loop as
-# above (a few chunks per split, bf16 weights), and unlearn it with the paper's recipe.
+# above (a few chunks per split, bf16 weights), and unlearn it with the paper's recipe (and the planner's
+# settings).
 
 # %%
 if ONLINE:
     import jax.numpy as jnp
 
-    from jaxunlearn.models.hf_checkpoint import from_pretrained, load_tokenizer
+    from jaxunlearn.models.hf_checkpoint import from_pretrained
 
-    model = from_pretrained(HF_MODEL, param_dtype="bfloat16")
-    tokenizer = load_tokenizer(HF_MODEL)
+    model = from_pretrained(paper.model.path, param_dtype="bfloat16")
+    tokenizer = load_tokenizer(paper.model.path)
     batch = tokenizer(["Machine unlearning removes the influence of training data."], return_tensors="np")
     ids = jnp.asarray(batch["input_ids"])
     logits = model(ids, jnp.asarray(batch["attention_mask"]))
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], axis=-1).mean()
-    print(f"{HF_MODEL}: perplexity {float(jnp.exp(nll)):.1f} on the sentence")
+    print(f"{paper.model.path}: perplexity {float(jnp.exp(nll)):.1f} on the sentence")
     del model, logits
 
     online_eval = paper.copy_and_resolve_references()
     online_eval.model.param_dtype = "bfloat16"
     online_eval.evaluation.max_chunks = 16
     online_eval.evaluation.batch_size = 1
-    print(summary(evaluate(online_eval, HF_MODEL, "workdirs/hf-eval")))
+    print(summary(evaluate(online_eval, paper.model.path, WORKDIR + "-hf-eval")))
 
 # %%
 if ONLINE:
-    paper_record = unlearn(paper, "workdirs/arxiv-ga-kl")
-    print(summary(json.loads(Path(paper_record["report"]).with_suffix(".json").read_text())))
+    paper_record = unlearn(paper, WORKDIR + "-arxiv")
+    print(summary(json.loads(epath.Path(paper_record["report"]).with_suffix(".json").read_text())))

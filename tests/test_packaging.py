@@ -6,6 +6,7 @@ import shutil
 import site
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_config_names_resolve_to_the_shipped_files(capsys, monkeypatch):
 
 
 def _build_wheel(tmp: Path) -> Path:
-    """The wheel of a copy of the checkout's sources, built offline with this environment's setuptools."""
+    """``python -m build`` of a copy of the checkout's sources, offline with this environment's setuptools: the
+    sdist first, then the wheel from the sdist (so the sdist is complete). Returns the wheel, the sdist beside it."""
     import setuptools
 
     assert int(setuptools.__version__.split(".")[0]) >= 77, "pip install -r requirements-test.txt (setuptools>=77)"
@@ -64,10 +66,32 @@ def _build_wheel(tmp: Path) -> Path:
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    subprocess.run([*build, "-w", str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=120)
+    build = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)]
+    done = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("jaxunlearn-*.whl")
     return wheel
+
+
+def test_the_sdist_and_the_wheel_carry_the_version_and_the_readme(tmp_path):
+    import jaxunlearn
+
+    wheel = _build_wheel(tmp_path)
+    version = jaxunlearn.__version__
+    assert wheel.name == f"jaxunlearn-{version}-py3-none-any.whl"
+    sdist = wheel.with_name(f"jaxunlearn-{version}.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        pkg_info = tar.extractfile(f"jaxunlearn-{version}/PKG-INFO").read().decode()
+    assert {"PKG-INFO", "pyproject.toml", "README.md", "LICENSE", "configs/ga_kl.py"} <= names
+    assert "jaxunlearn/models/shapes/yi-6b/config.json" in names and "jaxunlearn/data/assets/python_2026.jsonl" in names
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(f"jaxunlearn-{version}.dist-info/METADATA").decode()
+    for text in (metadata, pkg_info):
+        headers, _, description = text.partition("\n\n")
+        assert f"\nVersion: {version}\n" in headers and "\nRequires-Python: >=3.11\n" in headers
+        assert "\nDescription-Content-Type: text/markdown\n" in headers
+        assert description.strip() == (REPO / "README.md").read_text().strip()  # the long description is the README
 
 
 def _check_wheel_contents(wheel: Path) -> None:
@@ -89,16 +113,17 @@ def _check_wheel_contents(wheel: Path) -> None:
     assert all(f"{script} = " in entry_points for script in SCRIPTS)
 
 
-def _fresh_venv(tmp: Path, wheel: Path) -> Path:
-    """A new virtual environment with only the wheel installed; its dependencies resolve to this environment's
-    site-packages through a ``.pth`` file (whose own ``.pth`` files, the checkout's editable install among them,
-    are not processed). Offline: ``--no-index``."""
+def _fresh_venv(tmp: Path, wheel: Path | None = None) -> Path:
+    """A new virtual environment with only the wheel installed (none: nothing); its dependencies resolve to this
+    environment's site-packages through a ``.pth`` file (whose own ``.pth`` files, the checkout's editable install
+    among them, are not processed). Offline: ``--no-index``."""
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     purelib = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (purelib / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = ["-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile", "--ignore-installed"]
-    subprocess.run([venv / "bin" / "python", *install, str(wheel)], check=True, capture_output=True, timeout=120)
+    if wheel is not None:
+        install = ["-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile", "--ignore-installed"]
+        subprocess.run([venv / "bin" / "python", *install, str(wheel)], check=True, capture_output=True, timeout=120)
     return venv
 
 
@@ -124,6 +149,9 @@ def test_wheel_installs_offline_and_runs_outside_the_checkout(tmp_path):
     for script in SCRIPTS:
         shown = run(bin_dir / script, "--help")
         assert shown.returncode == 1 and "shipped config's name" in shown.stdout, (script, shown.stdout)
+        # The usage line shows what works after pip install: a config's name, not a checkout's path.
+        usage = shown.stdout.split("flags:")[0]
+        assert f"{script} --config=ga" in usage and "configs/" not in usage, (script, usage)
         unknown = run(bin_dir / script, "--config=nope")
         assert (
             unknown.returncode == 2

@@ -13,7 +13,7 @@ from absl import app, flags
 from jaxunlearn.common import interrupts
 from jaxunlearn.config.files import config_files
 
-CONFIG_HELP = "A shipped config's name, e.g. ga_kl or ga_kl:arxiv (preset), or a config file (configs/ga_kl.py:arxiv)."
+CONFIG_HELP = "A shipped config's name, e.g. ga_kl or ga_kl:arxiv (preset), or a config file (path/to/config.py:arxiv)."
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -1,6 +1,6 @@
 """The paper's experiment: all seven methods, each with a small learning-rate sweep, on one world.
 
-    python -m jaxunlearn.commands.compare --config=configs/ga_kl.py [--workdir=workdirs/compare]
+    jaxunlearn-compare --config=ga_kl [--workdir=workdirs/compare]      (= python -m jaxunlearn.commands.compare)
         [--methods=ga,ga_kl] [--lr_multipliers=0.3,1,3] [--world_seeds=0,1,2] [--config.KEY=VALUE ...]
 
 The experiment (``jaxunlearn.experiments.compare``):

@@ -1,6 +1,6 @@
 """Evaluate any checkpoint with the same loop, metrics and report as unlearning runs.
 
-    python -m jaxunlearn.commands.evaluate --config=configs/ga.py --model=PATH_OR_ID [--workdir=DIR] [--config.KEY=VALUE ...]
+    jaxunlearn-evaluate --config=ga --model=PATH_OR_ID [--workdir=DIR] [--config.KEY=VALUE ...]
 
 ``--model`` is a Hugging Face directory, a Hub id, a jaxunlearn run directory (its exported ``hf_model/``), or a
 PEFT LoRA adapter directory (``adapter_config.json``; a LoRA run's ``hf_adapter/``), evaluated on the base model

@@ -1,4 +1,5 @@
-"""Command line: ``python -m jaxunlearn.commands.plan --config=configs/ga_kl.py:arxiv --topology=v5e-16 [--search] [--json]``.
+"""Command line: ``jaxunlearn-plan --config=ga_kl:arxiv --topology=v5e-16 [--search] [--json]``
+(= ``python -m jaxunlearn.commands.plan``).
 
 Will this run fit that TPU slice? Compiles the run's exact train and evaluation steps for the slice with the real
 TPU compiler, on any machine (libtpu must be installed: ``pip install "jax[tpu]"``; no TPU needed), and prints the

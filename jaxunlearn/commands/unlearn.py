@@ -1,6 +1,6 @@
 """The unlearning command, ``python -m jaxunlearn.main`` or ``jaxunlearn``:
 
-    python -m jaxunlearn.main --config=configs/ga_kl.py [--workdir=DIR] [--config.KEY=VALUE ...]
+    jaxunlearn --config=ga_kl [--workdir=DIR] [--config.KEY=VALUE ...]
 
 Runs (or resumes) one unlearning run. Exit status: 0 done, 1 a full disk (recorded in run.json), 2 bad input
 (config, data, checkpoint, mesh, workdir, unreachable storage), 3 non-finite loss or parameters, 130 interrupted
