@@ -209,24 +209,32 @@ def test_bad_config_value_is_named(setup, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_resume_after_hard_kill_gives_identical_parameters(setup, tmp_path):
-    straight = run_cli(
-        setup, "ga_gd", tmp_path / "straight", "--config.train.max_steps=4", "--config.checkpoint.every_steps=2"
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+# The uninterrupted run both kill tests compare with: ga_gd, 6 steps, a checkpoint every 2.
+KILL_ARGS = ("--config.train.max_steps=6", "--config.checkpoint.every_steps=2")
 
-    args = ("--config.train.max_steps=4", "--config.checkpoint.every_steps=2")
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """The exported parameters of the uninterrupted run of ``KILL_ARGS`` (run once for both kill tests)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli(setup, "ga_gd", run, *KILL_ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(run / "hf_model" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_after_hard_kill_gives_identical_parameters(setup, straight, tmp_path):
+    args = KILL_ARGS
     killed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args, env={"JAXUNLEARN_FAULT_KILL_AFTER_STEP": "3"})
     assert killed.returncode == -9  # SIGKILL after step 3: the step-2 checkpoint is the latest
     assert not (tmp_path / "resumed" / "hf_model").exists()
     resumed = run_cli(setup, "ga_gd", tmp_path / "resumed", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming ga_gd from step 2 of 4" in resumed.stderr
+    assert "resuming ga_gd from step 2 of 6" in resumed.stderr
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # step 3 of the killed run is dropped, not repeated
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3 of the killed run is dropped, not repeated
 
-    a = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
+    a = straight
     b = load_file(tmp_path / "resumed" / "hf_model" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -270,14 +278,12 @@ def test_every_config_file_is_valid_in_every_preset(preset):
 
 
 @pytest.mark.slow
-def test_random_kills_then_reruns_end_bit_identical(setup, tmp_path):
+def test_random_kills_then_reruns_end_bit_identical(setup, straight, tmp_path):
     """SIGKILL at random steps (after the step's checkpoint is complete, or at once, possibly in the middle of an
     asynchronous save, the final one included), then the same command until it finishes: every trial ends with
     the uninterrupted run's parameters, bit for bit, and every step logged once."""
-    args = ("--config.train.max_steps=6", "--config.checkpoint.every_steps=2")
-    straight = run_cli(setup, "ga_gd", tmp_path / "straight", *args)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = load_file(tmp_path / "straight" / "hf_model" / "model.safetensors")
+    args = KILL_ARGS
+    expected = straight
     rng = np.random.default_rng(2026)
     for trial in range(2):  # one kill, then two
         run = tmp_path / f"trial{trial}"
