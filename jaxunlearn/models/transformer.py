@@ -278,24 +278,6 @@ def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs, layer_class: type[nnx.M
     return layers
 
 
-def _query_and_key_positions(
-    tokens: Array, attention_mask: Array | None, positions: Array | None, cache: KVCache | None
-) -> tuple[Array, Array, Array]:
-    """``(positions, key_positions, key_valid)``: the tokens' positions (counted from the cache's index when not
-    given) and, for attention, those of every key: the tokens' own, or the cache's slots with the tokens written
-    at ``cache.index``."""
-    b, t = tokens.shape
-    if positions is None:
-        start = 0 if cache is None else cache.index
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    if cache is None:
-        return positions, positions, valid
-    key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
-    key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-    return positions, key_positions, key_valid
-
-
 # Stacks of at most LOOP_UP_TO layers run as a Python loop over static slices of the stacked parameters; deeper
 # ones as ``lax.scan``, whose compile time does not grow with depth. On CPU a loop of a few layers is much faster:
 # the scan's matmuls read their weights through a dynamic slice, and its backward pass stacks every layer's
@@ -376,7 +358,11 @@ class Transformer(nnx.Module):
         cfg = self.config
         if upto is not None and not (1 <= upto <= cfg.num_layers and cache is None):
             raise ValueError(f"upto={upto}: between 1 and num_layers={cfg.num_layers}, without a cache")
-        positions, key_positions, key_valid = _query_and_key_positions(tokens, attention_mask, positions, cache)
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         # Token ids are checked against the vocabulary when the data is prepared: no out-of-range fill (a select
         # over every gathered element, slow on CPU).
         x = self.embedding[...].at[tokens].get(mode="promise_in_bounds").astype(cfg.dtype)
@@ -388,6 +374,11 @@ class Transformer(nnx.Module):
         # no per-layer [length, length] mask, and none at all for full causal attention.
         uniform = len(set(cfg.sliding_windows)) == 1
         windows = None if uniform else jnp.asarray(cfg.sliding_windows[:num_layers], jnp.int32)
+        if cache is None:
+            key_positions, key_valid = positions, valid
+        else:
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
 
         def layer_step(x: Array, scanned: tuple) -> tuple[Array, tuple | None]:
             layer_state, window, layer_adapters, *kv = scanned
@@ -407,7 +398,7 @@ class Transformer(nnx.Module):
         if cache is None:
             return hidden
         k, v = (constrain(a, CACHE_AXES) for a in new_kv)
-        return hidden, KVCache(k, v, key_positions, key_valid, cache.index + tokens.shape[1])
+        return hidden, KVCache(k, v, key_positions, key_valid, cache.index + t)
 
     def _stacked(self, num_layers: int, lora: tuple[Any, dict] | None) -> tuple[Any, dict, dict | None]:
         """``(graphdef, params, adapters)`` of the first ``num_layers`` stacked layers (nothing else runs)."""
